@@ -1,0 +1,515 @@
+"""EnsembleAttributor: training data attribution with cheap ensembles."""
+
+from __future__ import annotations
+
+import numbers
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.parallel import Parallel, delayed
+from sklearn.utils.validation import check_is_fitted
+from tqdm.auto import tqdm
+
+from ._data import to_tensor, validate_fit_data, validate_predict_data
+from ._ensembles import ENSEMBLES
+from ._gradients import featurize, forward_outputs
+from ._methods import METHODS, attribution_block, self_attribution
+from ._nets import LearningRateCheckpoints, check_net, checkpoint_epochs, fit_net, resolve_device
+from ._projection import make_projector
+from .metrics import linear_datamodeling_score
+from .model_selection import subset_retraining
+
+__all__ = ["EnsembleAttributor", "Influence"]
+
+_CHECKPOINT_CALLBACK = "sktda_checkpoints"
+# Bytes of scores handled at once when streaming over training chunks.
+_CHUNK_BYTES = 1 << 28
+
+
+class Influence(NamedTuple):
+    """Top-k training samples per test sample: indices into the training set and
+    their scores, proponents by decreasing score, opponents by increasing score."""
+
+    proponents: np.ndarray
+    proponent_scores: np.ndarray
+    opponents: np.ndarray
+    opponent_scores: np.ndarray
+
+
+def _featurize_member(member, task, proj_dim, projection, X, y, batch_size, device):
+    projector = make_projector(
+        {k: v.numel() for k, v in member.params.items()}, proj_dim, member.seed, projection, device
+    )
+    return featurize(member, task, projector, to_tensor(X), to_tensor(y), batch_size, device)
+
+
+class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+    """Training data attribution averaged over an ensemble of skorch nets.
+
+    ``fit`` trains the ensemble members and caches projected per-sample gradient
+    features of the training set; ``attribute`` scores how much every training
+    sample drove each test prediction, averaged over the members. Ensembling is what
+    makes gradient-based attribution reliable on non-convex models.
+
+    Parameters
+    ----------
+    estimator : skorch.NeuralNetClassifier or skorch.NeuralNetRegressor
+        Unfitted skorch net, cloned for every trained model. Its criterion must be
+        ``CrossEntropyLoss`` (logits), ``NLLLoss`` (probabilities) or ``MSELoss``.
+    method : {"trak", "if", "tracin", "grad_dot", "grad_cos"}, default="trak"
+        Scoring rule. ``"trak"``: TRAK (Park et al., 2023); ``"if"``: influence
+        function with a damped empirical-Fisher inverse in projected gradient
+        space; ``"tracin"``: TracIn over ``n_checkpoints`` checkpoints weighted by
+        the learning rate; ``"grad_dot"`` / ``"grad_cos"``: inner product / cosine
+        of test-target and training-loss gradients.
+    ensemble : {"independent"}, default="independent"
+        How members are made. ``"independent"``: ``n_models`` nets trained from
+        different seeds.
+    n_models : int, default=1
+        Independently trained models.
+    n_masks : int, default=5
+        Fixed dropout masks per model (``ensemble="dropout"``).
+    n_adapters : int, default=5
+        LoRA adapters per model (``ensemble="lora"``).
+    dropout_rate : float or None, default=None
+        Dropout rate of the masks; None keeps each dropout layer's own rate.
+    lora_rank : int, default=4
+        Rank of the LoRA adapters.
+    lora_target_modules : list of str or None, default=None
+        Modules that get adapters; None means every ``nn.Linear`` but the output.
+    lora_epochs : int, default=5
+        Fine-tuning epochs per adapter.
+    n_checkpoints : int, default=5
+        Checkpoints per model for ``method="tracin"``, evenly spread over the
+        epochs, the last included.
+    proj_dim : int or None, default=2048
+        Dimension of the random projection of the gradients. When a member has at
+        most ``proj_dim`` differentiated parameters (or with None), the exact
+        gradient is used.
+    projection : {"gaussian", "rademacher"}, default="gaussian"
+        Distribution of the projection's entries.
+    damping : float, default=0.01
+        Damping of the inverses of TRAK and the influence function, relative to
+        the mean eigenvalue of the matrix inverted.
+    layers : None, "all", "last" or list of str, default=None
+        Parameters to differentiate: all (None or "all"), the output layer's
+        ("last"), or those of the named modules.
+    batch_size : int, default=256
+        Samples per chunk of per-sample gradients (bounds memory, not results).
+    device : str, default="auto"
+        Torch device for training and gradients; "auto" is CUDA when available.
+    n_jobs : int or None, default=None
+        Models trained and featurized in parallel through
+        ``sklearn.utils.parallel.Parallel`` (so joblib's Dask or Ray backends
+        apply). Results do not depend on it.
+    random_state : int, RandomState instance or None, default=None
+        Seeds training, dropout masks, adapters and projections.
+    score_n_subsets : int, default=50
+        Retrained subset models behind ``score``.
+    score_subset_fraction : float, default=0.5
+        Fraction of the training set in each of those subsets.
+    verbose : int, default=0
+        Progress bars for training and featurization when > 0.
+
+    Attributes
+    ----------
+    estimators_ : list of skorch nets
+        The trained models.
+    n_members_ : int
+        Ensemble members the attributions are averaged over.
+    classes_ : ndarray of shape (n_classes,)
+        Class labels (classifiers only).
+    n_features_in_ : int
+        Number of features seen in ``fit``.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Feature names seen in ``fit``, when X had string column names.
+    train_features_ : ndarray of shape (n_blocks, n_train, k)
+        Projected training gradients of every member (and TracIn checkpoint).
+    train_weights_ : ndarray of shape (n_blocks, n_train)
+        ``-dL/df`` of every training sample under every block (``1 - p``).
+    costs_ : dict
+        ``train_seconds``, ``featurize_seconds``, ``feature_bytes``,
+        ``model_bytes`` and ``n_members``.
+
+    See Also
+    --------
+    sktda.OutlierGradientDetector : detrimental samples from gradient outliers.
+    sktda.metrics.linear_datamodeling_score : the quality measure behind ``score``.
+
+    References
+    ----------
+    .. [1] Park et al., "TRAK: Attributing Model Behavior at Scale", ICML 2023.
+    .. [2] Deng et al., "Efficient Ensembles Improve Training Data Attribution",
+       2024.
+    .. [3] Pruthi et al., "Estimating Training Data Influence by Tracing Gradient
+       Descent", NeurIPS 2020.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from sktda import EnsembleAttributor
+    >>> from sktda.datasets import load_digits_split
+    >>> from sktda.models import MLP
+    >>> X_train, X_test, y_train, y_test = load_digits_split(n_train=200, n_test=5)
+    >>> net = NeuralNetClassifier(MLP, module__n_features=64, module__n_outputs=10,
+    ...                           criterion=torch.nn.CrossEntropyLoss, max_epochs=5,
+    ...                           lr=0.05, train_split=None, verbose=0)
+    >>> attr = EnsembleAttributor(net, method="trak", n_models=2, random_state=0)
+    >>> attr.fit(X_train, y_train).attribute(X_test, y_test).shape
+    (5, 200)
+    """
+
+    _parameter_constraints: dict = {
+        "estimator": "no_validation",
+        "method": [StrOptions(set(METHODS))],
+        "ensemble": [StrOptions(set(ENSEMBLES))],
+        "n_models": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_masks": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_adapters": [Interval(numbers.Integral, 1, None, closed="left")],
+        "dropout_rate": [Interval(numbers.Real, 0, 1, closed="neither"), None],
+        "lora_rank": [Interval(numbers.Integral, 1, None, closed="left")],
+        "lora_target_modules": [list, None],
+        "lora_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_checkpoints": [Interval(numbers.Integral, 1, None, closed="left")],
+        "proj_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "projection": [StrOptions({"gaussian", "rademacher"})],
+        "damping": [Interval(numbers.Real, 0, None, closed="left")],
+        "layers": [None, str, list],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "device": [str],
+        "n_jobs": [numbers.Integral, None],
+        "random_state": ["random_state"],
+        "score_n_subsets": [Interval(numbers.Integral, 3, None, closed="left")],
+        "score_subset_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(
+        self,
+        estimator,
+        *,
+        method="trak",
+        ensemble="independent",
+        n_models=1,
+        n_masks=5,
+        n_adapters=5,
+        dropout_rate=None,
+        lora_rank=4,
+        lora_target_modules=None,
+        lora_epochs=5,
+        n_checkpoints=5,
+        proj_dim=2048,
+        projection="gaussian",
+        damping=0.01,
+        layers=None,
+        batch_size=256,
+        device="auto",
+        n_jobs=None,
+        random_state=None,
+        score_n_subsets=50,
+        score_subset_fraction=0.5,
+        verbose=0,
+    ):
+        self.estimator = estimator
+        self.method = method
+        self.ensemble = ensemble
+        self.n_models = n_models
+        self.n_masks = n_masks
+        self.n_adapters = n_adapters
+        self.dropout_rate = dropout_rate
+        self.lora_rank = lora_rank
+        self.lora_target_modules = lora_target_modules
+        self.lora_epochs = lora_epochs
+        self.n_checkpoints = n_checkpoints
+        self.proj_dim = proj_dim
+        self.projection = projection
+        self.damping = damping
+        self.layers = layers
+        self.batch_size = batch_size
+        self.device = device
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.score_n_subsets = score_n_subsets
+        self.score_subset_fraction = score_subset_fraction
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y):
+        """Train the ensemble and cache the training set's gradient features.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+            Training inputs.
+        y : array-like or torch.Tensor of shape (n_samples,)
+            Training targets: class labels for classifiers, values for regressors.
+
+        Returns
+        -------
+        self : EnsembleAttributor
+        """
+        self._validate_params()
+        task = check_net(self.estimator)
+        X, y = validate_fit_data(self, X, y, task)
+        strategy = self._strategy()
+        method = METHODS[self.method]()
+        device = resolve_device(self.device)
+
+        start = time.perf_counter()
+        seeds = check_random_state(self.random_state).randint(0, 2**31 - 1, size=self.n_models)
+        callbacks = ()
+        if method.needs_checkpoints:
+            epochs = checkpoint_epochs(self.estimator.max_epochs, self.n_checkpoints)
+            callbacks = [(_CHECKPOINT_CALLBACK, LearningRateCheckpoints(epochs))]
+        jobs = (delayed(fit_net)(self.estimator, X, y, int(s), device, callbacks) for s in seeds)
+        self.estimators_ = self._run(jobs, self.n_models, "training")
+        self._check_outputs(task, X)
+        self._model_seeds = [int(s) for s in seeds]
+        train_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        members = self._members(X, method)
+        jobs = (
+            delayed(_featurize_member)(m, task, self.proj_dim, self.projection, X, y, self.batch_size, device)
+            for m in members
+        )
+        features = self._run(jobs, len(members), "featurizing")
+        self.train_features_ = np.stack([f.phi for f in features])
+        self.train_weights_ = np.stack([f.weight for f in features])
+        self._block_weights = [m.weight for m in members]
+        self._states = [
+            method.fit(to_tensor(f.phi).to(device), to_tensor(f.weight).to(device), self.damping)
+            for f in features
+        ]
+        featurize_seconds = time.perf_counter() - start
+
+        self.n_members_ = self.n_models * strategy.members_per_model
+        self._n_features_out = X.shape[0]
+        self._X_fit, self._y_fit = X, y
+        self.costs_ = {
+            "train_seconds": train_seconds,
+            "featurize_seconds": featurize_seconds,
+            "feature_bytes": int(self.train_features_.nbytes + self.train_weights_.nbytes),
+            "model_bytes": int(strategy.serving_bytes(self.estimators_)),
+            "n_members": self.n_members_,
+        }
+        return self
+
+    # ------------------------------------------------------------ attribute
+    def attribute(self, X, y=None) -> np.ndarray:
+        """Attribution of every training sample to every test sample.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_test, n_features)
+            Test inputs.
+        y : array-like of shape (n_test,), default=None
+            Test targets whose prediction is attributed; None uses the ensemble's
+            predicted labels (irrelevant for regressors, whose target is the
+            prediction itself).
+
+        Returns
+        -------
+        A : ndarray of shape (n_test, n_train)
+            ``A[i, j] > 0``: training sample ``j`` raised the test target ``i``
+            (a proponent); ``< 0``: an opponent.
+        """
+        blocks, test_phis, device = self._test_features(X, y)
+        A = attribution_block(METHODS[self.method](), blocks, test_phis, slice(None), device)
+        return A.cpu().numpy().astype(np.float64)
+
+    def transform(self, X) -> np.ndarray:
+        """Attributions for the ensemble's own predictions on ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_test, n_features)
+
+        Returns
+        -------
+        A : ndarray of shape (n_test, n_train)
+        """
+        return self.attribute(X, None)
+
+    def self_attribute(self) -> np.ndarray:
+        """Self-influence of each training sample: its attribution to its own
+        training loss target. Large values flag atypical or mislabeled samples.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_train,)
+        """
+        check_is_fitted(self)
+        device = resolve_device(self.device)
+        return self_attribution(METHODS[self.method](), self._blocks(), device).cpu().numpy().astype(np.float64)
+
+    def most_influential(self, X, y=None, k: int = 10) -> Influence:
+        """The ``k`` strongest proponents and opponents per test sample.
+
+        Streams over the training set in chunks, so the full (n_test, n_train)
+        matrix is never held.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_test, n_features)
+        y : array-like of shape (n_test,), default=None
+            As in ``attribute``.
+        k : int, default=10
+            Number of proponents and of opponents, at most ``n_train``.
+
+        Returns
+        -------
+        Influence
+            ``proponents``/``opponents`` (n_test, k) training indices and their
+            ``proponent_scores``/``opponent_scores``.
+        """
+        check_is_fitted(self)
+        n_train = self.train_features_.shape[1]
+        if not isinstance(k, numbers.Integral) or not 1 <= k <= n_train:
+            raise ValueError(f"k must be an integer in [1, n_train={n_train}], got {k!r}.")
+        blocks, test_phis, device = self._test_features(X, y)
+        method = METHODS[self.method]()
+        n_test = test_phis[0].shape[0]
+        chunk = max(k, _CHUNK_BYTES // (4 * max(n_test, 1)))
+        top = bottom = None
+        for start in range(0, n_train, chunk):
+            scores = attribution_block(method, blocks, test_phis, slice(start, start + chunk), device)
+            index = torch.arange(start, start + scores.shape[1], device=device).expand(n_test, -1)
+            top = _merge_topk(top, scores, index, k, largest=True)
+            bottom = _merge_topk(bottom, scores, index, k, largest=False)
+        return Influence(
+            proponents=top[1].cpu().numpy(),
+            proponent_scores=top[0].cpu().numpy().astype(np.float64),
+            opponents=bottom[1].cpu().numpy(),
+            opponent_scores=bottom[0].cpu().numpy().astype(np.float64),
+        )
+
+    def score(self, X, y) -> float:
+        """Linear datamodeling score of the attributions on ``(X, y)``.
+
+        The ground truth is ``score_n_subsets`` models retrained on random subsets
+        of the training data seen in ``fit``; it is cached by data and net
+        configuration, so a grid search over ensemble strategies retrains once per
+        fold.
+
+        Returns
+        -------
+        lds : float
+            Mean Spearman correlation over test samples (higher is better).
+        """
+        check_is_fitted(self)
+        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
+        truth = subset_retraining(
+            self.estimator,
+            self._X_fit,
+            self._decode(self._y_fit),
+            X,
+            y,
+            n_subsets=self.score_n_subsets,
+            subset_fraction=self.score_subset_fraction,
+            random_state=seed,
+            n_jobs=self.n_jobs,
+            device=self.device,
+        )
+        return linear_datamodeling_score(self.attribute(X, y), truth.subsets, truth.outputs)
+
+    # -------------------------------------------------------------- helpers
+    def _strategy(self):
+        return ENSEMBLES[self.ensemble](
+            {
+                "layers": self.layers,
+                "n_masks": self.n_masks,
+                "n_adapters": self.n_adapters,
+                "dropout_rate": self.dropout_rate,
+                "lora_rank": self.lora_rank,
+                "lora_target_modules": self.lora_target_modules,
+                "lora_epochs": self.lora_epochs,
+            }
+        )
+
+    def _run(self, jobs, total: int, desc: str) -> list:
+        results = Parallel(n_jobs=self.n_jobs, return_as="generator")(jobs)
+        return list(tqdm(results, total=total, desc=desc, disable=not self.verbose))
+
+    def _members(self, X: np.ndarray, method) -> list:
+        """Every block of features: a member, or a member at one checkpoint."""
+        strategy = self._strategy()
+        sample = to_tensor(X[:1])
+        members = []
+        for net, seed in zip(self.estimators_, self._model_seeds):
+            for member in strategy.members(net, seed, sample):
+                member.weight = 1.0 / (self.n_models * strategy.members_per_model)
+                if method.needs_checkpoints:
+                    recorder = dict(net.callbacks_)[_CHECKPOINT_CALLBACK]
+                    members.extend(member.at_state(state, lr) for _, lr, state in recorder.checkpoints_)
+                else:
+                    members.append(member)
+        return members
+
+    def _blocks(self) -> list:
+        return list(zip(self._block_weights, self._states, self.train_features_, self.train_weights_))
+
+    def _test_features(self, X, y):
+        check_is_fitted(self)
+        task = check_net(self.estimator)
+        X, y = validate_predict_data(self, X, y, task)
+        if y is None:
+            y = self._predicted_targets(X, task)
+        device = resolve_device(self.device)
+        members = self._members(self._X_fit, METHODS[self.method]())
+        test_phis = [
+            to_tensor(_featurize_member(m, task, self.proj_dim, self.projection, X, y, self.batch_size, device).phi).to(device)
+            for m in members
+        ]
+        return self._blocks(), test_phis, device
+
+    def _predicted_targets(self, X: np.ndarray, task) -> np.ndarray:
+        """The ensemble's predictions: the argmax of the mean class probabilities,
+        or zeros for regressors (whose attributed target ignores y)."""
+        if not task.is_classifier:
+            return np.zeros((X.shape[0], 1), dtype=np.float32)
+        device = resolve_device(self.device)
+        sample = to_tensor(self._X_fit[:1])
+        strategy = self._strategy()
+        probs = 0
+        members = [m for net, s in zip(self.estimators_, self._model_seeds) for m in strategy.members(net, s, sample)]
+        for member in members:
+            logits = task.logits(forward_outputs(member, to_tensor(X), self.batch_size, device))
+            probs = probs + torch.softmax(logits, dim=-1)
+        return probs.argmax(-1).numpy().astype(np.int64)
+
+    def _check_outputs(self, task, X: np.ndarray) -> None:
+        if not task.is_classifier:
+            return
+        module = self.estimators_[0].module_
+        with torch.no_grad():
+            out = module(to_tensor(X[:1]).to(next(module.parameters()).device))
+        if out.ndim != 2 or out.shape[1] < len(self.classes_):
+            raise ValueError(
+                f"The module returns outputs of shape {tuple(out.shape)} but y has "
+                f"{len(self.classes_)} classes; a classifier's module must return one "
+                "score per class, shape (n_samples, n_classes)."
+            )
+
+    def _decode(self, y: np.ndarray) -> np.ndarray:
+        return self.classes_[y] if hasattr(self, "classes_") else y
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.input_tags.allow_nan = False
+        return tags
+
+
+def _merge_topk(current, scores, index, k: int, largest: bool):
+    if current is not None:
+        scores = torch.cat([current[0], scores], 1)
+        index = torch.cat([current[1], index], 1)
+    values, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
+    return values, torch.gather(index, 1, pos)

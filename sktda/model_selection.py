@@ -1,0 +1,164 @@
+"""Ground truth for attribution quality: models retrained on training subsets."""
+
+from __future__ import annotations
+
+import numbers
+from collections import OrderedDict
+from typing import NamedTuple
+
+import joblib
+import numpy as np
+import torch
+from sklearn.base import clone
+from sklearn.utils import check_random_state
+from sklearn.utils.parallel import Parallel, delayed
+
+from ._data import as_array_like, encode_labels, to_tensor
+from ._nets import check_net, fit_net, resolve_device
+
+__all__ = ["SubsetRetraining", "subset_retraining"]
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 32
+
+
+class SubsetRetraining(NamedTuple):
+    """Subset masks ``(n_subsets, n_train)`` and the retrained models' outputs on
+    the test set ``(n_subsets, n_test)``."""
+
+    subsets: np.ndarray
+    outputs: np.ndarray
+
+
+def _target_outputs(net, task, X, y, batch_size: int = 1024) -> np.ndarray:
+    module = net.module_
+    module.eval()
+    device = next(module.parameters()).device
+    out = []
+    with torch.no_grad():
+        for s in range(0, X.shape[0], batch_size):
+            o = module(to_tensor(X[s : s + batch_size]).to(device))
+            out.append(task.target_and_weight(o, to_tensor(y[s : s + batch_size]).to(device))[0].cpu())
+    return torch.cat(out).numpy()
+
+
+def _subset_outputs(estimator, task, X, y, mask, X_test, y_test, seed, device):
+    net = fit_net(estimator, X[mask], y[mask], seed, device)
+    return _target_outputs(net, task, X_test, y_test)
+
+
+def _retrain(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jobs):
+    outputs = Parallel(n_jobs=n_jobs)(
+        delayed(_subset_outputs)(estimator, task, X, y, mask, X_test, y_test, seed, device)
+        for mask, seed in zip(subsets, seeds)
+    )
+    return np.stack(outputs).astype(np.float64)
+
+
+def _prepare(estimator, X, y, X_test, y_test):
+    task = check_net(estimator)
+    X = np.ascontiguousarray(as_array_like(X), dtype=np.float32)
+    X_test = np.ascontiguousarray(as_array_like(X_test), dtype=np.float32)
+    y = np.asarray(as_array_like(y)).reshape(-1)
+    y_test = np.asarray(as_array_like(y_test)).reshape(-1)
+    if X.ndim != 2 or X_test.ndim != 2 or X.shape[1] != X_test.shape[1]:
+        raise ValueError(
+            f"X and X_test must be 2-D with the same number of features; got {X.shape} and {X_test.shape}."
+        )
+    if X.shape[0] != y.shape[0] or X_test.shape[0] != y_test.shape[0]:
+        raise ValueError(
+            f"X has {X.shape[0]} samples and y {y.shape[0]}; X_test has {X_test.shape[0]} "
+            f"and y_test {y_test.shape[0]}. Pass one target per sample."
+        )
+    if task.is_classifier:
+        classes = np.unique(y)
+        return task, X, encode_labels(classes, y), X_test, encode_labels(classes, y_test)
+    return task, X, y.astype(np.float32).reshape(-1, 1), X_test, y_test.astype(np.float32).reshape(-1, 1)
+
+
+def subset_retraining(
+    estimator,
+    X,
+    y,
+    X_test,
+    y_test,
+    *,
+    n_subsets: int = 50,
+    subset_fraction: float = 0.5,
+    random_state=0,
+    n_jobs: int | None = None,
+    device: str = "auto",
+    memory=None,
+) -> SubsetRetraining:
+    """Retrain ``estimator`` on random subsets of ``(X, y)`` and record its outputs
+    on ``(X_test, y_test)``: the ground truth of the linear datamodeling score.
+
+    Results are cached in memory (keyed by the net's configuration, the data and
+    the subset settings), so scoring several attribution strategies on the same
+    data retrains once. Pass ``memory`` (a path or ``joblib.Memory``) to share the
+    cache across processes, as a parallel grid search does.
+
+    Parameters
+    ----------
+    estimator : skorch.NeuralNet
+        Unfitted skorch net; cloned and trained once per subset.
+    X, y : array-like
+        Training data the subsets are drawn from.
+    X_test, y_test : array-like
+        Where the retrained models are evaluated.
+    n_subsets : int, default=50
+        Number of subsets (and retrained models); at least 3.
+    subset_fraction : float, default=0.5
+        Fraction of the training set in each subset, in (0, 1).
+    random_state : int, RandomState instance or None, default=0
+        Draws the subsets and the training seeds.
+    n_jobs : int, default=None
+        Models trained in parallel through ``sklearn.utils.parallel.Parallel``.
+    device : str, default="auto"
+        Torch device; ``"auto"`` is CUDA when available.
+    memory : str, joblib.Memory or None, default=None
+        Persistent cache in addition to the in-process one.
+
+    Returns
+    -------
+    SubsetRetraining
+        ``subsets`` (n_subsets, n_train) boolean masks and ``outputs``
+        (n_subsets, n_test): the correct-class margin for classifiers, the
+        prediction for regressors.
+    """
+    if not isinstance(n_subsets, numbers.Integral) or n_subsets < 3:
+        raise ValueError(f"n_subsets must be an integer >= 3, got {n_subsets!r}.")
+    if not isinstance(subset_fraction, numbers.Real) or not 0 < subset_fraction < 1:
+        raise ValueError(f"subset_fraction must be in (0, 1), got {subset_fraction!r}.")
+    task, X, y, X_test, y_test = _prepare(estimator, X, y, X_test, y_test)
+    n = X.shape[0]
+    size = int(round(subset_fraction * n))
+    if size < 2 or size >= n:
+        raise ValueError(
+            f"subset_fraction={subset_fraction} of {n} training samples gives subsets of "
+            f"{size}; each subset needs at least 2 samples and fewer than all {n}. "
+            "Use more training data or another fraction."
+        )
+    rng = check_random_state(random_state)
+    subsets = np.zeros((n_subsets, n), dtype=bool)
+    for s in range(n_subsets):
+        subsets[s, rng.choice(n, size, replace=False)] = True
+    seeds = rng.randint(0, 2**31 - 1, size=n_subsets)
+    device = resolve_device(device)
+
+    key = joblib.hash((joblib.hash(clone(estimator)), X, y, X_test, y_test, subsets, seeds, str(device)))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+
+    compute = _retrain
+    if memory is not None:
+        compute = (joblib.Memory(memory, verbose=0) if isinstance(memory, str) else memory).cache(
+            _retrain, ignore=["n_jobs"]
+        )
+    outputs = compute(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jobs)
+    result = SubsetRetraining(subsets=subsets, outputs=outputs)
+    _CACHE[key] = result
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return result
