@@ -156,6 +156,7 @@ def fit_net(estimator, X, y, seed: int, device: torch.device, callbacks=()):
                 f"score per class; y has {int(np.max(y)) + 1} classes here."
             ) from exc
     net.fit_seconds_ = time.perf_counter() - start
+    net.module_.eval()  # skorch leaves train mode on; outputs must not be random
     return net
 
 

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+from skorch import NeuralNetClassifier, NeuralNetRegressor
+from skorch.callbacks import Callback
+from sklearn.datasets import make_regression
+
+from sktda.datasets import load_digits_split
+from sktda.models import MLP
+
+
+class InputShapeSetter(Callback):
+    """Sizes the module from the data at the start of training (skorch's idiom), so
+    one net works on the differently shaped data of scikit-learn's checks."""
+
+    def on_train_begin(self, net, X, y):
+        n_out = int(np.max(y)) + 1 if net.criterion is not torch.nn.MSELoss else 1
+        net.set_params(module__n_features=X.shape[1], module__n_outputs=max(n_out, 2))
+
+
+def make_classifier_net(**kwargs):
+    params = dict(
+        module__n_features=64,
+        module__n_outputs=10,
+        module__hidden=(16,),
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        lr=0.05,
+        max_epochs=4,
+        batch_size=32,
+        train_split=None,
+        verbose=0,
+    )
+    params.update(kwargs)
+    return NeuralNetClassifier(MLP, **params)
+
+
+def make_regressor_net(n_features=5, **kwargs):
+    params = dict(
+        module__n_features=n_features,
+        module__n_outputs=1,
+        module__hidden=(8,),
+        criterion=torch.nn.MSELoss,
+        optimizer=torch.optim.SGD,
+        lr=0.01,
+        max_epochs=4,
+        batch_size=16,
+        train_split=None,
+        verbose=0,
+    )
+    params.update(kwargs)
+    return NeuralNetRegressor(MLP, **params)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_digits_split(n_train=150, n_test=20, random_state=0)
+
+
+@pytest.fixture(scope="session")
+def regression_data():
+    X, y = make_regression(n_samples=80, n_features=5, noise=0.1, random_state=0)
+    X = (X / X.std(0)).astype(np.float32)
+    y = ((y - y.mean()) / y.std()).astype(np.float32)
+    return X[:60], X[60:], y[:60], y[60:]
+
+
+@pytest.fixture
+def clf_net():
+    return make_classifier_net()
+
+
+@pytest.fixture
+def reg_net():
+    return make_regressor_net()
+
+
+@pytest.fixture(scope="session")
+def fitted_trak(digits):
+    from sktda import EnsembleAttributor
+
+    X_train, _, y_train, _ = digits
+    return EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=256, random_state=0).fit(
+        X_train, y_train
+    )

@@ -1,0 +1,309 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+import sktda.attribution as attribution_module
+from sktda import EnsembleAttributor
+from sktda.models import MLP
+
+from .conftest import make_classifier_net, make_regressor_net
+
+METHODS = ["trak", "if", "tracin", "grad_dot", "grad_cos"]
+
+
+def _exact_gradients(module, X, y):
+    """Per-sample gradient of the margin, and 1 - p_y, by plain autograd."""
+    module.eval()
+    grads, weights = [], []
+    for x, label in zip(torch.from_numpy(X), torch.from_numpy(y)):
+        logits = module(x[None])[0]
+        others = torch.cat([logits[:label], logits[label + 1 :]])
+        margin = logits[label] - torch.logsumexp(others, 0)
+        g = torch.autograd.grad(margin, list(module.parameters()))
+        grads.append(torch.cat([t.reshape(-1) for t in g]))
+        weights.append(1 - torch.softmax(logits, 0)[label])
+    return torch.stack(grads).double().numpy(), torch.stack(weights).detach().double().numpy()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fit_attribute_shapes_and_attributes(digits, method):
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), method=method, n_models=2, proj_dim=64, random_state=0)
+    A = attr.fit(X_train, y_train).attribute(X_test, y_test)
+    assert A.shape == (len(X_test), len(X_train))
+    assert A.dtype == np.float64 and np.all(np.isfinite(A))
+    assert len(attr.estimators_) == 2 and attr.n_members_ == 2
+    assert attr.n_features_in_ == 64
+    np.testing.assert_array_equal(attr.classes_, np.arange(10))
+    assert set(attr.costs_) == {"train_seconds", "featurize_seconds", "feature_bytes", "model_bytes", "n_members"}
+    assert attr.costs_["feature_bytes"] == attr.train_features_.nbytes + attr.train_weights_.nbytes
+    n_params = sum(p.numel() for p in attr.estimators_[0].module_.parameters())
+    assert attr.costs_["model_bytes"] == 2 * 4 * n_params
+    blocks = 2 * (min(attr.n_checkpoints, 4) if method == "tracin" else 1)
+    assert attr.train_features_.shape == (blocks, len(X_train), 64)
+
+
+def test_grad_dot_matches_autograd(digits):
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), method="grad_dot", proj_dim=None, random_state=0)
+    A = attr.fit(X_train, y_train).attribute(X_test, y_test)
+    module = attr.estimators_[0].module_
+    g_train, w_train = _exact_gradients(module, X_train, y_train)
+    g_test, _ = _exact_gradients(module, X_test, y_test)
+    np.testing.assert_allclose(A, g_test @ (w_train[:, None] * g_train).T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(attr.train_weights_[0], w_train, rtol=1e-5)
+
+
+def test_trak_and_if_match_their_formulas(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net()
+    common = dict(proj_dim=None, layers="last", damping=0.1, random_state=0)
+    trak = EnsembleAttributor(net, method="trak", **common).fit(X_train, y_train)
+    module = trak.estimators_[0].module_
+    last = list(module.parameters())[-2:]
+    n_last = sum(p.numel() for p in last)
+    g_train, w = _exact_gradients(module, X_train, y_train)
+    g_test, _ = _exact_gradients(module, X_test, y_test)
+    phi, phi_test = g_train[:, -n_last:], g_test[:, -n_last:]
+
+    gram = phi.T @ phi
+    inv = np.linalg.inv(gram + 0.1 * np.trace(gram) / n_last * np.eye(n_last))
+    expected = phi_test @ inv @ phi.T * w[None, :]
+    np.testing.assert_allclose(trak.attribute(X_test, y_test), expected, rtol=2e-3, atol=1e-4)
+
+    inf = EnsembleAttributor(net, method="if", **common).fit(X_train, y_train)
+    g = w[:, None] * phi
+    fisher = g.T @ g / len(g)
+    inv = np.linalg.inv(fisher + 0.1 * np.trace(fisher) / n_last * np.eye(n_last))
+    np.testing.assert_allclose(inf.attribute(X_test, y_test), phi_test @ inv @ g.T, rtol=2e-3, atol=1e-4)
+
+
+def test_grad_cos_is_bounded_cosine(digits):
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), method="grad_cos", proj_dim=None, random_state=0)
+    A = attr.fit(X_train, y_train).attribute(X_test, y_test)
+    assert np.all(np.abs(A) <= 1 + 1e-5)
+    module = attr.estimators_[0].module_
+    g_train, _ = _exact_gradients(module, X_train[:5], y_train[:5])
+    g_test, _ = _exact_gradients(module, X_test[:3], y_test[:3])
+    cos = (g_test / np.linalg.norm(g_test, axis=1, keepdims=True)) @ (
+        g_train / np.linalg.norm(g_train, axis=1, keepdims=True)
+    ).T
+    np.testing.assert_allclose(A[:3, :5], cos, rtol=1e-4, atol=1e-5)
+
+
+def test_tracin_weights_checkpoints_by_learning_rate(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net(max_epochs=4)
+    attr = EnsembleAttributor(net, method="tracin", n_checkpoints=2, proj_dim=None, layers="last", random_state=0)
+    A = attr.fit(X_train, y_train).attribute(X_test, y_test)
+    recorder = dict(attr.estimators_[0].callbacks_)["sktda_checkpoints"]
+    assert [epoch for epoch, _, _ in recorder.checkpoints_] == [2, 4]
+    expected = 0
+    module = MLP(n_features=64, n_outputs=10, hidden=(16,))
+    for _, lr, state in recorder.checkpoints_:
+        module.load_state_dict(state)
+        g_train, w = _exact_gradients(module, X_train, y_train)
+        g_test, _ = _exact_gradients(module, X_test, y_test)
+        n_last = 16 * 10 + 10
+        expected = expected + lr * g_test[:, -n_last:] @ (w[:, None] * g_train[:, -n_last:]).T
+    np.testing.assert_allclose(A, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_same_random_state_same_attributions_whatever_batch_size_and_jobs(digits):
+    X_train, X_test, y_train, y_test = digits
+    base = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=128, random_state=3)
+    A1 = clone(base).fit(X_train, y_train).attribute(X_test, y_test)
+    A2 = clone(base).fit(X_train, y_train).attribute(X_test, y_test)
+    np.testing.assert_array_equal(A1, A2)
+    A3 = clone(base).set_params(batch_size=7).fit(X_train, y_train).attribute(X_test, y_test)
+    np.testing.assert_allclose(A1, A3, rtol=1e-4, atol=1e-5 * np.abs(A1).max())
+    A4 = clone(base).set_params(n_jobs=2).fit(X_train, y_train).attribute(X_test, y_test)
+    np.testing.assert_allclose(A1, A4, rtol=1e-4, atol=1e-5 * np.abs(A1).max())
+    A5 = clone(base).set_params(random_state=4).fit(X_train, y_train).attribute(X_test, y_test)
+    assert not np.allclose(A1, A5)
+
+
+def test_fit_leaves_torch_global_rng_alone(digits):
+    X_train, _, y_train, _ = digits
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    EnsembleAttributor(make_classifier_net(max_epochs=1), proj_dim=16, random_state=0).fit(X_train, y_train)
+    np.testing.assert_array_equal(torch.rand(3), expected)
+
+
+def test_self_attribute_is_the_diagonal(fitted_trak, digits):
+    X_train, _, y_train, _ = digits
+    A = fitted_trak.attribute(X_train, y_train)
+    np.testing.assert_allclose(fitted_trak.self_attribute(), np.diag(A), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["trak", "grad_cos"])
+def test_most_influential_streams_to_the_dense_top_k(digits, monkeypatch, method):
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), method=method, proj_dim=64, random_state=0).fit(X_train, y_train)
+    A = attr.attribute(X_test, y_test)
+    monkeypatch.setattr(attribution_module, "_CHUNK_BYTES", 4 * len(X_test) * 16)  # 16-sample chunks
+    top = attr.most_influential(X_test, y_test, k=5)
+    assert top.proponents.shape == top.opponents.shape == (len(X_test), 5)
+    np.testing.assert_allclose(top.proponent_scores, -np.sort(-A, axis=1)[:, :5], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(top.opponent_scores, np.sort(A, axis=1)[:, :5], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.take_along_axis(A, top.proponents, 1), top.proponent_scores, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.take_along_axis(A, top.opponents, 1), top.opponent_scores, rtol=1e-5, atol=1e-7)
+
+
+def test_transform_attributes_the_ensemble_prediction(fitted_trak, digits):
+    _, X_test, _, _ = digits
+    with torch.no_grad():
+        probs = sum(torch.softmax(n.module_.eval()(torch.from_numpy(X_test)), -1) for n in fitted_trak.estimators_)
+    predicted = fitted_trak.classes_[probs.argmax(-1).numpy()]
+    np.testing.assert_allclose(fitted_trak.transform(X_test), fitted_trak.attribute(X_test, predicted), rtol=1e-6)
+    assert fitted_trak.get_feature_names_out()[0] == "ensembleattributor0"
+
+
+def test_torch_and_pandas_inputs_match_numpy_and_are_not_modified(fitted_trak, digits):
+    X_train, X_test, y_train, y_test = digits
+    X_copy, y_copy = X_test.copy(), y_test.copy()
+    A = fitted_trak.attribute(X_test, y_test)
+    np.testing.assert_array_equal(X_test, X_copy)
+    np.testing.assert_array_equal(y_test, y_copy)
+    np.testing.assert_allclose(fitted_trak.attribute(torch.from_numpy(X_test), torch.from_numpy(y_test)), A)
+    np.testing.assert_allclose(fitted_trak.attribute(X_test.astype(np.float64), pd.Series(y_test)), A, rtol=1e-6)
+
+
+def test_string_labels_and_pandas_frames(digits):
+    X_train, X_test, y_train, y_test = digits
+    names = np.array(list("abcdefghij"))
+    frame = pd.DataFrame(X_train, columns=[f"px{i}" for i in range(64)])
+    attr = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0).fit(frame, names[y_train])
+    np.testing.assert_array_equal(attr.classes_, names)
+    test_frame = pd.DataFrame(X_test, columns=frame.columns)
+    A = attr.attribute(test_frame, names[y_test])
+    B = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0).fit(X_train, y_train).attribute(X_test, y_test)
+    np.testing.assert_allclose(A, B, rtol=1e-5)
+    with pytest.raises(ValueError, match="not in the training data"):
+        attr.attribute(test_frame, np.array(["z"] * len(X_test)))
+
+
+@pytest.mark.parametrize("method", ["trak", "if", "grad_dot"])
+def test_regressor(regression_data, method):
+    X_train, X_test, y_train, y_test = regression_data
+    attr = EnsembleAttributor(make_regressor_net(), method=method, n_models=2, random_state=0).fit(X_train, y_train)
+    A = attr.attribute(X_test, y_test)
+    assert A.shape == (len(X_test), len(X_train)) and np.all(np.isfinite(A))
+    assert not hasattr(attr, "classes_")
+    # the target is the prediction, which does not depend on y
+    np.testing.assert_allclose(attr.transform(X_test), A)
+    # TRAK's reweighting for the squared error is the residual: -dL/df = 2 (y - f)
+    module = attr.estimators_[0].module_.eval()
+    with torch.no_grad():
+        f = module(torch.from_numpy(X_train))[:, 0].numpy()
+    np.testing.assert_allclose(attr.train_weights_[0], 2 * (y_train - f), rtol=1e-4, atol=1e-5)
+
+
+def test_nll_loss_on_probabilities(digits):
+    X_train, X_test, y_train, y_test = digits
+
+    class SoftmaxMLP(MLP):
+        def forward(self, X):
+            return torch.softmax(super().forward(X), -1)
+
+    net = make_classifier_net(criterion=torch.nn.NLLLoss)
+    net.module = SoftmaxMLP
+    attr = EnsembleAttributor(net, method="grad_dot", proj_dim=64, random_state=0).fit(X_train, y_train)
+    with torch.no_grad():
+        p = attr.estimators_[0].module_(torch.from_numpy(X_train))
+    expected = 1 - p[torch.arange(len(y_train)), torch.from_numpy(y_train)].numpy()
+    np.testing.assert_allclose(attr.train_weights_[0], expected, rtol=1e-3, atol=1e-5)
+    assert np.all(np.isfinite(attr.attribute(X_test, y_test)))
+
+
+def test_layers_restrict_the_gradient(digits):
+    X_train, _, y_train, _ = digits
+    last = EnsembleAttributor(make_classifier_net(), layers="last", proj_dim=None, random_state=0).fit(X_train, y_train)
+    assert last.train_features_.shape[2] == 16 * 10 + 10
+    named = EnsembleAttributor(make_classifier_net(), layers=["layers.0"], proj_dim=None, random_state=0).fit(
+        X_train, y_train
+    )
+    assert named.train_features_.shape[2] == 64 * 16 + 16
+    with pytest.raises(ValueError, match="not modules of the net"):
+        EnsembleAttributor(make_classifier_net(), layers=["nope"], random_state=0).fit(X_train, y_train)
+
+
+def test_score_is_lds_and_cached(digits, monkeypatch):
+    import sktda.model_selection as ms
+
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), proj_dim=64, random_state=0, score_n_subsets=5).fit(
+        X_train, y_train
+    )
+    score = attr.score(X_test, y_test)
+    assert -1 <= score <= 1
+    calls = []
+    monkeypatch.setattr(ms, "_subset_outputs", lambda *a, **k: calls.append(1))
+    other = clone(attr).set_params(method="grad_dot").fit(X_train, y_train)
+    assert -1 <= other.score(X_test, y_test) <= 1
+    assert calls == []  # the ground truth came from the cache
+
+
+@pytest.mark.slow
+def test_ensembled_trak_attributions_predict_retraining(digits):
+    from sktda.model_selection import subset_retraining
+    from sktda.metrics import linear_datamodeling_score
+
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net(max_epochs=10)
+    truth = subset_retraining(net, X_train, y_train, X_test, y_test, n_subsets=20, random_state=0)
+    single = EnsembleAttributor(net, n_models=1, proj_dim=512, random_state=0).fit(X_train, y_train)
+    ensemble = EnsembleAttributor(net, n_models=4, proj_dim=512, random_state=0).fit(X_train, y_train)
+    lds_single = linear_datamodeling_score(single.attribute(X_test, y_test), *truth)
+    lds_ensemble = linear_datamodeling_score(ensemble.attribute(X_test, y_test), *truth)
+    assert lds_ensemble > 0.1
+    assert lds_ensemble > lds_single
+
+
+# ----------------------------------------------------------------- bad input
+def test_bad_parameters_and_estimators(digits):
+    X_train, X_test, y_train, y_test = digits
+    with pytest.raises(ValueError, match="method"):
+        EnsembleAttributor(make_classifier_net(), method="shapley").fit(X_train, y_train)
+    with pytest.raises(ValueError, match="ensemble"):
+        EnsembleAttributor(make_classifier_net(), ensemble="bagging").fit(X_train, y_train)
+    with pytest.raises(TypeError, match="skorch"):
+        EnsembleAttributor(torch.nn.Linear(64, 10)).fit(X_train, y_train)
+    with pytest.raises(TypeError, match="loss"):
+        EnsembleAttributor(make_classifier_net(criterion=torch.nn.L1Loss)).fit(X_train, y_train)
+    with pytest.raises(ValueError, match="one score per class"):
+        EnsembleAttributor(make_classifier_net(module__n_outputs=5), proj_dim=8).fit(X_train, y_train)
+
+
+def test_bad_data(digits):
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), proj_dim=16, random_state=0)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        attr.fit(X_train, y_train[:-1])
+    X_nan = X_train.copy()
+    X_nan[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        attr.fit(X_nan, y_train)
+    X_inf = X_train.copy()
+    X_inf[0, 0] = np.inf
+    with pytest.raises(ValueError, match="infinity"):
+        attr.fit(X_inf, y_train)
+    with pytest.raises(ValueError, match="minimum of 2"):
+        attr.fit(X_train[:1], y_train[:1])
+    with pytest.raises(ValueError, match="requires y"):
+        attr.fit(X_train, None)
+    with pytest.raises(NotFittedError):
+        attr.transform(X_test)
+    attr.fit(X_train, y_train)
+    with pytest.raises(ValueError, match="features"):
+        attr.attribute(X_test[:, :10], y_test)
+    with pytest.raises(ValueError, match="samples but y has"):
+        attr.attribute(X_test, y_test[:-2])
+    with pytest.raises(ValueError, match="k must be"):
+        attr.most_influential(X_test, y_test, k=len(X_train) + 1)
