@@ -31,9 +31,7 @@ def validate_fit_data(estimator, X, y, task: NetTask):
     """
     X, y = as_array_like(X), as_array_like(y)
     if y is None:
-        raise ValueError(
-            f"{type(estimator).__name__} requires y to be passed, but the target y is None."
-        )
+        raise ValueError(f"{type(estimator).__name__} requires y to be passed, but the target y is None.")
     X, y = validate_data(
         estimator,
         X,
@@ -60,9 +58,7 @@ def validate_predict_data(estimator, X, y, task: NetTask):
         return _float32(X), None
     y = check_array(as_array_like(y), ensure_2d=False, dtype=None, input_name="y")
     if y.shape[0] != X.shape[0]:
-        raise ValueError(
-            f"X has {X.shape[0]} samples but y has {y.shape[0]}; pass one target per sample."
-        )
+        raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}; pass one target per sample.")
     if not task.is_classifier:
         y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
         return _float32(X), y.astype(np.float32).reshape(-1, 1)

@@ -103,6 +103,4 @@ class IndependentEnsemble(EnsembleStrategy):
         return [member_from_module(module, self.params["layers"], derive_seed(model_seed, 0))]
 
 
-ENSEMBLES: dict[str, type[EnsembleStrategy]] = {
-    cls.name: cls for cls in (IndependentEnsemble,)
-}
+ENSEMBLES: dict[str, type[EnsembleStrategy]] = {cls.name: cls for cls in (IndependentEnsemble,)}

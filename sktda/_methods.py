@@ -148,5 +148,9 @@ def attribution_block(method, blocks, test_phis, rows: slice, device) -> torch.T
 def self_attribution(method, blocks, device) -> torch.Tensor:
     """The diagonal of the training set's attribution to itself."""
     return _reduce_blocks(
-        method, blocks, slice(None), device, lambda b, state, phi, u: (method.test_side(state, phi) * u).sum(1)
+        method,
+        blocks,
+        slice(None),
+        device,
+        lambda b, state, phi, u: (method.test_side(state, phi) * u).sum(1),
     )

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.base import clone
 from skorch import NeuralNet
 from skorch.callbacks import Callback
-from sklearn.base import clone
 
 _CLASSIFICATION_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
 _REGRESSION_LOSSES = (torch.nn.MSELoss,)
@@ -38,9 +38,7 @@ class NetTask:
             return torch.log(out + torch.finfo(out.dtype).eps)
         return out
 
-    def target_and_weight(
-        self, out: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_and_weight(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Target ``f`` and ``-dL/df`` for a batch of outputs.
 
         Classification: ``f`` is the margin ``z_y - logsumexp(z_others)``; the
@@ -94,9 +92,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(
-            f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'."
-        ) from exc
+        raise ValueError(f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda'.") from exc
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={device!r} asks for CUDA but torch sees no CUDA device; use "
@@ -200,17 +196,14 @@ def parameter_names(module: torch.nn.Module, layers) -> list[str]:
         layers = list(layers)
     except TypeError:
         raise TypeError(
-            "layers must be None, 'all', 'last' or a list of module names, "
-            f"got {layers!r}."
+            f"layers must be None, 'all', 'last' or a list of module names, got {layers!r}."
         ) from None
     modules = dict(module.named_modules())
     unknown = [name for name in layers if name not in modules]
     if unknown:
         known = [n for n, m in modules.items() if n and any(True for _ in m.parameters())]
         raise ValueError(f"layers {unknown} are not modules of the net; choose from {known}.")
-    chosen = [
-        n for n in all_names if any(not name or n.startswith(f"{name}.") for name in layers)
-    ]
+    chosen = [n for n in all_names if any(not name or n.startswith(f"{name}.") for name in layers)]
     if not chosen:
         raise ValueError(f"layers {layers} hold no parameters.")
     return chosen

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.datasets import make_regression
 from skorch import NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
-from sklearn.datasets import make_regression
 
 from sktda.datasets import load_digits_split
 from sktda.models import MLP

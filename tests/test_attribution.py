@@ -38,7 +38,13 @@ def test_fit_attribute_shapes_and_attributes(digits, method):
     assert len(attr.estimators_) == 2 and attr.n_members_ == 2
     assert attr.n_features_in_ == 64
     np.testing.assert_array_equal(attr.classes_, np.arange(10))
-    assert set(attr.costs_) == {"train_seconds", "featurize_seconds", "feature_bytes", "model_bytes", "n_members"}
+    assert set(attr.costs_) == {
+        "train_seconds",
+        "featurize_seconds",
+        "feature_bytes",
+        "model_bytes",
+        "n_members",
+    }
     assert attr.costs_["feature_bytes"] == attr.train_features_.nbytes + attr.train_weights_.nbytes
     n_params = sum(p.numel() for p in attr.estimators_[0].module_.parameters())
     assert attr.costs_["model_bytes"] == 2 * 4 * n_params
@@ -98,7 +104,9 @@ def test_grad_cos_is_bounded_cosine(digits):
 def test_tracin_weights_checkpoints_by_learning_rate(digits):
     X_train, X_test, y_train, y_test = digits
     net = make_classifier_net(max_epochs=4)
-    attr = EnsembleAttributor(net, method="tracin", n_checkpoints=2, proj_dim=None, layers="last", random_state=0)
+    attr = EnsembleAttributor(
+        net, method="tracin", n_checkpoints=2, proj_dim=None, layers="last", random_state=0
+    )
     A = attr.fit(X_train, y_train).attribute(X_test, y_test)
     recorder = dict(attr.estimators_[0].callbacks_)["sktda_checkpoints"]
     assert [epoch for epoch, _, _ in recorder.checkpoints_] == [2, 4]
@@ -145,23 +153,33 @@ def test_self_attribute_is_the_diagonal(fitted_trak, digits):
 @pytest.mark.parametrize("method", ["trak", "grad_cos"])
 def test_most_influential_streams_to_the_dense_top_k(digits, monkeypatch, method):
     X_train, X_test, y_train, y_test = digits
-    attr = EnsembleAttributor(make_classifier_net(), method=method, proj_dim=64, random_state=0).fit(X_train, y_train)
+    attr = EnsembleAttributor(make_classifier_net(), method=method, proj_dim=64, random_state=0).fit(
+        X_train, y_train
+    )
     A = attr.attribute(X_test, y_test)
     monkeypatch.setattr(attribution_module, "_CHUNK_BYTES", 4 * len(X_test) * 16)  # 16-sample chunks
     top = attr.most_influential(X_test, y_test, k=5)
     assert top.proponents.shape == top.opponents.shape == (len(X_test), 5)
     np.testing.assert_allclose(top.proponent_scores, -np.sort(-A, axis=1)[:, :5], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(top.opponent_scores, np.sort(A, axis=1)[:, :5], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.take_along_axis(A, top.proponents, 1), top.proponent_scores, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.take_along_axis(A, top.opponents, 1), top.opponent_scores, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.take_along_axis(A, top.proponents, 1), top.proponent_scores, rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        np.take_along_axis(A, top.opponents, 1), top.opponent_scores, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_transform_attributes_the_ensemble_prediction(fitted_trak, digits):
     _, X_test, _, _ = digits
     with torch.no_grad():
-        probs = sum(torch.softmax(n.module_.eval()(torch.from_numpy(X_test)), -1) for n in fitted_trak.estimators_)
+        probs = sum(
+            torch.softmax(n.module_.eval()(torch.from_numpy(X_test)), -1) for n in fitted_trak.estimators_
+        )
     predicted = fitted_trak.classes_[probs.argmax(-1).numpy()]
-    np.testing.assert_allclose(fitted_trak.transform(X_test), fitted_trak.attribute(X_test, predicted), rtol=1e-6)
+    np.testing.assert_allclose(
+        fitted_trak.transform(X_test), fitted_trak.attribute(X_test, predicted), rtol=1e-6
+    )
     assert fitted_trak.get_feature_names_out()[0] == "ensembleattributor0"
 
 
@@ -172,7 +190,9 @@ def test_torch_and_pandas_inputs_match_numpy_and_are_not_modified(fitted_trak, d
     np.testing.assert_array_equal(X_test, X_copy)
     np.testing.assert_array_equal(y_test, y_copy)
     np.testing.assert_allclose(fitted_trak.attribute(torch.from_numpy(X_test), torch.from_numpy(y_test)), A)
-    np.testing.assert_allclose(fitted_trak.attribute(X_test.astype(np.float64), pd.Series(y_test)), A, rtol=1e-6)
+    np.testing.assert_allclose(
+        fitted_trak.attribute(X_test.astype(np.float64), pd.Series(y_test)), A, rtol=1e-6
+    )
 
 
 def test_string_labels_and_pandas_frames(digits):
@@ -183,7 +203,11 @@ def test_string_labels_and_pandas_frames(digits):
     np.testing.assert_array_equal(attr.classes_, names)
     test_frame = pd.DataFrame(X_test, columns=frame.columns)
     A = attr.attribute(test_frame, names[y_test])
-    B = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0).fit(X_train, y_train).attribute(X_test, y_test)
+    B = (
+        EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0)
+        .fit(X_train, y_train)
+        .attribute(X_test, y_test)
+    )
     np.testing.assert_allclose(A, B, rtol=1e-5)
     with pytest.raises(ValueError, match="not in the training data"):
         attr.attribute(test_frame, np.array(["z"] * len(X_test)))
@@ -192,7 +216,9 @@ def test_string_labels_and_pandas_frames(digits):
 @pytest.mark.parametrize("method", ["trak", "if", "grad_dot"])
 def test_regressor(regression_data, method):
     X_train, X_test, y_train, y_test = regression_data
-    attr = EnsembleAttributor(make_regressor_net(), method=method, n_models=2, random_state=0).fit(X_train, y_train)
+    attr = EnsembleAttributor(make_regressor_net(), method=method, n_models=2, random_state=0).fit(
+        X_train, y_train
+    )
     A = attr.attribute(X_test, y_test)
     assert A.shape == (len(X_test), len(X_train)) and np.all(np.isfinite(A))
     assert not hasattr(attr, "classes_")
@@ -224,7 +250,9 @@ def test_nll_loss_on_probabilities(digits):
 
 def test_layers_restrict_the_gradient(digits):
     X_train, _, y_train, _ = digits
-    last = EnsembleAttributor(make_classifier_net(), layers="last", proj_dim=None, random_state=0).fit(X_train, y_train)
+    last = EnsembleAttributor(make_classifier_net(), layers="last", proj_dim=None, random_state=0).fit(
+        X_train, y_train
+    )
     assert last.train_features_.shape[2] == 16 * 10 + 10
     named = EnsembleAttributor(make_classifier_net(), layers=["layers.0"], proj_dim=None, random_state=0).fit(
         X_train, y_train
@@ -252,8 +280,8 @@ def test_score_is_lds_and_cached(digits, monkeypatch):
 
 @pytest.mark.slow
 def test_ensembled_trak_attributions_predict_retraining(digits):
-    from sktda.model_selection import subset_retraining
     from sktda.metrics import linear_datamodeling_score
+    from sktda.model_selection import subset_retraining
 
     X_train, X_test, y_train, y_test = digits
     net = make_classifier_net(max_epochs=10)

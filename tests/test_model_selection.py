@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+import torch
+
+import sktda.model_selection as ms
+from sktda.model_selection import subset_retraining
+
+from .conftest import make_classifier_net, make_regressor_net
+
+
+def test_subsets_and_outputs(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net(max_epochs=2)
+    truth = subset_retraining(
+        net, X_train, y_train, X_test, y_test, n_subsets=4, subset_fraction=0.4, random_state=1
+    )
+    assert truth.subsets.shape == (4, len(X_train)) and truth.subsets.dtype == bool
+    np.testing.assert_array_equal(truth.subsets.sum(1), round(0.4 * len(X_train)))
+    assert truth.outputs.shape == (4, len(X_test))
+    assert len({tuple(s) for s in truth.subsets}) == 4
+    # outputs are the correct-class margins of a net trained on the subset
+    from sktda._nets import fit_net
+
+    net_0 = fit_net(net, X_train[truth.subsets[0]], y_train[truth.subsets[0]], 0, torch.device("cpu"))
+    margins = ms._target_outputs(net_0, ms.check_net(net), X_test, y_test)
+    assert margins.shape == (len(X_test),)
+
+
+def test_cached_and_reproducible(digits, monkeypatch, tmp_path):
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net(max_epochs=2)
+    kwargs = dict(n_subsets=3, random_state=0)
+    first = subset_retraining(net, X_train, y_train, X_test, y_test, **kwargs)
+    calls = []
+    monkeypatch.setattr(ms, "_subset_outputs", lambda *a, **k: calls.append(1) or np.zeros(len(X_test)))
+    again = subset_retraining(net, X_train, y_train, X_test, y_test, **kwargs)
+    assert calls == [] and again is first
+    # a different net configuration is a different ground truth
+    subset_retraining(make_classifier_net(max_epochs=3), X_train, y_train, X_test, y_test, **kwargs)
+    assert len(calls) == 3
+    monkeypatch.undo()
+    ms._CACHE.clear()
+    cached = subset_retraining(net, X_train, y_train, X_test, y_test, memory=str(tmp_path), **kwargs)
+    np.testing.assert_allclose(cached.outputs, first.outputs, rtol=1e-6)
+    ms._CACHE.clear()
+    monkeypatch.setattr(ms, "_subset_outputs", lambda *a, **k: calls.append(1) or np.zeros(len(X_test)))
+    from_disk = subset_retraining(net, X_train, y_train, X_test, y_test, memory=str(tmp_path), **kwargs)
+    np.testing.assert_allclose(from_disk.outputs, first.outputs, rtol=1e-6)
+    assert len(calls) == 3
+
+
+def test_parallel_equals_sequential(regression_data):
+    X_train, X_test, y_train, y_test = regression_data
+    net = make_regressor_net()
+    seq = subset_retraining(net, X_train, y_train, X_test, y_test, n_subsets=4, random_state=5)
+    ms._CACHE.clear()
+    par = subset_retraining(net, X_train, y_train, X_test, y_test, n_subsets=4, random_state=5, n_jobs=2)
+    np.testing.assert_allclose(seq.outputs, par.outputs, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input(digits):
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net(max_epochs=1)
+    with pytest.raises(ValueError, match="n_subsets"):
+        subset_retraining(net, X_train, y_train, X_test, y_test, n_subsets=2)
+    with pytest.raises(ValueError, match="subset_fraction"):
+        subset_retraining(net, X_train, y_train, X_test, y_test, subset_fraction=1.0)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        subset_retraining(net, X_train[:3], y_train[:3], X_train[:3], y_train[:3], subset_fraction=0.2)
+    with pytest.raises(ValueError, match="same number of features"):
+        subset_retraining(net, X_train, y_train, X_test[:, :5], y_test)
+    with pytest.raises(ValueError, match="one target per sample"):
+        subset_retraining(net, X_train, y_train[:-1], X_test, y_test)
+    with pytest.raises(ValueError, match="not in the training data"):
+        subset_retraining(net, X_train[y_train < 5], y_train[y_train < 5], X_test, y_test)
+    with pytest.raises(TypeError, match="skorch"):
+        subset_retraining(object(), X_train, y_train, X_test, y_test)
