@@ -10,13 +10,15 @@ attribution methods never learn which strategy made a member.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from torch import nn
 from torch.func import functional_call
 
-from ._nets import module_bytes, parameter_names, trained_module
+from ._nets import fine_tune, fit_net, module_bytes, parameter_names, trained_module
 
 
 def derive_seed(*entropy: int) -> int:
@@ -33,17 +35,21 @@ class Member:
     frozen: dict[str, torch.Tensor]
     seed: int
     weight: float = 1.0
-    extras: dict = field(default_factory=dict)
+    weight_variants: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, (params, self.frozen), (x,))
 
     def to(self, device: torch.device) -> Member:
+        def move(tensors):
+            return {k: v.to(device) for k, v in tensors.items()}
+
         return replace(
             self,
             module=self.module.to(device),
-            params={k: v.to(device) for k, v in self.params.items()},
-            frozen={k: v.to(device) for k, v in self.frozen.items()},
+            params=move(self.params),
+            frozen=move(self.frozen),
+            weight_variants=[move(v) for v in self.weight_variants],
         )
 
     def at_state(self, state: dict[str, torch.Tensor], weight: float) -> Member:
@@ -70,8 +76,8 @@ class EnsembleStrategy:
     """Interface of an ensemble strategy.
 
     ``check`` rejects a module the strategy cannot use, before any training;
-    ``members`` turns one trained net into its members; ``serving_bytes`` is what
-    must be stored to serve them.
+    ``fit`` trains one model (and whatever its members need); ``members`` turns
+    it into its members; ``serving_bytes`` is what must be stored to serve them.
     """
 
     name: str
@@ -85,6 +91,9 @@ class EnsembleStrategy:
 
     def check(self, module: torch.nn.Module) -> None:
         """Raise ``ValueError`` if the strategy cannot work with ``module``."""
+
+    def fit(self, estimator, X, y, seed: int, device: torch.device, callbacks=()):
+        return fit_net(estimator, X, y, seed, device, callbacks)
 
     def members(self, net, model_seed: int, X_sample: torch.Tensor) -> list[Member]:
         raise NotImplementedError
@@ -103,4 +112,172 @@ class IndependentEnsemble(EnsembleStrategy):
         return [member_from_module(module, self.params["layers"], derive_seed(model_seed, 0))]
 
 
-ENSEMBLES: dict[str, type[EnsembleStrategy]] = {cls.name: cls for cls in (IndependentEnsemble,)}
+_MASKABLE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+class FixedMaskDropout(nn.Module):
+    """Dropout whose mask is a buffer: the same for every sample, and supplied per
+    member as an explicit input of ``functional_call`` (ones: no dropout)."""
+
+    def __init__(self, mask_shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(mask_shape))
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def _dropout_layers(module: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, _MASKABLE)}
+
+
+class DropoutEnsemble(EnsembleStrategy):
+    """DROPOUT ENSEMBLE (Deng et al., 2024): every trained model yields ``n_masks``
+    members, each one fixed dropout mask, drawn once from its seed and shared by all
+    samples, on the module's own dropout layers (element-wise for ``nn.Dropout``,
+    channel-wise for ``nn.Dropout1d/2d/3d``).
+
+    With ``mask_gradients=False`` the gradients come from the unmasked model and
+    the masks enter only through ``-dL/df`` (TRAK's ``1 - p``), averaged over them:
+    one backward pass per model instead of one per mask.
+    """
+
+    name = "dropout"
+
+    @property
+    def members_per_model(self):
+        return self.params["n_masks"] if self.params["mask_gradients"] else 1
+
+    def _rate(self, layer) -> float:
+        rate = self.params["dropout_rate"]
+        return float(layer.p if rate is None else rate)
+
+    def check(self, module):
+        layers = _dropout_layers(module)
+        if not layers:
+            raise ValueError(
+                "ensemble='dropout' needs dropout layers (nn.Dropout, nn.Dropout1d/2d/3d) "
+                f"in the module, and {type(module).__name__} has none. Add one, or use "
+                "ensemble='independent' or 'lora'."
+            )
+        if all(self._rate(layer) == 0 for layer in layers.values()):
+            raise ValueError("Every dropout layer has rate 0; set dropout_rate in (0, 1).")
+
+    def members(self, net, model_seed, X_sample):
+        module = trained_module(net)
+        layers = _dropout_layers(module)
+        shapes = {}
+        hooks = [
+            layer.register_forward_pre_hook(lambda m, args, name=name: shapes.__setitem__(name, args[0].shape[1:]))
+            for name, layer in layers.items()
+        ]
+        with torch.no_grad():
+            module(X_sample.to(next(module.parameters()).device))
+        for hook in hooks:
+            hook.remove()
+        masks = {}
+        for i, (name, layer) in enumerate(layers.items()):
+            shape = tuple(shapes[name])
+            if not isinstance(layer, nn.Dropout):  # channel-wise
+                shape = shape[:1] + (1,) * (len(shape) - 1)
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent), child, FixedMaskDropout(shape))
+            masks[f"{name}.mask"] = (shape, self._rate(layer), i)
+        base = member_from_module(module, self.params["layers"], derive_seed(model_seed, 0))
+        variants = [
+            {**base.frozen, **{key: _draw_mask(shape, rate, derive_seed(model_seed, 1, j, i))
+                               for key, (shape, rate, i) in masks.items()}}
+            for j in range(self.params["n_masks"])
+        ]
+        if not self.params["mask_gradients"]:
+            return [replace(base, weight_variants=variants)]
+        return [replace(base, frozen=v, seed=derive_seed(model_seed, 0, j)) for j, v in enumerate(variants)]
+
+
+def _draw_mask(shape, rate: float, seed: int) -> torch.Tensor:
+    if rate == 0:
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(torch.full(shape, 1 - rate), generator=gen) / (1 - rate)
+
+
+class LoraEnsemble(EnsembleStrategy):
+    """LORA ENSEMBLE (Deng et al., 2024): every trained model is a base for
+    ``n_adapters`` LoRA adapters (peft), each fine-tuned from it for ``lora_epochs``
+    with its own seed and data order. Gradients are taken with respect to the
+    adapter parameters only, which is where serving time and space are saved.
+    """
+
+    name = "lora"
+
+    @property
+    def members_per_model(self):
+        return self.params["n_adapters"]
+
+    def _targets(self, module) -> list[str]:
+        targets = self.params["lora_target_modules"]
+        if targets is not None:
+            modules = dict(module.named_modules())
+            unknown = [t for t in targets if t not in modules]
+            if unknown:
+                raise ValueError(f"lora_target_modules {unknown} are not modules of the net.")
+            return list(targets)
+        linear = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+        if len(linear) < 2:
+            raise ValueError(
+                "ensemble='lora' adapts every nn.Linear but the output layer, and the module "
+                f"has {len(linear)} nn.Linear layer(s). Pass lora_target_modules, or use "
+                "ensemble='independent' or 'dropout'."
+            )
+        return linear[:-1]
+
+    def _with_adapter(self, module) -> nn.Module:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        rank = self.params["lora_rank"]
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=self._targets(module))
+        module = inject_adapter_in_model(config, copy.deepcopy(module))
+        for name, p in module.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return module
+
+    def check(self, module):
+        self._targets(module)
+
+    def fit(self, estimator, X, y, seed, device, callbacks=()):
+        net = fit_net(estimator, X, y, seed, device, callbacks)
+        adapters = []
+        for j in range(self.params["n_adapters"]):
+            adapter_seed = derive_seed(seed, 2, j)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(adapter_seed)
+                module = self._with_adapter(net.module_)
+            fine_tune(net, module, X, y, self.params["lora_epochs"], adapter_seed, device)
+            adapters.append({k: v.detach().cpu().clone() for k, v in module.state_dict().items() if "lora_" in k})
+        net.lora_adapters_ = adapters
+        return net
+
+    def members(self, net, model_seed, X_sample):
+        members = []
+        for j, state in enumerate(net.lora_adapters_):
+            with torch.random.fork_rng(devices=[]):
+                module = self._with_adapter(net.module_)
+            module.load_state_dict(state, strict=False)
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+            tensors = dict(module.named_parameters())
+            tensors.update(dict(module.named_buffers()))
+            params = {k: v for k, v in tensors.items() if k in state}
+            frozen = {k: v for k, v in tensors.items() if k not in state}
+            members.append(Member(module=module, params=params, frozen=frozen, seed=derive_seed(model_seed, 0, j)))
+        return members
+
+    def serving_bytes(self, nets):
+        adapters = sum(t.numel() * t.element_size() for net in nets for a in net.lora_adapters_ for t in a.values())
+        return super().serving_bytes(nets) + adapters
+
+
+ENSEMBLES: dict[str, type[EnsembleStrategy]] = {
+    cls.name: cls for cls in (IndependentEnsemble, DropoutEnsemble, LoraEnsemble)
+}

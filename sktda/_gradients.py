@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
+from torch.func import functional_call, grad, vmap
 
 from ._nets import NetTask
 
@@ -48,6 +48,16 @@ def _per_sample_grad_fn(member, task: NetTask):
     return vmap(grad(target, has_aux=True), in_dims=(None, 0, 0))
 
 
+def _variant_weights(member, task: NetTask, x, y) -> torch.Tensor:
+    """``-dL/df`` averaged over the member's weight variants (e.g. dropout masks
+    that enter only TRAK's ``1 - p`` term); forward passes only."""
+    weights = [
+        task.target_and_weight(functional_call(member.module, (member.params, frozen), (x,)), y)[1]
+        for frozen in member.weight_variants
+    ]
+    return torch.stack(weights).mean(0)
+
+
 def featurize(
     member,
     task: NetTask,
@@ -67,6 +77,8 @@ def featurize(
             xb = X[start : start + batch_size].to(device)
             yb = y[start : start + batch_size].to(device)
             grads, (f, w) = fn(member.params, xb, yb)
+            if member.weight_variants:
+                w = _variant_weights(member, task, xb, yb)
             phis.append(projector(grads).cpu())
             weights.append(w.cpu())
             outputs.append(f.cpu())

@@ -9,7 +9,6 @@ classifiers, the prediction for regressors) and into the training loss.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,7 +140,6 @@ def fit_net(estimator, X, y, seed: int, device: torch.device, callbacks=()):
     if callbacks:
         net.set_params(callbacks=list(net.callbacks or []) + list(callbacks))
     devices = [device.index or 0] if device.type == "cuda" else []
-    start = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         try:
@@ -151,9 +149,49 @@ def fit_net(estimator, X, y, seed: int, device: torch.device, callbacks=()):
                 f"Training the net failed ({exc}). A classifier's module must return one "
                 f"score per class; y has {int(np.max(y)) + 1} classes here."
             ) from exc
-    net.fit_seconds_ = time.perf_counter() - start
     net.module_.eval()  # skorch leaves train mode on; outputs must not be random
     return net
+
+
+def fine_tune(net, module: torch.nn.Module, X, y, epochs: int, seed: int, device: torch.device):
+    """Train ``module`` (its trainable parameters) for ``epochs`` with the net's own
+    criterion, optimizer, learning rate and batch size, in a seeded shuffled order.
+
+    The user's callbacks and module arguments are left out: they belong to training
+    from scratch (a callback may re-initialise the module).
+    """
+    skip = {"module", "callbacks", "max_epochs", "warm_start", "train_split", "verbose", "device"}
+    params = {
+        k: v
+        for k, v in net.get_params(deep=False).items()
+        if k not in skip and not k.startswith(("module__", "callbacks__"))
+    }
+    params["iterator_train__shuffle"] = True
+    tuner = type(net)(
+        module=module,
+        max_epochs=epochs,
+        callbacks=None,
+        train_split=None,
+        verbose=0,
+        warm_start=False,
+        device=str(device),
+        **params,
+    )
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        tuner.fit(X, y)
+    module.eval()
+    return module
+
+
+def initialized_module(estimator) -> torch.nn.Module:
+    """The module an unfitted net would train, built without touching the caller's
+    random state (to check it before any training)."""
+    net = clone(estimator)
+    with torch.random.fork_rng(devices=[]):
+        net.initialize()
+    return net.module_
 
 
 def trained_module(net) -> torch.nn.Module:

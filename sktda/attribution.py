@@ -19,7 +19,13 @@ from ._data import to_tensor, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES
 from ._gradients import featurize, forward_outputs
 from ._methods import METHODS, attribution_block, self_attribution
-from ._nets import LearningRateCheckpoints, check_net, checkpoint_epochs, fit_net, resolve_device
+from ._nets import (
+    LearningRateCheckpoints,
+    check_net,
+    checkpoint_epochs,
+    initialized_module,
+    resolve_device,
+)
 from ._projection import make_projector
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
@@ -67,9 +73,13 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         space; ``"tracin"``: TracIn over ``n_checkpoints`` checkpoints weighted by
         the learning rate; ``"grad_dot"`` / ``"grad_cos"``: inner product / cosine
         of test-target and training-loss gradients.
-    ensemble : {"independent"}, default="independent"
-        How members are made. ``"independent"``: ``n_models`` nets trained from
-        different seeds.
+    ensemble : {"independent", "dropout", "lora"}, default="independent"
+        How members are made (Deng et al., 2024). ``"independent"``: ``n_models``
+        nets trained from different seeds; ``"dropout"``: each trained model
+        yields ``n_masks`` members, one fixed dropout mask each; ``"lora"``: each
+        trained model is the base of ``n_adapters`` LoRA adapters, and gradients
+        are taken with respect to the adapters only. ``n_models > 1`` with
+        ``"dropout"`` or ``"lora"`` gives the hybrids.
     n_models : int, default=1
         Independently trained models.
     n_masks : int, default=5
@@ -78,6 +88,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         LoRA adapters per model (``ensemble="lora"``).
     dropout_rate : float or None, default=None
         Dropout rate of the masks; None keeps each dropout layer's own rate.
+    mask_gradients : bool, default=True
+        With ``ensemble="dropout"``: True takes gradients under every mask; False
+        takes them from the unmasked model and lets the masks enter only through
+        ``-dL/df`` (TRAK's ``1 - p``), averaged over masks, which costs one
+        backward pass per model instead of one per mask.
     lora_rank : int, default=4
         Rank of the LoRA adapters.
     lora_target_modules : list of str or None, default=None
@@ -124,7 +139,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     estimators_ : list of skorch nets
         The trained models.
     n_members_ : int
-        Ensemble members the attributions are averaged over.
+        Ensemble members the gradients are averaged over (``n_models`` times
+        ``n_masks`` or ``n_adapters``; ``n_models`` with ``mask_gradients=False``).
     classes_ : ndarray of shape (n_classes,)
         Class labels (classifiers only).
     n_features_in_ : int
@@ -176,6 +192,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         "n_masks": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_adapters": [Interval(numbers.Integral, 1, None, closed="left")],
         "dropout_rate": [Interval(numbers.Real, 0, 1, closed="neither"), None],
+        "mask_gradients": ["boolean"],
         "lora_rank": [Interval(numbers.Integral, 1, None, closed="left")],
         "lora_target_modules": [list, None],
         "lora_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -203,6 +220,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         n_masks=5,
         n_adapters=5,
         dropout_rate=None,
+        mask_gradients=True,
         lora_rank=4,
         lora_target_modules=None,
         lora_epochs=5,
@@ -226,6 +244,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.n_masks = n_masks
         self.n_adapters = n_adapters
         self.dropout_rate = dropout_rate
+        self.mask_gradients = mask_gradients
         self.lora_rank = lora_rank
         self.lora_target_modules = lora_target_modules
         self.lora_epochs = lora_epochs
@@ -262,6 +281,13 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         X, y = validate_fit_data(self, X, y, task)
         strategy = self._strategy()
         method = METHODS[self.method]()
+        if method.needs_checkpoints and self.ensemble == "lora":
+            raise ValueError(
+                "method='tracin' needs checkpoints of the differentiated parameters, and "
+                "LoRA adapters have none from base training; use ensemble='independent' "
+                "or 'dropout' with TracIn, or another method with LoRA."
+            )
+        strategy.check(initialized_module(self.estimator))
         device = resolve_device(self.device)
 
         start = time.perf_counter()
@@ -270,7 +296,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         if method.needs_checkpoints:
             epochs = checkpoint_epochs(self.estimator.max_epochs, self.n_checkpoints)
             callbacks = [(_CHECKPOINT_CALLBACK, LearningRateCheckpoints(epochs))]
-        jobs = (delayed(fit_net)(self.estimator, X, y, int(s), device, callbacks) for s in seeds)
+        jobs = (delayed(strategy.fit)(self.estimator, X, y, int(s), device, callbacks) for s in seeds)
         self.estimators_ = self._run(jobs, self.n_models, "training")
         self._check_outputs(task, X)
         self._model_seeds = [int(s) for s in seeds]
@@ -433,6 +459,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
                 "n_masks": self.n_masks,
                 "n_adapters": self.n_adapters,
                 "dropout_rate": self.dropout_rate,
+                "mask_gradients": self.mask_gradients,
                 "lora_rank": self.lora_rank,
                 "lora_target_modules": self.lora_target_modules,
                 "lora_epochs": self.lora_epochs,

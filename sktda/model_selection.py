@@ -16,7 +16,7 @@ from sklearn.utils.parallel import Parallel, delayed
 from ._data import as_array_like, encode_labels, to_tensor
 from ._nets import check_net, fit_net, resolve_device
 
-__all__ = ["SubsetRetraining", "subset_retraining"]
+__all__ = ["SubsetRetraining", "best_under_budget", "cost_scorer", "lds_scorer", "subset_retraining"]
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 32
@@ -162,3 +162,58 @@ def subset_retraining(
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return result
+
+
+def lds_scorer(estimator, X, y) -> float:
+    """Scorer for ``GridSearchCV(scoring=...)``: the attributor's LDS on ``(X, y)``
+    (what ``EnsembleAttributor.score`` returns)."""
+    return estimator.score(X, y)
+
+
+def cost_scorer(cost: str = "train_seconds"):
+    """A scorer that reports one entry of the fitted attributor's ``costs_``
+    (``train_seconds``, ``featurize_seconds``, ``feature_bytes``, ``model_bytes``,
+    ``n_members``), so ``cv_results_`` shows it beside the LDS.
+
+    Examples
+    --------
+    >>> from sktda.model_selection import cost_scorer, lds_scorer
+    >>> scoring = {"lds": lds_scorer, "train_seconds": cost_scorer("train_seconds")}
+    """
+    costs = ("train_seconds", "featurize_seconds", "feature_bytes", "model_bytes", "n_members")
+    if cost not in costs:
+        raise ValueError(f"cost must be one of {costs}, got {cost!r}.")
+
+    def scorer(estimator, X, y=None) -> float:
+        return float(estimator.costs_[cost])
+
+    scorer.__name__ = f"{cost}_scorer"
+    return scorer
+
+
+def best_under_budget(budget: float, cost: str = "train_seconds", score: str = "lds"):
+    """A ``refit`` callable for ``GridSearchCV`` with multi-metric scoring: the
+    candidate with the best mean ``score`` among those whose mean ``cost`` is at
+    most ``budget`` (the cheapest candidate if none is).
+
+    Use it with ``scoring={score: lds_scorer, cost: cost_scorer(cost)}``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sktda.model_selection import best_under_budget
+    >>> results = {"mean_test_lds": np.array([0.6, 0.5, 0.55]),
+    ...            "mean_test_train_seconds": np.array([10.0, 2.0, 3.0])}
+    >>> best_under_budget(5.0)(results)
+    2
+    """
+
+    def refit(cv_results) -> int:
+        scores = np.asarray(cv_results[f"mean_test_{score}"], dtype=float)
+        costs = np.asarray(cv_results[f"mean_test_{cost}"], dtype=float)
+        within = costs <= budget
+        if not within.any():
+            return int(np.argmin(costs))
+        return int(np.flatnonzero(within)[np.argmax(scores[within])])
+
+    return refit

@@ -75,3 +75,39 @@ def test_bad_input(digits):
         subset_retraining(net, X_train[y_train < 5], y_train[y_train < 5], X_test, y_test)
     with pytest.raises(TypeError, match="skorch"):
         subset_retraining(object(), X_train, y_train, X_test, y_test)
+
+
+def test_grid_search_over_strategies_retrains_each_fold_once(digits, monkeypatch):
+    from sklearn.model_selection import GridSearchCV
+
+    from sktda import EnsembleAttributor
+    from sktda.model_selection import best_under_budget, cost_scorer, lds_scorer
+
+    X_train, _, y_train, _ = digits
+    ms._CACHE.clear()
+    calls = []
+    real = ms._subset_outputs
+    monkeypatch.setattr(ms, "_subset_outputs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    attr = EnsembleAttributor(make_classifier_net(max_epochs=2), proj_dim=32, score_n_subsets=4, random_state=0)
+    grid = {"ensemble": ["independent", "dropout"], "n_masks": [2]}
+    search = GridSearchCV(attr, grid, cv=2).fit(X_train, y_train)
+    assert len(calls) == 2 * 4  # two folds, four subsets each; shared by both candidates
+    assert set(search.cv_results_["param_ensemble"]) == {"independent", "dropout"}
+    assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
+    assert search.best_params_["ensemble"] in {"independent", "dropout"}
+    assert {"mean_fit_time", "mean_score_time"} <= set(search.cv_results_)
+
+    scoring = {"lds": lds_scorer, "train_seconds": cost_scorer("train_seconds")}
+    budget = GridSearchCV(attr, grid, cv=2, scoring=scoring, refit=best_under_budget(1e9)).fit(X_train, y_train)
+    assert len(calls) == 2 * 4  # still cached
+    best = np.argmax(budget.cv_results_["mean_test_lds"])
+    assert budget.best_index_ == best
+    cheapest = GridSearchCV(attr, grid, cv=2, scoring=scoring, refit=best_under_budget(0.0)).fit(X_train, y_train)
+    assert cheapest.best_index_ == np.argmin(cheapest.cv_results_["mean_test_train_seconds"])
+
+
+def test_cost_scorer_rejects_unknown_costs():
+    from sktda.model_selection import cost_scorer
+
+    with pytest.raises(ValueError, match="cost must be one of"):
+        cost_scorer("gpu_hours")
