@@ -27,8 +27,14 @@ CONFIGS = [
     ("independent 10", dict(ensemble="independent", n_models=10)),
     ("dropout 1x10", dict(ensemble="dropout", n_models=1, n_masks=10)),
     ("dropout 2x5", dict(ensemble="dropout", n_models=2, n_masks=5)),
-    ("dropout 1x10, unmasked gradients", dict(ensemble="dropout", n_models=1, n_masks=10, mask_gradients=False)),
-    ("dropout 2x5, unmasked gradients", dict(ensemble="dropout", n_models=2, n_masks=5, mask_gradients=False)),
+    (
+        "dropout 1x10, unmasked gradients",
+        dict(ensemble="dropout", n_models=1, n_masks=10, mask_gradients=False),
+    ),
+    (
+        "dropout 2x5, unmasked gradients",
+        dict(ensemble="dropout", n_models=2, n_masks=5, mask_gradients=False),
+    ),
     ("lora 1x10", dict(ensemble="lora", n_models=1, n_adapters=10)),
     ("lora 2x5", dict(ensemble="lora", n_models=2, n_adapters=5)),
 ]
@@ -45,8 +51,13 @@ def pareto_figure(rows, path):
         kind = name.split()[0]
         color = {"independent": "tab:blue", "dropout": "tab:orange", "lora": "tab:green"}[kind]
         ax.scatter(train, lds, color=color, label=kind)
-        ax.annotate(name.replace(", unmasked gradients", "*"), (train, lds), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            name.replace(", unmasked gradients", "*"),
+            (train, lds),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     points = sorted((train, lds) for _, lds, train in rows)
     frontier, best = [], -1.0
     for train, lds in points:
@@ -125,8 +136,10 @@ def main():
         f"adapter; ground truth: {args.n_subsets} models retrained on 50% subsets."
     )
     emit("ensembles", "Efficient ensembles on digits (TRAK)", table, args.readme)
-    pareto_figure([(name, lds, costs["train_seconds"]) for name, lds, costs, _ in results],
-                  RESULTS / "ensembles_pareto.png")
+    pareto_figure(
+        [(name, lds, costs["train_seconds"]) for name, lds, costs, _ in results],
+        RESULTS / "ensembles_pareto.png",
+    )
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ the LDS and refits the best strategy that trains within a budget.
 
 import pandas as pd
 import torch
+from sklearn.model_selection import GridSearchCV
 from skorch import NeuralNetClassifier
 
 from sktda import EnsembleAttributor
 from sktda.datasets import load_digits_split
 from sktda.model_selection import best_under_budget, cost_scorer, lds_scorer
 from sktda.models import MLP
-from sklearn.model_selection import GridSearchCV
 
 X, _, y, _ = load_digits_split(n_train=800, n_test=100, random_state=0)
 net = NeuralNetClassifier(
@@ -41,8 +41,15 @@ grid = [
 ]
 
 search = GridSearchCV(attributor, grid, cv=2).fit(X, y)
-columns = ["param_ensemble", "param_n_models", "param_n_masks", "param_n_adapters", "mean_test_score",
-           "mean_fit_time", "mean_score_time"]
+columns = [
+    "param_ensemble",
+    "param_n_models",
+    "param_n_masks",
+    "param_n_adapters",
+    "mean_test_score",
+    "mean_fit_time",
+    "mean_score_time",
+]
 table = pd.DataFrame(search.cv_results_)[columns].rename(columns={"mean_test_score": "mean_test_lds"})
 print(table.to_string(index=False))
 print(f"best strategy by LDS: {search.best_params_} (LDS {search.best_score_:.3f})")

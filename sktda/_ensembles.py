@@ -168,7 +168,9 @@ class DropoutEnsemble(EnsembleStrategy):
         layers = _dropout_layers(module)
         shapes = {}
         hooks = [
-            layer.register_forward_pre_hook(lambda m, args, name=name: shapes.__setitem__(name, args[0].shape[1:]))
+            layer.register_forward_pre_hook(
+                lambda m, args, name=name: shapes.__setitem__(name, args[0].shape[1:])
+            )
             for name, layer in layers.items()
         ]
         with torch.no_grad():
@@ -185,8 +187,13 @@ class DropoutEnsemble(EnsembleStrategy):
             masks[f"{name}.mask"] = (shape, self._rate(layer), i)
         base = member_from_module(module, self.params["layers"], derive_seed(model_seed, 0))
         variants = [
-            {**base.frozen, **{key: _draw_mask(shape, rate, derive_seed(model_seed, 1, j, i))
-                               for key, (shape, rate, i) in masks.items()}}
+            {
+                **base.frozen,
+                **{
+                    key: _draw_mask(shape, rate, derive_seed(model_seed, 1, j, i))
+                    for key, (shape, rate, i) in masks.items()
+                },
+            }
             for j in range(self.params["n_masks"])
         ]
         if not self.params["mask_gradients"]:
@@ -253,7 +260,9 @@ class LoraEnsemble(EnsembleStrategy):
                 torch.manual_seed(adapter_seed)
                 module = self._with_adapter(net.module_)
             fine_tune(net, module, X, y, self.params["lora_epochs"], adapter_seed, device)
-            adapters.append({k: v.detach().cpu().clone() for k, v in module.state_dict().items() if "lora_" in k})
+            adapters.append(
+                {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if "lora_" in k}
+            )
         net.lora_adapters_ = adapters
         return net
 
@@ -270,11 +279,15 @@ class LoraEnsemble(EnsembleStrategy):
             tensors.update(dict(module.named_buffers()))
             params = {k: v for k, v in tensors.items() if k in state}
             frozen = {k: v for k, v in tensors.items() if k not in state}
-            members.append(Member(module=module, params=params, frozen=frozen, seed=derive_seed(model_seed, 0, j)))
+            members.append(
+                Member(module=module, params=params, frozen=frozen, seed=derive_seed(model_seed, 0, j))
+            )
         return members
 
     def serving_bytes(self, nets):
-        adapters = sum(t.numel() * t.element_size() for net in nets for a in net.lora_adapters_ for t in a.values())
+        adapters = sum(
+            t.numel() * t.element_size() for net in nets for a in net.lora_adapters_ for t in a.values()
+        )
         return super().serving_bytes(nets) + adapters
 
 

@@ -33,7 +33,9 @@ def trained(digits):
 
 def _features(member, X, y):
     projector = IdentityProjector({k: v.numel() for k, v in member.params.items()})
-    return featurize(member, NetTask(True), projector, torch.from_numpy(X), torch.from_numpy(y), 64, torch.device("cpu"))
+    return featurize(
+        member, NetTask(True), projector, torch.from_numpy(X), torch.from_numpy(y), 64, torch.device("cpu")
+    )
 
 
 def test_dropout_members_have_fixed_distinct_masks(trained, digits):
@@ -78,7 +80,9 @@ def test_dropout_rate_override_and_unmasked_variant(trained, digits):
     np.testing.assert_allclose(f.weight, mean_weight, rtol=1e-5)
     plain = trained.module_
     with torch.no_grad():
-        p = torch.softmax(plain(torch.from_numpy(X_train[:20])), 1)[torch.arange(20), torch.from_numpy(y_train[:20])]
+        p = torch.softmax(plain(torch.from_numpy(X_train[:20])), 1)[
+            torch.arange(20), torch.from_numpy(y_train[:20])
+        ]
     assert not np.allclose(f.weight, 1 - p.numpy())
 
 
@@ -92,7 +96,12 @@ def test_dropout_ensemble_in_the_attributor(digits):
     A = attr.attribute(X_test, y_test)
     assert A.shape == (len(X_test), len(X_train)) and np.all(np.isfinite(A))
     fast = EnsembleAttributor(
-        make_classifier_net(), ensemble="dropout", n_masks=3, mask_gradients=False, proj_dim=64, random_state=0
+        make_classifier_net(),
+        ensemble="dropout",
+        n_masks=3,
+        mask_gradients=False,
+        proj_dim=64,
+        random_state=0,
     ).fit(X_train, y_train)
     assert fast.train_features_.shape[0] == 1
 
@@ -146,7 +155,9 @@ def test_lora_bad_configurations(digits):
     with pytest.raises(ValueError, match="nn.Linear but the output layer"):
         EnsembleAttributor(make_classifier_net(module__hidden=()), ensemble="lora").fit(X_train, y_train)
     with pytest.raises(ValueError, match="not modules"):
-        EnsembleAttributor(make_classifier_net(), ensemble="lora", lora_target_modules=["x"]).fit(X_train, y_train)
+        EnsembleAttributor(make_classifier_net(), ensemble="lora", lora_target_modules=["x"]).fit(
+            X_train, y_train
+        )
     with pytest.raises(ValueError, match="tracin"):
         EnsembleAttributor(make_classifier_net(), ensemble="lora", method="tracin").fit(X_train, y_train)
 

@@ -88,7 +88,9 @@ def test_grid_search_over_strategies_retrains_each_fold_once(digits, monkeypatch
     calls = []
     real = ms._subset_outputs
     monkeypatch.setattr(ms, "_subset_outputs", lambda *a, **k: calls.append(1) or real(*a, **k))
-    attr = EnsembleAttributor(make_classifier_net(max_epochs=2), proj_dim=32, score_n_subsets=4, random_state=0)
+    attr = EnsembleAttributor(
+        make_classifier_net(max_epochs=2), proj_dim=32, score_n_subsets=4, random_state=0
+    )
     grid = {"ensemble": ["independent", "dropout"], "n_masks": [2]}
     search = GridSearchCV(attr, grid, cv=2).fit(X_train, y_train)
     assert len(calls) == 2 * 4  # two folds, four subsets each; shared by both candidates
@@ -98,11 +100,15 @@ def test_grid_search_over_strategies_retrains_each_fold_once(digits, monkeypatch
     assert {"mean_fit_time", "mean_score_time"} <= set(search.cv_results_)
 
     scoring = {"lds": lds_scorer, "train_seconds": cost_scorer("train_seconds")}
-    budget = GridSearchCV(attr, grid, cv=2, scoring=scoring, refit=best_under_budget(1e9)).fit(X_train, y_train)
+    budget = GridSearchCV(attr, grid, cv=2, scoring=scoring, refit=best_under_budget(1e9)).fit(
+        X_train, y_train
+    )
     assert len(calls) == 2 * 4  # still cached
     best = np.argmax(budget.cv_results_["mean_test_lds"])
     assert budget.best_index_ == best
-    cheapest = GridSearchCV(attr, grid, cv=2, scoring=scoring, refit=best_under_budget(0.0)).fit(X_train, y_train)
+    cheapest = GridSearchCV(attr, grid, cv=2, scoring=scoring, refit=best_under_budget(0.0)).fit(
+        X_train, y_train
+    )
     assert cheapest.best_index_ == np.argmin(cheapest.cv_results_["mean_test_train_seconds"])
 
 
