@@ -9,7 +9,6 @@ the LDS and refits the best strategy that trains within a budget.
     python examples/grid_search_strategies.py
 """
 
-import pandas as pd
 import torch
 from sklearn.model_selection import GridSearchCV
 from skorch import NeuralNetClassifier
@@ -40,25 +39,31 @@ grid = [
     {"ensemble": ["lora"], "n_models": [1], "n_adapters": [4]},
 ]
 
+
+def describe(params):
+    sizes = [str(params.get(k)) for k in ("n_models", "n_masks", "n_adapters") if k in params]
+    return f"{params['ensemble']} {'x'.join(sizes)}"
+
+
 search = GridSearchCV(attributor, grid, cv=2).fit(X, y)
-columns = [
-    "param_ensemble",
-    "param_n_models",
-    "param_n_masks",
-    "param_n_adapters",
-    "mean_test_score",
-    "mean_fit_time",
-    "mean_score_time",
-]
-table = pd.DataFrame(search.cv_results_)[columns].rename(columns={"mean_test_score": "mean_test_lds"})
-print(table.to_string(index=False))
-print(f"best strategy by LDS: {search.best_params_} (LDS {search.best_score_:.3f})")
+res = search.cv_results_
+print(f"{'strategy':<16} {'LDS':>6} {'fit s':>7} {'score s':>8}")
+for i, params in enumerate(res["params"]):
+    print(
+        f"{describe(params):<16} {res['mean_test_score'][i]:>6.3f} {res['mean_fit_time'][i]:>7.1f} "
+        f"{res['mean_score_time'][i]:>8.1f}"
+    )
+print(f"best strategy by LDS: {describe(search.best_params_)} (LDS {search.best_score_:.3f})")
 
 # Budget: half the time the 4-model independent ensemble took to fit.
-independent_4 = (table["param_ensemble"] == "independent") & (table["param_n_models"] == 4)
-limit = 0.5 * float(table["mean_fit_time"][independent_4].iloc[0])
+independent_4 = next(
+    i for i, p in enumerate(res["params"]) if p == {"ensemble": "independent", "n_models": 4}
+)
+limit = 0.5 * res["mean_fit_time"][independent_4]
 scoring = {"lds": lds_scorer, "train_seconds": cost_scorer("train_seconds")}
 budget = GridSearchCV(attributor, grid, cv=2, scoring=scoring, refit=best_under_budget(limit)).fit(X, y)
-results = pd.DataFrame(budget.cv_results_)
-print(results[["params", "mean_test_lds", "mean_test_train_seconds"]].to_string(index=False))
-print(f"best strategy training within {limit:.1f} s: {budget.best_params_}")
+res = budget.cv_results_
+print(f"\n{'strategy':<16} {'LDS':>6} {'train s':>8}")
+for i, params in enumerate(res["params"]):
+    print(f"{describe(params):<16} {res['mean_test_lds'][i]:>6.3f} {res['mean_test_train_seconds'][i]:>8.2f}")
+print(f"best strategy training within {limit:.1f} s: {describe(budget.best_params_)}")
