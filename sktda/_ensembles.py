@@ -15,10 +15,22 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+from sklearn.utils import check_random_state
+from sklearn.utils.parallel import delayed
 from torch import nn
 from torch.func import functional_call
 
-from ._nets import fine_tune, fit_net, module_bytes, parameter_names, trained_module
+from ._nets import (
+    LearningRateCheckpoints,
+    NetTask,
+    checkpoint_epochs,
+    fine_tune,
+    fit_net,
+    module_bytes,
+    parameter_names,
+    trained_module,
+)
+from ._parallel import run
 
 
 def derive_seed(*entropy: int) -> int:
@@ -294,3 +306,96 @@ class LoraEnsemble(EnsembleStrategy):
 ENSEMBLES: dict[str, type[EnsembleStrategy]] = {
     cls.name: cls for cls in (IndependentEnsemble, DropoutEnsemble, LoraEnsemble)
 }
+
+
+_CHECKPOINT_CALLBACK = "sktda_checkpoints"
+
+
+@dataclass
+class TrainedEnsemble:
+    """The trained models of an ensemble and how to turn them into members.
+
+    Both estimators hold one: it is the layer between them and the gradient engine.
+    """
+
+    strategy: EnsembleStrategy
+    nets: list
+    seeds: list[int]
+    X_sample: torch.Tensor
+
+    @classmethod
+    def fit(
+        cls,
+        strategy: EnsembleStrategy,
+        estimator,
+        X,
+        y,
+        *,
+        n_models: int,
+        random_state,
+        device: torch.device,
+        n_jobs=None,
+        verbose=0,
+        n_checkpoints: int | None = None,
+    ) -> TrainedEnsemble:
+        """Train ``n_models`` models (seeded from ``random_state``) in parallel,
+        recording ``n_checkpoints`` checkpoints along training when asked."""
+        seeds = [int(s) for s in check_random_state(random_state).randint(0, 2**31 - 1, size=n_models)]
+        callbacks = ()
+        if n_checkpoints:
+            epochs = checkpoint_epochs(estimator.max_epochs, n_checkpoints)
+            callbacks = [(_CHECKPOINT_CALLBACK, LearningRateCheckpoints(epochs))]
+        jobs = (delayed(strategy.fit)(estimator, X, y, s, device, callbacks) for s in seeds)
+        nets = run(jobs, n_jobs, n_models, "training", verbose)
+        return cls(strategy, nets, seeds, torch.from_numpy(np.ascontiguousarray(X[:1])))
+
+    def members(self, checkpoints: bool = False) -> list[Member]:
+        """Every member, weighted ``1 / n_members``; with ``checkpoints``, every
+        member at every recorded checkpoint, its weight times the learning rate."""
+        n_members = len(self.nets) * self.strategy.members_per_model
+        members = []
+        for net, seed in zip(self.nets, self.seeds):
+            for member in self.strategy.members(net, seed, self.X_sample):
+                member.weight = 1.0 / n_members
+                if checkpoints:
+                    recorder = dict(net.callbacks_)[_CHECKPOINT_CALLBACK]
+                    members.extend(member.at_state(state, lr) for _, lr, state in recorder.checkpoints_)
+                else:
+                    members.append(member)
+        return members
+
+    def check_outputs(self, task: NetTask, n_classes: int) -> None:
+        """A classifier's module must return one score per class."""
+        if not task.is_classifier:
+            return
+        module = self.nets[0].module_
+        with torch.no_grad():
+            out = module(self.X_sample.to(next(module.parameters()).device))
+        if out.ndim != 2 or out.shape[1] < n_classes:
+            raise ValueError(
+                f"The module returns outputs of shape {tuple(out.shape)} but y has {n_classes} "
+                "classes; a classifier's module must return one score per class, shape "
+                "(n_samples, n_classes)."
+            )
+
+    def predict_targets(self, X: np.ndarray, task: NetTask, batch_size: int, device) -> np.ndarray:
+        """The ensemble's predictions: the argmax of the members' mean class
+        probabilities, or zeros for regressors (whose target does not use y)."""
+        if not task.is_classifier:
+            return np.zeros((X.shape[0], 1), dtype=np.float32)
+        X = torch.from_numpy(np.ascontiguousarray(X))
+        probs = 0
+        with torch.no_grad():
+            for member in self.members():
+                member = member.to(device)
+                logits = torch.cat(
+                    [
+                        task.logits(member.forward(member.params, X[s : s + batch_size].to(device))).cpu()
+                        for s in range(0, X.shape[0], batch_size)
+                    ]
+                )
+                probs = probs + torch.softmax(logits, dim=-1)
+        return probs.argmax(-1).numpy().astype(np.int64)
+
+    def serving_bytes(self) -> int:
+        return int(self.strategy.serving_bytes(self.nets))

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.utils.parallel import delayed
 from torch.func import functional_call, grad, vmap
 
 from ._nets import NetTask
+from ._parallel import run
+from ._projection import make_projector
 
 
 @dataclass
@@ -91,13 +94,20 @@ def featurize(
     )
 
 
-def forward_outputs(member, X: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """The member's raw outputs on ``X`` (no gradients), on the CPU."""
-    member = member.to(device)
-    with torch.no_grad():
-        return torch.cat(
-            [
-                member.forward(member.params, X[s : s + batch_size].to(device)).cpu()
-                for s in range(0, X.shape[0], batch_size)
-            ]
-        )
+def featurize_members(
+    members, task: NetTask, proj_dim, projection: str, X, y, batch_size: int, device, n_jobs=None, verbose=0
+) -> list[Features]:
+    """Features of every member on ``(X, y)`` (numpy), members in parallel, each
+    with its own seeded projection."""
+    jobs = (
+        delayed(_featurize_member)(m, task, proj_dim, projection, X, y, batch_size, device) for m in members
+    )
+    return run(jobs, n_jobs, len(members), "featurizing", verbose)
+
+
+def _featurize_member(member, task, proj_dim, projection, X, y, batch_size, device) -> Features:
+    numels = {k: v.numel() for k, v in member.params.items()}
+    projector = make_projector(numels, proj_dim, member.seed, projection, device)
+    X = torch.from_numpy(np.ascontiguousarray(X))
+    y = torch.from_numpy(np.ascontiguousarray(y))
+    return featurize(member, task, projector, X, y, batch_size, device)

@@ -9,30 +9,19 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.parallel import Parallel, delayed
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
 from ._data import to_tensor, validate_fit_data, validate_predict_data
-from ._ensembles import ENSEMBLES
-from ._gradients import featurize, forward_outputs
+from ._ensembles import ENSEMBLES, TrainedEnsemble
+from ._gradients import featurize_members
 from ._methods import METHODS, attribution_block, self_attribution
-from ._nets import (
-    LearningRateCheckpoints,
-    check_net,
-    checkpoint_epochs,
-    initialized_module,
-    resolve_device,
-)
-from ._projection import make_projector
+from ._nets import check_net, initialized_module, resolve_device
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
 
 __all__ = ["EnsembleAttributor", "Influence"]
 
-_CHECKPOINT_CALLBACK = "sktda_checkpoints"
 # Bytes of scores handled at once when streaming over training chunks.
 _CHUNK_BYTES = 1 << 28
 
@@ -45,13 +34,6 @@ class Influence(NamedTuple):
     proponent_scores: np.ndarray
     opponents: np.ndarray
     opponent_scores: np.ndarray
-
-
-def _featurize_member(member, task, proj_dim, projection, X, y, batch_size, device):
-    projector = make_projector(
-        {k: v.numel() for k, v in member.params.items()}, proj_dim, member.seed, projection, device
-    )
-    return featurize(member, task, projector, to_tensor(X), to_tensor(y), batch_size, device)
 
 
 class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
@@ -291,24 +273,25 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         device = resolve_device(self.device)
 
         start = time.perf_counter()
-        seeds = check_random_state(self.random_state).randint(0, 2**31 - 1, size=self.n_models)
-        callbacks = ()
-        if method.needs_checkpoints:
-            epochs = checkpoint_epochs(self.estimator.max_epochs, self.n_checkpoints)
-            callbacks = [(_CHECKPOINT_CALLBACK, LearningRateCheckpoints(epochs))]
-        jobs = (delayed(strategy.fit)(self.estimator, X, y, int(s), device, callbacks) for s in seeds)
-        self.estimators_ = self._run(jobs, self.n_models, "training")
-        self._check_outputs(task, X)
-        self._model_seeds = [int(s) for s in seeds]
+        self.ensemble_ = TrainedEnsemble.fit(
+            strategy,
+            self.estimator,
+            X,
+            y,
+            n_models=self.n_models,
+            random_state=self.random_state,
+            device=device,
+            n_jobs=self.n_jobs,
+            verbose=self.verbose,
+            n_checkpoints=self.n_checkpoints if method.needs_checkpoints else None,
+        )
+        self.ensemble_.check_outputs(task, len(getattr(self, "classes_", ())))
+        self.estimators_ = self.ensemble_.nets
         train_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        members = self._members(X, method)
-        jobs = (
-            delayed(_featurize_member)(m, task, self.proj_dim, self.projection, X, y, self.batch_size, device)
-            for m in members
-        )
-        features = self._run(jobs, len(members), "featurizing")
+        members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
+        features = self._featurize(members, task, X, y, device)
         self.train_features_ = np.stack([f.phi for f in features])
         self.train_weights_ = np.stack([f.weight for f in features])
         self._block_weights = [m.weight for m in members]
@@ -325,7 +308,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             "train_seconds": train_seconds,
             "featurize_seconds": featurize_seconds,
             "feature_bytes": int(self.train_features_.nbytes + self.train_weights_.nbytes),
-            "model_bytes": int(strategy.serving_bytes(self.estimators_)),
+            "model_bytes": self.ensemble_.serving_bytes(),
             "n_members": self.n_members_,
         }
         return self
@@ -466,24 +449,19 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             }
         )
 
-    def _run(self, jobs, total: int, desc: str) -> list:
-        results = Parallel(n_jobs=self.n_jobs, return_as="generator")(jobs)
-        return list(tqdm(results, total=total, desc=desc, disable=not self.verbose))
-
-    def _members(self, X: np.ndarray, method) -> list:
-        """Every block of features: a member, or a member at one checkpoint."""
-        strategy = self._strategy()
-        sample = to_tensor(X[:1])
-        members = []
-        for net, seed in zip(self.estimators_, self._model_seeds):
-            for member in strategy.members(net, seed, sample):
-                member.weight = 1.0 / (self.n_models * strategy.members_per_model)
-                if method.needs_checkpoints:
-                    recorder = dict(net.callbacks_)[_CHECKPOINT_CALLBACK]
-                    members.extend(member.at_state(state, lr) for _, lr, state in recorder.checkpoints_)
-                else:
-                    members.append(member)
-        return members
+    def _featurize(self, members, task, X, y, device):
+        return featurize_members(
+            members,
+            task,
+            self.proj_dim,
+            self.projection,
+            X,
+            y,
+            self.batch_size,
+            device,
+            self.n_jobs,
+            self.verbose,
+        )
 
     def _blocks(self) -> list:
         return list(zip(self._block_weights, self._states, self.train_features_, self.train_weights_))
@@ -492,47 +470,12 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         check_is_fitted(self)
         task = check_net(self.estimator)
         X, y = validate_predict_data(self, X, y, task)
+        device = resolve_device(self.device)
         if y is None:
-            y = self._predicted_targets(X, task)
-        device = resolve_device(self.device)
-        members = self._members(self._X_fit, METHODS[self.method]())
-        test_phis = [
-            to_tensor(
-                _featurize_member(m, task, self.proj_dim, self.projection, X, y, self.batch_size, device).phi
-            ).to(device)
-            for m in members
-        ]
+            y = self.ensemble_.predict_targets(X, task, self.batch_size, device)
+        members = self.ensemble_.members(checkpoints=METHODS[self.method].needs_checkpoints)
+        test_phis = [to_tensor(f.phi).to(device) for f in self._featurize(members, task, X, y, device)]
         return self._blocks(), test_phis, device
-
-    def _predicted_targets(self, X: np.ndarray, task) -> np.ndarray:
-        """The ensemble's predictions: the argmax of the mean class probabilities,
-        or zeros for regressors (whose attributed target ignores y)."""
-        if not task.is_classifier:
-            return np.zeros((X.shape[0], 1), dtype=np.float32)
-        device = resolve_device(self.device)
-        sample = to_tensor(self._X_fit[:1])
-        strategy = self._strategy()
-        probs = 0
-        members = [
-            m for net, s in zip(self.estimators_, self._model_seeds) for m in strategy.members(net, s, sample)
-        ]
-        for member in members:
-            logits = task.logits(forward_outputs(member, to_tensor(X), self.batch_size, device))
-            probs = probs + torch.softmax(logits, dim=-1)
-        return probs.argmax(-1).numpy().astype(np.int64)
-
-    def _check_outputs(self, task, X: np.ndarray) -> None:
-        if not task.is_classifier:
-            return
-        module = self.estimators_[0].module_
-        with torch.no_grad():
-            out = module(to_tensor(X[:1]).to(next(module.parameters()).device))
-        if out.ndim != 2 or out.shape[1] < len(self.classes_):
-            raise ValueError(
-                f"The module returns outputs of shape {tuple(out.shape)} but y has "
-                f"{len(self.classes_)} classes; a classifier's module must return one "
-                "score per class, shape (n_samples, n_classes)."
-            )
 
     def _decode(self, y: np.ndarray) -> np.ndarray:
         return self.classes_[y] if hasattr(self, "classes_") else y
