@@ -2,7 +2,8 @@
 detection for PyTorch models wrapped by skorch."""
 
 from .attribution import EnsembleAttributor, Influence
+from .detection import FilteredEstimator, OutlierGradientDetector
 
 __version__ = "0.1.0"
 
-__all__ = ["EnsembleAttributor", "Influence", "__version__"]
+__all__ = ["EnsembleAttributor", "FilteredEstimator", "Influence", "OutlierGradientDetector", "__version__"]

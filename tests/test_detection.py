@@ -1,0 +1,176 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GridSearchCV, cross_validate
+from sklearn.neighbors import LocalOutlierFactor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from sktda import FilteredEstimator, OutlierGradientDetector
+from sktda.datasets import flip_labels, load_digits_split
+
+from .conftest import make_classifier_net, make_regressor_net
+
+
+@pytest.fixture(scope="module")
+def noisy_digits():
+    X, X_test, y, y_test = load_digits_split(n_train=300, n_test=100, random_state=1)
+    y_noisy, flipped = flip_labels(y, 0.2, random_state=0)
+    return X, X_test, y_noisy, y_test, flipped
+
+
+def _net(**kwargs):
+    return make_classifier_net(**{"max_epochs": 15, "module__hidden": (32,), "lr": 0.1, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def fitted(noisy_digits):
+    X, _, y_noisy, _, _ = noisy_digits
+    return OutlierGradientDetector(_net(), contamination=0.2, random_state=0).fit(X, y_noisy)
+
+
+def test_outlier_contract(fitted, noisy_digits):
+    X, _, y_noisy, _, _ = noisy_digits
+    assert fitted.train_scores_.shape == (len(X),)
+    assert abs(np.mean(fitted.labels_ == -1) - 0.2) <= 1 / len(X)
+    np.testing.assert_allclose(fitted.score_samples(X, y_noisy), fitted.train_scores_, rtol=1e-5)
+    np.testing.assert_allclose(
+        fitted.decision_function(X, y_noisy), fitted.train_scores_ - fitted.offset_, rtol=1e-5
+    )
+    np.testing.assert_array_equal(fitted.predict(X, y_noisy), fitted.labels_)
+    assert set(np.unique(fitted.labels_)) == {-1, 1}
+    assert set(fitted.costs_) == {"train_seconds", "featurize_seconds", "detect_seconds"}
+    assert len(fitted.detectors_) == 8  # one per checkpoint
+
+
+def test_finds_flipped_labels(fitted, noisy_digits):
+    *_, flipped = noisy_digits
+    assert roc_auc_score(flipped, -fitted.train_scores_) > 0.9
+
+
+def test_l2_score_is_the_loss_gradient_norm(noisy_digits):
+    X, _, y_noisy, _, _ = noisy_digits
+    det = OutlierGradientDetector(_net(max_epochs=3), n_checkpoints=None, random_state=0).fit(X, y_noisy)
+    module = det.estimators_[0].module_.eval()
+    norms = []
+    for x, label in zip(torch.from_numpy(X[:10]), torch.from_numpy(y_noisy[:10])):
+        loss = torch.nn.functional.cross_entropy(module(x[None]), label[None])
+        grads = torch.autograd.grad(loss, list(module.layers[-1].parameters()))
+        norms.append(float(torch.sqrt(sum((g**2).sum() for g in grads))))
+    np.testing.assert_allclose(-det.train_scores_[:10], norms, rtol=1e-4)
+
+
+def test_predicted_labels_when_y_is_none(fitted, noisy_digits):
+    _, X_test, _, _, _ = noisy_digits
+    with torch.no_grad():
+        probs = fitted.estimators_[0].module_.eval()(torch.from_numpy(X_test)).softmax(-1)
+    predicted = fitted.classes_[probs.argmax(-1).numpy()]
+    np.testing.assert_allclose(
+        fitted.score_samples(X_test), fitted.score_samples(X_test, predicted), rtol=1e-6
+    )
+    assert fitted.predict(X_test).shape == (len(X_test),)
+
+
+def test_reproducible(noisy_digits):
+    X, _, y_noisy, _, _ = noisy_digits
+    kwargs = dict(detector="iforest", n_checkpoints=2, random_state=3)
+    a = OutlierGradientDetector(_net(max_epochs=4), **kwargs).fit(X, y_noisy).train_scores_
+    b = OutlierGradientDetector(_net(max_epochs=4), **kwargs).fit(X, y_noisy).train_scores_
+    np.testing.assert_array_equal(a, b)
+
+
+def test_detectors_and_auto_contamination(noisy_digits):
+    X, _, y_noisy, _, _ = noisy_digits
+    common = dict(n_checkpoints=None, random_state=0)
+    forest = OutlierGradientDetector(_net(max_epochs=4), detector="iforest", contamination="auto", **common)
+    forest.fit(X, y_noisy)
+    assert forest.offset_ == -0.5
+    l2 = OutlierGradientDetector(_net(), detector="l2", contamination="auto", **common)
+    log_norms = np.log(-l2.fit(X, y_noisy).train_scores_)
+    q1, q3 = np.percentile(log_norms, [25, 75])
+    assert l2.offset_ == pytest.approx(-np.exp(q3 + 1.5 * (q3 - q1)))
+    assert 0 <= np.mean(l2.labels_ == -1) < 0.5
+    l1 = OutlierGradientDetector(_net(max_epochs=4), detector="l1", **common).fit(X, y_noisy)
+    assert np.all(-l1.train_scores_ >= -l2.train_scores_ - 1e-6)  # |g|_1 >= |g|_2
+    lof = OutlierGradientDetector(_net(max_epochs=4), detector=LocalOutlierFactor(novelty=True), **common)
+    assert lof.fit(X, y_noisy).train_scores_.shape == (len(X),)
+    per_class = OutlierGradientDetector(_net(max_epochs=4), detector="iforest", per_class=True, **common)
+    per_class.fit(X, y_noisy)
+    assert set(per_class.detectors_[0]) == set(range(10))
+
+
+def test_bad_input(noisy_digits, regression_data):
+    X, X_test, y_noisy, _, _ = noisy_digits
+    with pytest.raises(ValueError, match="contamination"):
+        OutlierGradientDetector(_net(), contamination=0.7).fit(X, y_noisy)
+    with pytest.raises(TypeError, match="score_samples"):
+        OutlierGradientDetector(_net(max_epochs=1), detector=KMeans(2), n_checkpoints=None).fit(X, y_noisy)
+    with pytest.raises(ValueError, match="detector"):
+        OutlierGradientDetector(_net(), detector="svm").fit(X, y_noisy)
+    with pytest.raises(TypeError, match="skorch"):
+        OutlierGradientDetector(LogisticRegression()).fit(X, y_noisy)
+    X_r, _, y_r, _ = regression_data
+    with pytest.raises(ValueError, match="per_class"):
+        OutlierGradientDetector(make_regressor_net(), per_class=True).fit(X_r, y_r)
+    det = OutlierGradientDetector(_net(max_epochs=1), n_checkpoints=None).fit(
+        X[y_noisy < 9], y_noisy[y_noisy < 9]
+    )
+    with pytest.raises(ValueError, match="not in the training data"):
+        det.predict(X, y_noisy)
+    with pytest.raises(ValueError, match="NaN"):
+        det.predict(np.full_like(X_test, np.nan))
+
+
+def test_regressor(regression_data):
+    X, _, y, _ = regression_data
+    y = y.copy()
+    y[:5] += 10  # gross target errors
+    det = OutlierGradientDetector(make_regressor_net(max_epochs=10), contamination=0.1, random_state=0).fit(
+        X, y
+    )
+    assert set(np.flatnonzero(det.labels_ == -1)) >= {0, 1, 2, 3, 4}
+
+
+def test_fit_resample_and_imblearn_pipeline(noisy_digits):
+    from imblearn.pipeline import Pipeline
+
+    X, X_test, y_noisy, y_test, flipped = noisy_digits
+    det = OutlierGradientDetector(_net(), contamination=0.2, random_state=0)
+    frame = pd.DataFrame(X)
+    X_kept, y_kept = det.fit_resample(frame, pd.Series(y_noisy))
+    assert isinstance(X_kept, pd.DataFrame) and isinstance(y_kept, pd.Series)
+    assert len(X_kept) == int((det.labels_ == 1).sum())
+    np.testing.assert_array_equal(X_kept.index, np.flatnonzero(det.labels_ == 1))
+    assert flipped[det.labels_ == 1].mean() < flipped.mean() / 2  # most flips are gone
+    pipe = Pipeline([("filter", det), ("clf", LogisticRegression(max_iter=1000))]).fit(X, y_noisy)
+    assert pipe.predict(X_test).shape == (len(X_test),)
+    assert pipe.named_steps["filter"].labels_.shape == (len(X),)
+
+
+def test_filtered_estimator_in_sklearn_tools(noisy_digits):
+    X, X_test, y_noisy, y_test, _ = noisy_digits
+    det = OutlierGradientDetector(_net(), contamination=0.2, random_state=0)
+    model = make_pipeline(StandardScaler(), FilteredEstimator(LogisticRegression(max_iter=1000), det))
+    model.fit(X, y_noisy)
+    filtered = model[-1]
+    assert filtered.n_removed_ == 60
+    np.testing.assert_array_equal(filtered.classes_, np.arange(10))
+    assert filtered.predict_proba(X_test).shape == (len(X_test), 10)
+    assert 0 <= model.score(X_test, y_test) <= 1
+    scores = cross_validate(FilteredEstimator(LogisticRegression(max_iter=1000), det), X, y_noisy, cv=2)
+    assert scores["test_score"].shape == (2,)
+    grid = GridSearchCV(
+        FilteredEstimator(LogisticRegression(max_iter=1000), det),
+        {"detector__contamination": [0.1, 0.2]},
+        cv=2,
+    ).fit(X, y_noisy)
+    assert grid.best_params_["detector__contamination"] in {0.1, 0.2}
+    with pytest.raises(TypeError, match="fit_resample"):
+        FilteredEstimator(LogisticRegression(), detector=StandardScaler()).fit(X, y_noisy)
+    # without a detector the skorch net filters its own training set
+    own = FilteredEstimator(_net(max_epochs=5)).fit(X, y_noisy)
+    assert own.n_removed_ == int((own.detector_.labels_ == -1).sum())
