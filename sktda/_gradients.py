@@ -4,9 +4,18 @@ For every sample it computes the gradient of the member's target ``f`` (the
 correct-class margin, or the regression output) with respect to the member's
 differentiated parameters, projects it to ``proj_dim`` features, and records
 ``-dL/df`` (the training loss's sensitivity to the target), so that the projected
-loss gradient is ``-weight * phi`` without a second backward pass. The work runs in
-chunks of ``batch_size`` samples with ``torch.func.vmap(grad(...))``, so memory stays
-bounded by one chunk of full-size gradients.
+loss gradient is ``-weight * phi`` without a second backward pass.
+
+Two engines, chosen by :func:`make_engine`, meet the rest of the library only
+through :class:`Features`:
+
+- :class:`VmapEngine`: any module. ``torch.func.vmap(grad(...))`` per chunk of
+  samples, then a dense (or identity) projection of the full gradients.
+- :class:`LinearEngine`: every differentiated parameter belongs to an
+  ``nn.Linear`` (MLPs, LoRA adapters, transformer projections). One ordinary
+  forward and backward pass per chunk records each layer's input and output
+  gradient, and a Kronecker-structured projection maps them to features without
+  forming the per-sample gradient: near the cost of a training step.
 """
 
 from __future__ import annotations
@@ -16,11 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.utils.parallel import delayed
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ._nets import NetTask
-from ._parallel import run
-from ._projection import make_projector
+from ._parallel import run, torch_threads
+from ._projection import KroneckerProjector, make_projector
+
+GRADIENT_PATHS = ("auto", "linear", "vmap")
 
 
 @dataclass
@@ -42,72 +54,190 @@ class Features:
         return -self.weight[:, None] * self.phi
 
 
-def _per_sample_grad_fn(member, task: NetTask):
-    def target(params, x, y):
-        out = member.forward(params, x.unsqueeze(0))
-        f, w = task.target_and_weight(out, y.unsqueeze(0))
-        return f[0], (f[0], w[0])
+class GradientEngine:
+    """Interface: ``chunk(x, y)`` -> ``(phi, f, weight)`` tensors for one batch."""
 
-    return vmap(grad(target, has_aux=True), in_dims=(None, 0, 0))
+    out_dim: int
+
+    def __init__(self, member, task: NetTask, device: torch.device):
+        self.member = member.to(device)
+        self.task = task
+        self.device = device
+
+    def chunk(self, x: torch.Tensor, y: torch.Tensor):
+        phi, f, w = self._chunk(x, y)
+        if self.member.weight_variants:
+            w = self._variant_weights(x, y)
+        return phi, f, w
+
+    def _chunk(self, x, y):
+        raise NotImplementedError
+
+    def _variant_weights(self, x, y) -> torch.Tensor:
+        """``-dL/df`` averaged over the member's weight variants (e.g. dropout masks
+        that enter only TRAK's ``1 - p`` term); forward passes only."""
+        m = self.member
+        with torch.no_grad():
+            weights = [
+                self.task.target_and_weight(functional_call(m.module, (m.params, frozen), (x,)), y)[1]
+                for frozen in m.weight_variants
+            ]
+        return torch.stack(weights).mean(0)
 
 
-def _variant_weights(member, task: NetTask, x, y) -> torch.Tensor:
-    """``-dL/df`` averaged over the member's weight variants (e.g. dropout masks
-    that enter only TRAK's ``1 - p`` term); forward passes only."""
-    weights = [
-        task.target_and_weight(functional_call(member.module, (member.params, frozen), (x,)), y)[1]
-        for frozen in member.weight_variants
-    ]
-    return torch.stack(weights).mean(0)
+class VmapEngine(GradientEngine):
+    """Per-sample gradients of any module with ``vmap(grad)``, then projected."""
+
+    def __init__(self, member, task, device, projector):
+        super().__init__(member, task, device)
+        self.projector = projector
+        self.out_dim = projector.out_dim
+
+        def target(params, x, y):
+            out = self.member.forward(params, x.unsqueeze(0))
+            f, w = task.target_and_weight(out, y.unsqueeze(0))
+            return f[0], (f[0], w[0])
+
+        self._grad = vmap(grad(target, has_aux=True), in_dims=(None, 0, 0))
+
+    def _chunk(self, x, y):
+        with torch.no_grad():
+            grads, (f, w) = self._grad(self.member.params, x, y)
+            return self.projector(grads), f, w
+
+
+class LinearEngine(GradientEngine):
+    """Per-sample gradients of ``nn.Linear`` layers from one forward and backward
+    pass, projected from their factors by a :class:`KroneckerProjector`."""
+
+    def __init__(self, member, task, device, projector: KroneckerProjector):
+        super().__init__(member, task, device)
+        self.projector = projector
+        self.out_dim = projector.out_dim
+        modules = dict(self.member.module.named_modules())
+        self._modules = {name: modules[name] for name in projector.layers}
+
+    def _chunk(self, x, y):
+        records = {name: [] for name in self._modules}
+        hooks = [
+            module.register_forward_hook(
+                lambda mod, args, out, name=name: records[name].append((args[0], out))
+            )
+            for name, module in self._modules.items()
+        ]
+        try:
+            params = {k: v.detach().requires_grad_() for k, v in self.member.params.items()}
+            with torch.enable_grad():
+                out = self.member.forward(params, x)
+                f, w = self.task.target_and_weight(out, y)
+                outputs = [o for calls in records.values() for _, o in calls]
+                # samples are independent in eval mode, so d(sum f)/d out_i = df_i/d out_i
+                if f.requires_grad:
+                    deltas = iter(torch.autograd.grad(f.sum(), outputs, allow_unused=True))
+                else:  # no differentiated parameter reaches the target
+                    deltas = iter([None] * len(outputs))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        phi = 0
+        with torch.no_grad():
+            for name, calls in records.items():
+                for a, _ in calls:
+                    delta = next(deltas)
+                    if delta is not None:  # None: this output does not reach the target
+                        phi = phi + self.projector.project_factors(name, a.detach(), delta)
+        if isinstance(phi, int):
+            phi = torch.zeros(x.shape[0], self.out_dim, device=x.device)
+        return phi, f.detach(), w.detach()
+
+
+def linear_layers(member) -> dict | None:
+    """``{module: (weight, bias, out, in)}`` when every differentiated parameter is
+    the weight or bias of an ``nn.Linear``; None otherwise."""
+    modules = dict(member.module.named_modules())
+    layers = {}
+    for name in member.params:
+        owner, _, attr = name.rpartition(".")
+        module = modules.get(owner)
+        if not isinstance(module, nn.Linear) or attr not in ("weight", "bias"):
+            return None
+        layers.setdefault(owner, {})[attr] = name
+    out = {}
+    for owner, names in layers.items():
+        if "weight" not in names:
+            return None
+        module = modules[owner]
+        out[owner] = (names["weight"], names.get("bias"), module.out_features, module.in_features)
+    return out
+
+
+def make_engine(member, task, proj_dim, projection: str, device, path: str = "auto") -> GradientEngine:
+    """The engine for ``member``: the ``nn.Linear`` fast path when every
+    differentiated parameter allows it and a projection is needed, ``vmap``
+    otherwise; ``path`` forces either."""
+    if path not in GRADIENT_PATHS:
+        raise ValueError(f"gradient_path={path!r} is not one of {GRADIENT_PATHS}.")
+    numels = {k: v.numel() for k, v in member.params.items()}
+    layers = linear_layers(member)
+    if path == "linear" and layers is None:
+        raise ValueError(
+            "gradient_path='linear' needs every differentiated parameter to be the weight or "
+            "bias of an nn.Linear; restrict `layers` to linear modules or use 'auto'."
+        )
+    projects = proj_dim is not None and sum(numels.values()) > proj_dim
+    if layers is not None and (path == "linear" or (path == "auto" and projects)):
+        k = proj_dim if proj_dim is not None else sum(numels.values())
+        return LinearEngine(
+            member, task, device, KroneckerProjector(layers, k, member.seed, projection, device)
+        )
+    return VmapEngine(member, task, device, make_projector(numels, proj_dim, member.seed, projection, device))
 
 
 def featurize(
-    member,
-    task: NetTask,
-    projector,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    device: torch.device,
-    progress=None,
+    engine: GradientEngine, X: torch.Tensor, y: torch.Tensor, batch_size: int, progress=None
 ) -> Features:
-    """Projected per-sample gradient features of ``member`` on ``(X, y)``."""
-    member = member.to(device)
-    fn = _per_sample_grad_fn(member, task)
-    phis, weights, outputs = [], [], []
-    with torch.no_grad():
-        for start in range(0, X.shape[0], batch_size):
-            xb = X[start : start + batch_size].to(device)
-            yb = y[start : start + batch_size].to(device)
-            grads, (f, w) = fn(member.params, xb, yb)
-            if member.weight_variants:
-                w = _variant_weights(member, task, xb, yb)
-            phis.append(projector(grads).cpu())
-            weights.append(w.cpu())
-            outputs.append(f.cpu())
-            if progress is not None:
-                progress.update(xb.shape[0])
-    return Features(
-        phi=torch.cat(phis).numpy(),
-        weight=torch.cat(weights).numpy(),
-        output=torch.cat(outputs).numpy(),
-    )
+    """Features of ``(X, y)`` in chunks of ``batch_size`` (memory bounded by one
+    chunk of gradients, or of layer factors on the fast path)."""
+    n = X.shape[0]
+    phi = np.empty((n, engine.out_dim), dtype=np.float32)
+    weight = np.empty(n, dtype=np.float32)
+    output = np.empty(n, dtype=np.float32)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        p, f, w = engine.chunk(X[start:stop].to(engine.device), y[start:stop].to(engine.device))
+        phi[start:stop] = p.cpu().numpy()
+        weight[start:stop] = w.cpu().numpy()
+        output[start:stop] = f.cpu().numpy()
+        if progress is not None:
+            progress.update(stop - start)
+    return Features(phi=phi, weight=weight, output=output)
 
 
 def featurize_members(
-    members, task: NetTask, proj_dim, projection: str, X, y, batch_size: int, device, n_jobs=None, verbose=0
+    members,
+    task: NetTask,
+    proj_dim,
+    projection: str,
+    X,
+    y,
+    batch_size: int,
+    device,
+    n_jobs=None,
+    verbose=0,
+    path: str = "auto",
 ) -> list[Features]:
     """Features of every member on ``(X, y)`` (numpy), members in parallel, each
     with its own seeded projection."""
     jobs = (
-        delayed(_featurize_member)(m, task, proj_dim, projection, X, y, batch_size, device) for m in members
+        delayed(_featurize_member)(m, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs)
+        for m in members
     )
     return run(jobs, n_jobs, len(members), "featurizing", verbose)
 
 
-def _featurize_member(member, task, proj_dim, projection, X, y, batch_size, device) -> Features:
-    numels = {k: v.numel() for k, v in member.params.items()}
-    projector = make_projector(numels, proj_dim, member.seed, projection, device)
-    X = torch.from_numpy(np.ascontiguousarray(X))
-    y = torch.from_numpy(np.ascontiguousarray(y))
-    return featurize(member, task, projector, X, y, batch_size, device)
+def _featurize_member(member, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs) -> Features:
+    with torch_threads(n_jobs):
+        engine = make_engine(member, task, proj_dim, projection, device, path)
+        X = torch.from_numpy(np.ascontiguousarray(X))
+        y = torch.from_numpy(np.ascontiguousarray(y))
+        return featurize(engine, X, y, batch_size)

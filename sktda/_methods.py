@@ -24,6 +24,27 @@ import torch
 _EPS = 1e-12
 
 
+_GRAM_ROWS = 1 << 15
+
+
+def _gram(phi, weight, device, scale_by_weight: bool) -> torch.Tensor:
+    """``G^T G`` in float64 over row chunks of ``phi`` (numpy, float16 or float32,
+    possibly memory-mapped), with ``G = weight * phi`` or ``phi``."""
+    k = phi.shape[1]
+    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
+    for start in range(0, phi.shape[0], _GRAM_ROWS):
+        g = torch.as_tensor(phi[start : start + _GRAM_ROWS], device=device, dtype=torch.float32)
+        if scale_by_weight:
+            g = (
+                g
+                * torch.as_tensor(weight[start : start + _GRAM_ROWS], device=device, dtype=torch.float32)[
+                    :, None
+                ]
+            )
+        gram += (g.T @ g).double()
+    return gram
+
+
 def _damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
     """``(gram + lambda I)^-1`` with ``lambda = damping * mean eigenvalue``, in
     float64 for stability; a relative damping is blind to the gradients' scale."""
@@ -46,8 +67,9 @@ class AttributionMethod:
     needs_checkpoints = False
     scales_by_weight = False
 
-    def fit(self, phi: torch.Tensor, weight: torch.Tensor, damping: float):
-        """Per-member state from the training features (e.g. an inverse Gram)."""
+    def fit(self, phi, weight, damping: float, device):
+        """Per-member state from the training features (numpy arrays of any float
+        dtype, possibly memory-mapped), e.g. an inverse Gram matrix."""
         return None
 
     def train_side(self, state, phi: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -90,9 +112,8 @@ class InfluenceFunction(AttributionMethod):
 
     name = "if"
 
-    def fit(self, phi, weight, damping):
-        g = weight[:, None] * phi
-        return _damped_inverse(g.T @ g / g.shape[0], damping)
+    def fit(self, phi, weight, damping, device):
+        return _damped_inverse(_gram(phi, weight, device, True) / phi.shape[0], damping)
 
     def test_side(self, state, phi):
         return phi @ state
@@ -107,8 +128,8 @@ class TRAK(AttributionMethod):
     name = "trak"
     scales_by_weight = True
 
-    def fit(self, phi, weight, damping):
-        return _damped_inverse(phi.T @ phi, damping)
+    def fit(self, phi, weight, damping, device):
+        return _damped_inverse(_gram(phi, weight, device, False), damping)
 
     def train_side(self, state, phi, weight):
         return phi
@@ -146,11 +167,16 @@ def attribution_block(method, blocks, test_phis, rows: slice, device) -> torch.T
 
 
 def self_attribution(method, blocks, device) -> torch.Tensor:
-    """The diagonal of the training set's attribution to itself."""
-    return _reduce_blocks(
-        method,
-        blocks,
-        slice(None),
-        device,
-        lambda b, state, phi, u: (method.test_side(state, phi) * u).sum(1),
+    """The diagonal of the training set's attribution to itself, in row chunks."""
+    return torch.cat(
+        [
+            _reduce_blocks(
+                method,
+                blocks,
+                slice(start, start + _GRAM_ROWS),
+                device,
+                lambda b, state, phi, u: (method.test_side(state, phi) * u).sum(1),
+            )
+            for start in range(0, blocks[0][2].shape[0], _GRAM_ROWS)
+        ]
     )

@@ -1,7 +1,9 @@
 """Seeded random projections of per-sample gradients.
 
 A projector maps a batch of per-sample gradients, given as one tensor per parameter
-(``{name: (batch, *shape)}``), to ``(batch, proj_dim)`` features. The matrix is
+(``{name: (batch, *shape)}``), to ``(batch, proj_dim)`` features. The Kronecker
+projector also projects ``nn.Linear`` gradients from their factors (layer input and
+output gradient) without ever forming them. The matrix is
 generated on the CPU in fixed row blocks, each from its own seed, so it is the same
 on every device, whatever the batch size, and whether it is cached or regenerated:
 a ``p x k`` matrix too large to keep is never held whole.
@@ -90,6 +92,61 @@ class DenseProjector:
             for b, block in enumerate(self._blocks(i, numel)):
                 start = b * _BLOCK_ROWS
                 out.addmm_(g[:, start : start + block.shape[0]], block.to(g.device))
+        return out
+
+
+def kronecker_factors(proj_dim: int) -> tuple[int, int]:
+    """``(k_out, k_in)`` with ``k_out * k_in = proj_dim`` and ``k_out`` the divisor
+    closest to (and at most) its square root."""
+    k_out = max(d for d in range(1, int(math.isqrt(proj_dim)) + 1) if proj_dim % d == 0)
+    return k_out, proj_dim // k_out
+
+
+class KroneckerProjector:
+    """``P = P_out (x) P_in`` per ``nn.Linear`` layer, summed over layers.
+
+    For a layer with input ``a`` (a one appended for the bias) and output gradient
+    ``d``, the weight gradient is ``d a^T`` and its projection is
+    ``(P_out^T d) (x) (P_in^T a)``: ``O(out k_out + in k_in + k)`` per sample instead
+    of ``O(out in k)``, and the gradient is never formed. Entries are Gaussian or
+    Rademacher scaled so inner products are preserved in expectation.
+
+    ``layers`` maps a module name to ``(weight_name, bias_name or None, out, in)``.
+    """
+
+    def __init__(self, layers: dict, proj_dim: int, seed: int, kind: str = "gaussian", device="cpu"):
+        if kind not in _KINDS:
+            raise ValueError(f"projection={kind!r} is not one of {_KINDS}.")
+        self.layers = dict(layers)
+        self.out_dim = int(proj_dim)
+        self.k_out, self.k_in = kronecker_factors(self.out_dim)
+        device = torch.device(device)
+        self._p_out, self._p_in = {}, {}
+        for i, (name, (_, bias, n_out, n_in)) in enumerate(self.layers.items()):
+            rows_in = n_in + (bias is not None)
+            self._p_out[name] = _random_block(kind, n_out, self.k_out, _block_seed(seed, i, 0)).to(device)
+            self._p_in[name] = _random_block(kind, rows_in, self.k_in, _block_seed(seed, i, 1)).to(device)
+
+    def project_factors(self, name: str, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """Projected weight (and bias) gradient of layer ``name`` from its input
+        ``a`` (batch, ..., in) and output gradient ``d`` (batch, ..., out); the
+        middle dimensions (e.g. sequence positions) are summed over."""
+        if self.layers[name][1] is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+        pa = (a @ self._p_in[name]).reshape(a.shape[0], -1, self.k_in)
+        pd = (d @ self._p_out[name]).reshape(d.shape[0], -1, self.k_out)
+        return torch.einsum("bto,bti->boi", pd, pa).reshape(a.shape[0], self.out_dim)
+
+    def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The same projection of full per-sample gradients ``{name: (batch, ...)}``."""
+        out = 0
+        for name, (weight, bias, _, _) in self.layers.items():
+            g = grads[weight]
+            if bias is not None:
+                g = torch.cat([g, grads[bias][..., None]], -1)
+            out = out + torch.einsum("boi,ok,ij->bkj", g, self._p_out[name], self._p_in[name]).reshape(
+                g.shape[0], self.out_dim
+            )
         return out
 
 

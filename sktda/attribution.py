@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._data import to_tensor, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
-from ._gradients import featurize_members
+from ._gradients import GRADIENT_PATHS, featurize_members
 from ._methods import METHODS, attribution_block, self_attribution
 from ._nets import check_net, initialized_module, resolve_device
 from .metrics import linear_datamodeling_score
@@ -90,6 +90,14 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         gradient is used.
     projection : {"gaussian", "rademacher"}, default="gaussian"
         Distribution of the projection's entries.
+    gradient_path : {"auto", "linear", "vmap"}, default="auto"
+        How per-sample gradients are computed. ``"linear"``: when every
+        differentiated parameter belongs to an ``nn.Linear``, one forward and
+        backward pass per chunk and a Kronecker-structured projection of each
+        layer's input and output gradient (the full gradient is never formed);
+        ``"vmap"``: ``torch.func.vmap(grad)`` and a dense projection, for any
+        module. ``"auto"`` takes the linear path when it applies and a projection
+        is needed.
     damping : float, default=1.0
         Damping of the inverses of TRAK and the influence function, relative to
         the mean eigenvalue of the matrix inverted (so it is blind to the scale of
@@ -181,6 +189,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         "n_checkpoints": [Interval(numbers.Integral, 1, None, closed="left")],
         "proj_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "projection": [StrOptions({"gaussian", "rademacher"})],
+        "gradient_path": [StrOptions(set(GRADIENT_PATHS))],
         "damping": [Interval(numbers.Real, 0, None, closed="left")],
         "layers": [None, str, list],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
@@ -209,6 +218,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         n_checkpoints=5,
         proj_dim=2048,
         projection="gaussian",
+        gradient_path="auto",
         damping=1.0,
         layers=None,
         batch_size=256,
@@ -233,6 +243,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.n_checkpoints = n_checkpoints
         self.proj_dim = proj_dim
         self.projection = projection
+        self.gradient_path = gradient_path
         self.damping = damping
         self.layers = layers
         self.batch_size = batch_size
@@ -295,10 +306,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.train_features_ = np.stack([f.phi for f in features])
         self.train_weights_ = np.stack([f.weight for f in features])
         self._block_weights = [m.weight for m in members]
-        self._states = [
-            method.fit(to_tensor(f.phi).to(device), to_tensor(f.weight).to(device), self.damping)
-            for f in features
-        ]
+        self._states = [method.fit(f.phi, f.weight, self.damping, device) for f in features]
         featurize_seconds = time.perf_counter() - start
 
         self.n_members_ = self.n_models * strategy.members_per_model
@@ -461,6 +469,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             device,
             self.n_jobs,
             self.verbose,
+            self.gradient_path,
         )
 
     def _blocks(self) -> list:

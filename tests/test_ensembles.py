@@ -4,7 +4,7 @@ import torch
 
 from sktda import EnsembleAttributor
 from sktda._ensembles import DropoutEnsemble, FixedMaskDropout, LoraEnsemble
-from sktda._gradients import featurize
+from sktda._gradients import VmapEngine, featurize
 from sktda._nets import NetTask, fit_net
 from sktda._projection import IdentityProjector
 
@@ -33,9 +33,8 @@ def trained(digits):
 
 def _features(member, X, y):
     projector = IdentityProjector({k: v.numel() for k, v in member.params.items()})
-    return featurize(
-        member, NetTask(True), projector, torch.from_numpy(X), torch.from_numpy(y), 64, torch.device("cpu")
-    )
+    engine = VmapEngine(member, NetTask(True), torch.device("cpu"), projector)
+    return featurize(engine, torch.from_numpy(X), torch.from_numpy(y), 64)
 
 
 def test_dropout_members_have_fixed_distinct_masks(trained, digits):

@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sktda._ensembles import DropoutEnsemble, LoraEnsemble, Member, member_from_module
+from sktda._gradients import LinearEngine, VmapEngine, featurize, linear_layers, make_engine
+from sktda._nets import NetTask, fit_net
+from sktda._projection import KroneckerProjector, kronecker_factors
+from sktda.models import MLP
+
+from .conftest import make_classifier_net
+
+CPU = torch.device("cpu")
+TASK = NetTask(is_classifier=True)
+
+
+def _member(module, layers=None, seed=0):
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return member_from_module(module, layers, seed)
+
+
+def _data(n=12, d=6, classes=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+def _same_features(member, kron, X, y):
+    fast = featurize(LinearEngine(member, TASK, CPU, kron), X, y, batch_size=5)
+    slow = featurize(VmapEngine(member, TASK, CPU, kron), X, y, batch_size=5)
+    np.testing.assert_allclose(fast.phi, slow.phi, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast.weight, slow.weight, rtol=1e-5)
+    np.testing.assert_allclose(fast.output, slow.output, rtol=1e-5)
+    return fast
+
+
+def test_kronecker_factors():
+    assert kronecker_factors(2048) == (32, 64)
+    assert kronecker_factors(1024) == (32, 32)
+    assert kronecker_factors(30) == (5, 6)
+    assert kronecker_factors(7) == (1, 7)
+
+
+def test_factor_projection_equals_projection_of_the_full_gradient():
+    layers = {"fc": ("fc.weight", "fc.bias", 3, 5)}
+    kron = KroneckerProjector(layers, 12, seed=0)
+    a, d = torch.randn(4, 5), torch.randn(4, 3)
+    full = {"fc.weight": torch.einsum("bo,bi->boi", d, a), "fc.bias": d}
+    torch.testing.assert_close(kron.project_factors("fc", a, d), kron(full))
+    # positions in the middle dimensions are summed, as in the gradient
+    a3, d3 = torch.randn(4, 7, 5), torch.randn(4, 7, 3)
+    full3 = {"fc.weight": torch.einsum("bto,bti->boi", d3, a3), "fc.bias": d3.sum(1)}
+    torch.testing.assert_close(kron.project_factors("fc", a3, d3), kron(full3), rtol=1e-4, atol=1e-5)
+
+
+def test_kronecker_projection_preserves_inner_products():
+    layers = {"fc": ("fc.weight", None, 64, 64)}
+    g = torch.randn(10, 64, 64)
+    phi = KroneckerProjector(layers, 4096, seed=1)({"fc.weight": g})
+    exact = torch.einsum("aoi,boi->ab", g, g)
+    approx = phi @ phi.T
+    np.testing.assert_allclose(torch.diagonal(approx), torch.diagonal(exact), rtol=0.25)
+
+
+def test_linear_engine_equals_vmap_on_an_mlp():
+    module = MLP(n_features=6, n_outputs=4, hidden=(8, 7), dropout=0.0)
+    member = _member(module)
+    X, y = _data()
+    kron = KroneckerProjector(linear_layers(member), 30, seed=0)
+    _same_features(member, kron, X, y)
+
+
+def test_linear_engine_equals_vmap_with_shared_layers_and_sequences():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 4)
+
+        def forward(self, x):  # (batch, 6) -> 3 positions, fc applied twice
+            h = torch.stack([x, x.flip(-1), 2 * x], 1)
+            h = torch.tanh(self.fc(torch.tanh(self.fc(h))))
+            return self.out(h.mean(1))
+
+    member = _member(Shared())
+    X, y = _data()
+    kron = KroneckerProjector(linear_layers(member), 20, seed=3)
+    _same_features(member, kron, X, y)
+
+
+def test_linear_engine_on_dropout_and_lora_members(digits):
+    X_train, _, y_train, _ = digits
+    X, y = torch.from_numpy(X_train[:20]), torch.from_numpy(y_train[:20])
+    params = dict(
+        layers=None,
+        n_masks=2,
+        dropout_rate=0.5,
+        mask_gradients=True,
+        n_adapters=1,
+        lora_rank=2,
+        lora_target_modules=None,
+        lora_epochs=1,
+    )
+    net = fit_net(make_classifier_net(max_epochs=2), X_train, y_train, 0, CPU)
+    (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
+    _same_features(masked, KroneckerProjector(linear_layers(masked), 64, seed=0), X, y)
+    lora_net = LoraEnsemble(params).fit(make_classifier_net(max_epochs=2), X_train, y_train, 0, CPU)
+    (adapter,) = LoraEnsemble(params).members(lora_net, 0, X[:1])
+    layers = linear_layers(adapter)
+    assert set(layers) == {"layers.0.lora_A.default", "layers.0.lora_B.default"}
+    _same_features(adapter, KroneckerProjector(layers, 16, seed=0), X, y)
+
+
+def test_make_engine_picks_the_path():
+    mlp = _member(MLP(n_features=6, n_outputs=4, hidden=(8,), dropout=0.0))
+    assert isinstance(make_engine(mlp, TASK, 16, "gaussian", CPU), LinearEngine)
+    assert isinstance(make_engine(mlp, TASK, None, "gaussian", CPU), VmapEngine)  # exact gradients
+    assert isinstance(make_engine(mlp, TASK, 16, "gaussian", CPU, "vmap"), VmapEngine)
+    assert isinstance(make_engine(mlp, TASK, None, "gaussian", CPU, "linear"), LinearEngine)
+
+    conv = _member(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)))
+    assert linear_layers(conv) is None
+    assert isinstance(make_engine(conv, TASK, 16, "gaussian", CPU), VmapEngine)
+    with pytest.raises(ValueError, match="nn.Linear"):
+        make_engine(conv, TASK, 16, "gaussian", CPU, "linear")
+    with pytest.raises(ValueError, match="gradient_path"):
+        make_engine(conv, TASK, 16, "gaussian", CPU, "fast")
+    last = _member(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)), layers="last")
+    assert set(linear_layers(last)) == {"2"}
+
+
+def test_unused_linear_layers_give_zero_features():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(6, 4)
+            self.unused = nn.Linear(6, 4)
+
+        def forward(self, x):
+            self.unused(x)  # computed, but does not reach the output
+            return self.used(x)
+
+    member = _member(Branch(), layers=["unused"])
+    X, y = _data()
+    features = featurize(make_engine(member, TASK, 4, "gaussian", CPU, "linear"), X, y, batch_size=12)
+    np.testing.assert_array_equal(features.phi, 0)
+
+
+def test_member_is_a_dataclass_with_explicit_tensors():
+    member = _member(MLP(n_features=6, n_outputs=4, hidden=(8,), dropout=0.0))
+    assert isinstance(member, Member)
+    X, _ = _data()
+    torch.testing.assert_close(member.forward(member.params, X), member.module(X))
