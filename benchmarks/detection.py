@@ -30,9 +30,15 @@ EPOCHS = 80
 CONFIGS = [
     ("paper: output layer, iforest, final model", dict(detector="iforest", n_checkpoints=None)),
     ("output layer, l2, final model", dict(detector="l2", n_checkpoints=None)),
-    ("output layer, iforest per class, final model", dict(detector="iforest", per_class=True, n_checkpoints=None)),
+    (
+        "output layer, iforest per class, final model",
+        dict(detector="iforest", per_class=True, n_checkpoints=None),
+    ),
     ("output layer, iforest, 8 checkpoints", dict(detector="iforest", n_checkpoints=8)),
-    ("output layer, iforest per class, 8 checkpoints", dict(detector="iforest", per_class=True, n_checkpoints=8)),
+    (
+        "output layer, iforest per class, 8 checkpoints",
+        dict(detector="iforest", per_class=True, n_checkpoints=8),
+    ),
     ("output layer, l1, 8 checkpoints", dict(detector="l1", n_checkpoints=8)),
     ("default: output layer, l2, 8 checkpoints", dict()),
     ("output layer, l2, 4 checkpoints", dict(n_checkpoints=4)),
@@ -66,9 +72,13 @@ def main():
     rows = []
     for noise in args.noise:
         y_noisy, flipped = flip_labels(y, noise, random_state=0)
-        rows.append([f"{noise:.0%}", "no filtering", "", "", "", 0, test_accuracy(X, y_noisy, X_test, y_test)])
+        rows.append(
+            [f"{noise:.0%}", "no filtering", "", "", "", 0, test_accuracy(X, y_noisy, X_test, y_test)]
+        )
         for name, config in CONFIGS:
-            det = OutlierGradientDetector(digits_net(max_epochs=EPOCHS), contamination=noise, random_state=0, **config)
+            det = OutlierGradientDetector(
+                digits_net(max_epochs=EPOCHS), contamination=noise, random_state=0, **config
+            )
             start = time.perf_counter()
             det.fit(X, y_noisy)
             seconds = time.perf_counter() - start
@@ -91,7 +101,9 @@ def main():
         except ImportError:
             print("cleanlab is not installed (pip install -e .[bench]): its rows are skipped.")
     header = ["noise", "method", "AUROC", "precision@k", "wall s", "removed", "test accuracy"]
-    emit("detection", "Mislabeled digits: detection and retraining", markdown_table(header, rows), args.readme)
+    emit(
+        "detection", "Mislabeled digits: detection and retraining", markdown_table(header, rows), args.readme
+    )
 
 
 def cleanlab_rows(X, y_noisy, flipped, X_test, y_test, noise):

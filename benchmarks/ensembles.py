@@ -39,7 +39,13 @@ CONFIGS = [
     ("lora 2x5", dict(ensemble="lora", n_models=2, n_adapters=5)),
     (
         "lora 1x10, all layers, rank 8, 10 epochs",
-        dict(ensemble="lora", n_adapters=10, lora_target_modules=["layers.0", "layers.3"], lora_rank=8, lora_epochs=10),
+        dict(
+            ensemble="lora",
+            n_adapters=10,
+            lora_target_modules=["layers.0", "layers.3"],
+            lora_rank=8,
+            lora_epochs=10,
+        ),
     ),
 ]
 
@@ -93,7 +99,7 @@ def main():
         net, X_train, y_train, X_test, y_test, n_subsets=args.n_subsets, random_state=0, n_jobs=args.n_jobs
     )
     for _, config in CONFIGS:  # warm-up: imports and first calls are not what we measure
-        EnsembleAttributor(digits_net(max_epochs=1), lora_epochs=1, random_state=0, **config).fit(
+        EnsembleAttributor(digits_net(max_epochs=1), random_state=0, **{**config, "lora_epochs": 1}).fit(
             X_train[:100], y_train[:100]
         )
     results = []

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skorch import NeuralNetClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from skorch import NeuralNetClassifier
 
 from sktda import FilteredEstimator, OutlierGradientDetector
 from sktda.datasets import flip_labels, load_digits_split
@@ -76,7 +76,9 @@ except ImportError:
     print("imbalanced-learn is not installed: skipping its pipeline (pip install imbalanced-learn).")
 else:
     imb = ImbPipeline([("filter", detector), ("model", LogisticRegression(max_iter=2000))])
-    print(f"imblearn pipeline (filter -> logistic regression): test accuracy {imb.fit(X, y_noisy).score(X_test, y_test):.3f}")
+    print(
+        f"imblearn pipeline (filter -> logistic regression): test accuracy {imb.fit(X, y_noisy).score(X_test, y_test):.3f}"
+    )
 plain = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(X, y_noisy)
 filtered = make_pipeline(StandardScaler(), FilteredEstimator(LogisticRegression(max_iter=2000), detector))
 filtered.fit(X, y_noisy)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import numbers
+import os
 import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import _num_samples, check_is_fitted
 
 from ._data import to_tensor, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
@@ -303,7 +305,10 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         start = time.perf_counter()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
         features = self._featurize(members, task, X, y, device)
-        self.train_features_ = np.stack([f.phi for f in features])
+        # a single member's features are kept as they are: no copy of a large array
+        self.train_features_ = (
+            features[0].phi[None] if len(features) == 1 else np.stack([f.phi for f in features])
+        )
         self.train_weights_ = np.stack([f.weight for f in features])
         self._block_weights = [m.weight for m in members]
         self._states = [method.fit(f.phi, f.weight, self.damping, device) for f in features]
@@ -340,6 +345,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             ``A[i, j] > 0``: training sample ``j`` raised the test target ``i``
             (a proponent); ``< 0``: an opponent.
         """
+        check_is_fitted(self)
+        _check_dense_fits(_num_samples(X), self.train_features_.shape[1])
         blocks, test_phis, device = self._test_features(X, y)
         A = attribution_block(METHODS[self.method](), blocks, test_phis, slice(None), device)
         return A.cpu().numpy().astype(np.float64)
@@ -398,7 +405,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         blocks, test_phis, device = self._test_features(X, y)
         method = METHODS[self.method]()
         n_test = test_phis[0].shape[0]
-        chunk = max(k, _CHUNK_BYTES // (4 * max(n_test, 1)))
+        # bound both the score block and the float32 copy of the training features
+        chunk = max(k, _CHUNK_BYTES // (4 * max(n_test, self.train_features_.shape[2])))
         top = bottom = None
         for start in range(0, n_train, chunk):
             scores = attribution_block(method, blocks, test_phis, slice(start, start + chunk), device)
@@ -494,6 +502,31 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         tags.target_tags.required = True
         tags.input_tags.allow_nan = False
         return tags
+
+
+def _available_memory() -> int | None:
+    """Bytes of physical memory available now (Linux), or None when unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_dense_fits(n_test: int, n_train: int) -> None:
+    """Refuse a dense attribution matrix that cannot fit in memory, and warn when it
+    would take a large share of it; ``most_influential`` streams instead."""
+    available = _available_memory()
+    needed = 12 * n_test * n_train  # float32 scores, then the float64 result
+    if available is None or needed < available // 4:
+        return
+    message = (
+        f"attribute would build a dense ({n_test}, {n_train}) matrix, about {needed / 2**30:.1f} GiB, "
+        f"with {available / 2**30:.1f} GiB of memory available. Use most_influential(X, y, k), which "
+        "streams over the training set, or attribute fewer test samples at a time."
+    )
+    if needed >= available:
+        raise ValueError(message)
+    warnings.warn(message, ResourceWarning, stacklevel=3)
 
 
 def _merge_topk(current, scores, index, k: int, largest: bool):

@@ -335,3 +335,15 @@ def test_bad_data(digits):
         attr.attribute(X_test, y_test[:-2])
     with pytest.raises(ValueError, match="k must be"):
         attr.most_influential(X_test, y_test, k=len(X_train) + 1)
+
+
+def test_dense_matrix_that_cannot_fit_is_refused(fitted_trak, digits, monkeypatch):
+    _, X_test, _, y_test = digits
+    n_train = fitted_trak.train_features_.shape[1]
+    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 12 * len(X_test) * n_train - 1)
+    with pytest.raises(ValueError, match="most_influential"):
+        fitted_trak.attribute(X_test, y_test)
+    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 2 * 12 * len(X_test) * n_train)
+    with pytest.warns(ResourceWarning, match="most_influential"):
+        fitted_trak.attribute(X_test, y_test)
+    assert fitted_trak.most_influential(X_test, y_test, k=3).proponents.shape == (len(X_test), 3)
