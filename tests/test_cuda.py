@@ -10,7 +10,9 @@ from .conftest import make_classifier_net
 
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path is not exercised here"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device: the GPU path is not exercised here"
+    ),
 ]
 
 
