@@ -26,6 +26,7 @@ from ._nets import (
     checkpoint_epochs,
     fine_tune,
     fit_net,
+    initialized_module,
     module_bytes,
     parameter_names,
     trained_module,
@@ -337,9 +338,14 @@ class TrainedEnsemble:
         n_jobs=None,
         verbose=0,
         n_checkpoints: int | None = None,
+        task: NetTask | None = None,
+        n_classes: int = 0,
     ) -> TrainedEnsemble:
-        """Train ``n_models`` models (seeded from ``random_state``) in parallel,
-        recording ``n_checkpoints`` checkpoints along training when asked."""
+        """Check that the strategy can use the net's module, train ``n_models``
+        models (seeded from ``random_state``) in parallel, recording
+        ``n_checkpoints`` checkpoints along training when asked, and check that a
+        classifier's module returns ``n_classes`` scores."""
+        strategy.check(initialized_module(estimator))
         seeds = [int(s) for s in check_random_state(random_state).randint(0, 2**31 - 1, size=n_models)]
         callbacks = ()
         if n_checkpoints:
@@ -347,7 +353,10 @@ class TrainedEnsemble:
             callbacks = [(_CHECKPOINT_CALLBACK, LearningRateCheckpoints(epochs))]
         jobs = (delayed(strategy.fit)(estimator, X, y, s, device, callbacks) for s in seeds)
         nets = run(jobs, n_jobs, n_models, "training", verbose)
-        return cls(strategy, nets, seeds, torch.from_numpy(np.ascontiguousarray(X[:1])))
+        ensemble = cls(strategy, nets, seeds, torch.from_numpy(np.ascontiguousarray(X[:1])))
+        if task is not None:
+            ensemble.check_outputs(task, n_classes)
+        return ensemble
 
     def members(self, checkpoints: bool = False) -> list[Member]:
         """Every member, weighted ``1 / n_members``; with ``checkpoints``, every

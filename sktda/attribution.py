@@ -18,7 +18,7 @@ from ._data import to_tensor, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._gradients import GRADIENT_PATHS, featurize_members
 from ._methods import METHODS, attribution_block, self_attribution
-from ._nets import check_net, initialized_module, resolve_device
+from ._nets import check_net, resolve_device
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
 
@@ -282,7 +282,6 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
                 "LoRA adapters have none from base training; use ensemble='independent' "
                 "or 'dropout' with TracIn, or another method with LoRA."
             )
-        strategy.check(initialized_module(self.estimator))
         device = resolve_device(self.device)
 
         start = time.perf_counter()
@@ -297,8 +296,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             n_jobs=self.n_jobs,
             verbose=self.verbose,
             n_checkpoints=self.n_checkpoints if method.needs_checkpoints else None,
+            task=task,
+            n_classes=len(getattr(self, "classes_", ())),
         )
-        self.ensemble_.check_outputs(task, len(getattr(self, "classes_", ())))
         self.estimators_ = self.ensemble_.nets
         train_seconds = time.perf_counter() - start
 

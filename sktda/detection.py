@@ -15,7 +15,7 @@ from sklearn.utils.validation import _num_samples, check_is_fitted
 from ._data import validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._gradients import featurize_members
-from ._nets import check_net, initialized_module, resolve_device
+from ._nets import check_net, resolve_device
 
 __all__ = ["FilteredEstimator", "OutlierGradientDetector"]
 
@@ -224,7 +224,6 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
                 "mask_gradients": True,
             }
         )
-        strategy.check(initialized_module(self.estimator))
         device = resolve_device(self.device)
 
         start = time.perf_counter()
@@ -239,8 +238,9 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
             n_jobs=self.n_jobs,
             verbose=self.verbose,
             n_checkpoints=self.n_checkpoints,
+            task=task,
+            n_classes=len(getattr(self, "classes_", ())),
         )
-        self.ensemble_.check_outputs(task, len(getattr(self, "classes_", ())))
         self.estimators_ = self.ensemble_.nets
         train_seconds = time.perf_counter() - start
 
