@@ -194,12 +194,13 @@ def make_engine(member, task, proj_dim, projection: str, device, path: str = "au
 
 
 def featurize(
-    engine: GradientEngine, X: torch.Tensor, y: torch.Tensor, batch_size: int, progress=None
+    engine: GradientEngine, X: torch.Tensor, y: torch.Tensor, batch_size: int, out: np.ndarray | None = None
 ) -> Features:
     """Features of ``(X, y)`` in chunks of ``batch_size`` (memory bounded by one
-    chunk of gradients, or of layer factors on the fast path)."""
+    chunk of gradients, or of layer factors on the fast path). ``phi`` is written
+    into ``out`` when given (any float dtype, possibly a memory-mapped file)."""
     n = X.shape[0]
-    phi = np.empty((n, engine.out_dim), dtype=np.float32)
+    phi = np.empty((n, engine.out_dim), dtype=np.float32) if out is None else out
     weight = np.empty(n, dtype=np.float32)
     output = np.empty(n, dtype=np.float32)
     for start in range(0, n, batch_size):
@@ -208,9 +209,13 @@ def featurize(
         phi[start:stop] = p.cpu().numpy()
         weight[start:stop] = w.cpu().numpy()
         output[start:stop] = f.cpu().numpy()
-        if progress is not None:
-            progress.update(stop - start)
     return Features(phi=phi, weight=weight, output=output)
+
+
+def feature_dim(member, proj_dim) -> int:
+    """Width of a member's features, without building its projector."""
+    p = sum(v.numel() for v in member.params.values())
+    return p if proj_dim is None or p <= proj_dim else int(proj_dim)
 
 
 def featurize_members(
@@ -225,19 +230,41 @@ def featurize_members(
     n_jobs=None,
     verbose=0,
     path: str = "auto",
+    dtype=np.float32,
+    out_file=None,
 ) -> list[Features]:
-    """Features of every member on ``(X, y)`` (numpy), members in parallel, each
-    with its own seeded projection."""
+    """Features of every member on ``(X, y)``, members in parallel, each with its
+    own seeded projection. ``phi`` is stored as ``dtype``; with ``out_file`` every
+    member writes its rows of one ``(n_members, n, k)`` ``.npy`` file, memory-mapped,
+    so the features never need to fit in memory."""
+    shape = (len(members), len(X), feature_dim(members[0], proj_dim))
+    if out_file is not None:
+        np.lib.format.open_memmap(out_file, mode="w+", dtype=dtype, shape=shape).flush()
     jobs = (
-        delayed(_featurize_member)(m, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs)
-        for m in members
+        delayed(_featurize_member)(
+            m, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs, dtype, out_file, b
+        )
+        for b, m in enumerate(members)
     )
-    return run(jobs, n_jobs, len(members), "featurizing", verbose)
+    features = run(jobs, n_jobs, len(members), "featurizing", verbose)
+    if out_file is not None:
+        stored = np.load(out_file, mmap_mode="r+")
+        for b, f in enumerate(features):
+            f.phi = stored[b]
+    return features
 
 
-def _featurize_member(member, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs) -> Features:
+def _featurize_member(
+    member, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs, dtype, out_file, index
+) -> Features:
     with torch_threads(n_jobs):
         engine = make_engine(member, task, proj_dim, projection, device, path)
         X = torch.from_numpy(np.ascontiguousarray(X))
         y = torch.from_numpy(np.ascontiguousarray(y))
-        return featurize(engine, X, y, batch_size)
+        if out_file is None:
+            return featurize(engine, X, y, batch_size, np.empty((len(X), engine.out_dim), dtype=dtype))
+        stored = np.load(out_file, mmap_mode="r+")
+        features = featurize(engine, X, y, batch_size, stored[index])
+        stored.flush()
+        features.phi = None  # the rows live in the file; the caller maps them
+        return features

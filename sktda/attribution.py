@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numbers
 import os
+import tempfile
 import time
+import uuid
 import warnings
 from typing import NamedTuple
 
@@ -16,7 +18,7 @@ from sklearn.utils.validation import _num_samples, check_is_fitted
 
 from ._data import to_tensor, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
-from ._gradients import GRADIENT_PATHS, featurize_members
+from ._gradients import GRADIENT_PATHS, feature_dim, featurize_members
 from ._methods import METHODS, attribution_block, self_attribution
 from ._nets import check_net, resolve_device
 from .metrics import linear_datamodeling_score
@@ -111,6 +113,13 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         ("last"), or those of the named modules.
     batch_size : int, default=256
         Samples per chunk of per-sample gradients (bounds memory, not results).
+    feature_dtype : {"float32", "float16"}, default="float32"
+        Storage type of the cached training features (float16 halves their
+        memory; scores are still computed in float32).
+    features_dir : str or None, default=None
+        Directory where the training features are written as a memory-mapped
+        ``.npy`` file. None keeps them in memory unless they would take over half
+        the available memory, in which case a temporary directory is used.
     device : str, default="auto"
         Torch device for training and gradients; "auto" is CUDA when available.
     n_jobs : int or None, default=None
@@ -195,6 +204,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         "damping": [Interval(numbers.Real, 0, None, closed="left")],
         "layers": [None, str, list],
         "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "feature_dtype": [StrOptions({"float32", "float16"})],
+        "features_dir": [str, os.PathLike, None],
         "device": [str],
         "n_jobs": [numbers.Integral, None],
         "random_state": ["random_state"],
@@ -224,6 +235,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         damping=1.0,
         layers=None,
         batch_size=256,
+        feature_dtype="float32",
+        features_dir=None,
         device="auto",
         n_jobs=None,
         random_state=None,
@@ -249,6 +262,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.damping = damping
         self.layers = layers
         self.batch_size = batch_size
+        self.feature_dtype = feature_dtype
+        self.features_dir = features_dir
         self.device = device
         self.n_jobs = n_jobs
         self.random_state = random_state
@@ -304,11 +319,17 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
         start = time.perf_counter()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
-        features = self._featurize(members, task, X, y, device)
-        # a single member's features are kept as they are: no copy of a large array
-        self.train_features_ = (
-            features[0].phi[None] if len(features) == 1 else np.stack([f.phi for f in features])
+        dtype = np.dtype(self.feature_dtype)
+        out_file = self._features_file(
+            len(members) * len(X) * feature_dim(members[0], self.proj_dim) * dtype.itemsize
         )
+        features = self._featurize(members, task, X, y, device, dtype, out_file)
+        if out_file is not None:
+            self.train_features_ = np.load(out_file, mmap_mode="r+")
+        elif len(features) == 1:  # a single member's features are kept as they are: no copy
+            self.train_features_ = features[0].phi[None]
+        else:
+            self.train_features_ = np.stack([f.phi for f in features])
         self.train_weights_ = np.stack([f.weight for f in features])
         self._block_weights = [m.weight for m in members]
         self._states = [method.fit(f.phi, f.weight, self.damping, device) for f in features]
@@ -465,7 +486,20 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             }
         )
 
-    def _featurize(self, members, task, X, y, device):
+    def _features_file(self, nbytes: int) -> str | None:
+        """Where the training features are memory-mapped: ``features_dir`` when
+        set, a temporary directory when they would take over half the available
+        memory, or nowhere (in memory)."""
+        directory = self.features_dir
+        if directory is None:
+            available = _available_memory()
+            if available is None or nbytes <= available // 2:
+                return None
+            directory = tempfile.mkdtemp(prefix="sktda-")
+        os.makedirs(directory, exist_ok=True)
+        return os.path.join(directory, f"train_features_{uuid.uuid4().hex}.npy")
+
+    def _featurize(self, members, task, X, y, device, dtype=np.float32, out_file=None):
         return featurize_members(
             members,
             task,
@@ -478,6 +512,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             self.n_jobs,
             self.verbose,
             self.gradient_path,
+            dtype,
+            out_file,
         )
 
     def _blocks(self) -> list:

@@ -347,3 +347,26 @@ def test_dense_matrix_that_cannot_fit_is_refused(fitted_trak, digits, monkeypatc
     with pytest.warns(ResourceWarning, match="most_influential"):
         fitted_trak.attribute(X_test, y_test)
     assert fitted_trak.most_influential(X_test, y_test, k=3).proponents.shape == (len(X_test), 3)
+
+
+def test_float16_and_memory_mapped_features(digits, tmp_path):
+    X_train, X_test, y_train, y_test = digits
+    base = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=64, random_state=0)
+    A = clone(base).fit(X_train, y_train).attribute(X_test, y_test)
+    half = clone(base).set_params(feature_dtype="float16").fit(X_train, y_train)
+    assert half.train_features_.dtype == np.float16
+    np.testing.assert_allclose(half.attribute(X_test, y_test), A, rtol=1e-2, atol=1e-2 * np.abs(A).max())
+    mapped = clone(base).set_params(features_dir=str(tmp_path), n_jobs=2).fit(X_train, y_train)
+    assert isinstance(mapped.train_features_, np.memmap)
+    assert len(list(tmp_path.glob("train_features_*.npy"))) == 1
+    np.testing.assert_allclose(mapped.attribute(X_test, y_test), A, rtol=1e-4, atol=1e-5 * np.abs(A).max())
+    np.testing.assert_allclose(
+        mapped.self_attribute(), clone(base).fit(X_train, y_train).self_attribute(), rtol=1e-4
+    )
+
+
+def test_features_go_to_disk_when_memory_is_short(digits, monkeypatch):
+    X_train, _, y_train, _ = digits
+    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 1000)
+    attr = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0).fit(X_train, y_train)
+    assert isinstance(attr.train_features_, np.memmap)
