@@ -20,10 +20,12 @@ through :class:`Features`:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from joblib import effective_n_jobs
 from sklearn.utils.parallel import delayed
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -233,29 +235,61 @@ def featurize_members(
     dtype=np.float32,
     out_file=None,
 ) -> list[Features]:
-    """Features of every member on ``(X, y)``, members in parallel, each with its
-    own seeded projection. ``phi`` is stored as ``dtype``; with ``out_file`` every
-    member writes its rows of one ``(n_members, n, k)`` ``.npy`` file, memory-mapped,
-    so the features never need to fit in memory."""
-    shape = (len(members), len(X), feature_dim(members[0], proj_dim))
+    """Features of every member on ``(X, y)``, each with its own seeded projection,
+    in parallel over members and, when there are more jobs than members, over row
+    ranges of whole batches (so every batch, and every result, is the same
+    whatever ``n_jobs``). ``phi`` is stored as ``dtype``; with ``out_file`` the jobs
+    write their rows of one ``(n_members, n, k)`` ``.npy`` file, memory-mapped, so
+    the features never need to fit in memory."""
+    n = len(X)
+    shape = (len(members), n, feature_dim(members[0], proj_dim))
     if out_file is not None:
         np.lib.format.open_memmap(out_file, mode="w+", dtype=dtype, shape=shape).flush()
-    jobs = (
-        delayed(_featurize_member)(
-            m, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs, dtype, out_file, b
+    parts = math.ceil(effective_n_jobs(n_jobs) / len(members))
+    step = max(1, math.ceil(n / parts / batch_size)) * batch_size  # rows per part, whole batches
+    ranges = [(start, min(start + step, n)) for start in range(0, n, step)]
+    jobs = [
+        delayed(_featurize_rows)(
+            m,
+            task,
+            proj_dim,
+            projection,
+            X[a:b],
+            y[a:b],
+            batch_size,
+            device,
+            path,
+            n_jobs,
+            dtype,
+            out_file,
+            i,
+            a,
         )
-        for b, m in enumerate(members)
-    )
-    features = run(jobs, n_jobs, len(members), "featurizing", verbose)
-    if out_file is not None:
-        stored = np.load(out_file, mmap_mode="r+")
-        for b, f in enumerate(features):
-            f.phi = stored[b]
+        for i, m in enumerate(members)
+        for a, b in ranges
+    ]
+    pieces = run(jobs, n_jobs, len(jobs), "featurizing", verbose)
+    stored = np.load(out_file, mmap_mode="r+") if out_file is not None else None
+    features = []
+    for i in range(len(members)):
+        own = pieces[i * len(ranges) : (i + 1) * len(ranges)]
+        phi = (
+            stored[i]
+            if stored is not None
+            else (own[0].phi if len(own) == 1 else np.concatenate([f.phi for f in own]))
+        )
+        features.append(
+            Features(
+                phi=phi,
+                weight=np.concatenate([f.weight for f in own]),
+                output=np.concatenate([f.output for f in own]),
+            )
+        )
     return features
 
 
-def _featurize_member(
-    member, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs, dtype, out_file, index
+def _featurize_rows(
+    member, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs, dtype, out_file, index, start
 ) -> Features:
     with torch_threads(n_jobs):
         engine = make_engine(member, task, proj_dim, projection, device, path)
@@ -264,7 +298,7 @@ def _featurize_member(
         if out_file is None:
             return featurize(engine, X, y, batch_size, np.empty((len(X), engine.out_dim), dtype=dtype))
         stored = np.load(out_file, mmap_mode="r+")
-        features = featurize(engine, X, y, batch_size, stored[index])
+        features = featurize(engine, X, y, batch_size, stored[index, start : start + len(X)])
         stored.flush()
         features.phi = None  # the rows live in the file; the caller maps them
         return features

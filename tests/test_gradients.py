@@ -153,3 +153,15 @@ def test_member_is_a_dataclass_with_explicit_tensors():
     assert isinstance(member, Member)
     X, _ = _data()
     torch.testing.assert_close(member.forward(member.params, X), member.module(X))
+
+
+def test_parallel_row_ranges_give_the_same_features(digits):
+    from sktda._gradients import featurize_members
+
+    X_train, _, y_train, _ = digits
+    member = _member(MLP(n_features=64, n_outputs=10, hidden=(16,), dropout=0.0))
+    args = (TASK, 32, "gaussian", X_train, y_train, 32, CPU)
+    (one,) = featurize_members([member], *args, n_jobs=None)
+    (split,) = featurize_members([member], *args, n_jobs=3)  # three row ranges of whole batches
+    np.testing.assert_array_equal(split.phi, one.phi)
+    np.testing.assert_array_equal(split.weight, one.weight)
