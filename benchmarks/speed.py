@@ -20,12 +20,9 @@ import sys
 import time
 
 import numpy as np
-import torch
-from _common import emit, markdown_table, parser
-from skorch import NeuralNetClassifier
+from _common import digits_net, emit, markdown_table, parser
 
 from sktda import EnsembleAttributor
-from sktda.models import MLP
 
 
 def synthetic(n: int, d: int = 256, classes: int = 10, seed: int = 0):
@@ -36,20 +33,12 @@ def synthetic(n: int, d: int = 256, classes: int = 10, seed: int = 0):
 
 
 def net(max_epochs=1):
-    return NeuralNetClassifier(
-        MLP,
+    """The digits setting's net, resized to MLP 256-512-512-10 without dropout."""
+    return digits_net(
+        max_epochs=max_epochs,
         module__n_features=256,
-        module__n_outputs=10,
         module__hidden=(512, 512),
         module__dropout=0.0,
-        criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.SGD,
-        optimizer__momentum=0.9,
-        lr=0.05,
-        max_epochs=max_epochs,
-        batch_size=64,
-        train_split=None,
-        verbose=0,
     )
 
 

@@ -332,14 +332,14 @@ class TrainedEnsemble:
         X,
         y,
         *,
+        task: NetTask,
+        n_classes: int,
         n_models: int,
         random_state,
         device: torch.device,
         n_jobs=None,
         verbose=0,
         n_checkpoints: int | None = None,
-        task: NetTask | None = None,
-        n_classes: int = 0,
     ) -> TrainedEnsemble:
         """Check that the strategy can use the net's module, train ``n_models``
         models (seeded from ``random_state``) in parallel, recording
@@ -354,8 +354,7 @@ class TrainedEnsemble:
         jobs = (delayed(strategy.fit)(estimator, X, y, s, device, callbacks) for s in seeds)
         nets = run(jobs, n_jobs, n_models, "training", verbose)
         ensemble = cls(strategy, nets, seeds, torch.from_numpy(np.ascontiguousarray(X[:1])))
-        if task is not None:
-            ensemble.check_outputs(task, n_classes)
+        ensemble.check_outputs(task, n_classes)
         return ensemble
 
     def members(self, checkpoints: bool = False) -> list[Member]:
