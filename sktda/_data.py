@@ -57,6 +57,11 @@ def validate_predict_data(estimator, X, y, task: NetTask):
     if y is None:
         return _float32(X), None
     y = check_array(as_array_like(y), ensure_2d=False, dtype=None, input_name="y")
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+        raise ValueError(
+            f"y must hold one target per sample, a 1-D array, but has shape {y.shape}; pass "
+            "the labels (or values) as a 1-D array."
+        )
     if y.shape[0] != X.shape[0]:
         raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}; pass one target per sample.")
     if not task.is_classifier:

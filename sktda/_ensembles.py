@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from sklearn.utils import check_random_state
+from sklearn.utils import check_random_state, gen_batches
 from sklearn.utils.parallel import delayed
 from torch import nn
 from torch.func import functional_call
@@ -41,14 +41,20 @@ def derive_seed(*entropy: int) -> int:
 
 @dataclass
 class Member:
-    """One ensemble member: ``forward(params, x)`` is pure given its tensors."""
+    """One ensemble member: ``forward(params, x)`` is pure given its tensors.
+
+    ``coef`` is the member's coefficient in the ensemble average (TracIn also
+    folds a checkpoint's learning rate into it); ``residual_variants`` are other
+    sets of frozen tensors (dropout masks) under which only the residual
+    ``-dL/df`` is computed and averaged.
+    """
 
     module: torch.nn.Module
     params: dict[str, torch.Tensor]
     frozen: dict[str, torch.Tensor]
     seed: int
-    weight: float = 1.0
-    weight_variants: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    coef: float = 1.0
+    residual_variants: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, (params, self.frozen), (x,))
@@ -62,16 +68,17 @@ class Member:
             module=self.module.to(device),
             params=move(self.params),
             frozen=move(self.frozen),
-            weight_variants=[move(v) for v in self.weight_variants],
+            residual_variants=[move(v) for v in self.residual_variants],
         )
 
-    def at_state(self, state: dict[str, torch.Tensor], weight: float) -> Member:
-        """The same member with weights taken from ``state`` (a TracIn checkpoint)."""
+    def at_state(self, state: dict[str, torch.Tensor], lr: float) -> Member:
+        """The same member with tensors taken from ``state`` (a TracIn checkpoint),
+        its coefficient scaled by the learning rate in force there."""
         return replace(
             self,
             params={k: state.get(k, v).to(v.device) for k, v in self.params.items()},
             frozen={k: state.get(k, v).to(v.device) for k, v in self.frozen.items()},
-            weight=self.weight * weight,
+            coef=self.coef * lr,
         )
 
 
@@ -105,8 +112,8 @@ class EnsembleStrategy:
     def check(self, module: torch.nn.Module) -> None:
         """Raise ``ValueError`` if the strategy cannot work with ``module``."""
 
-    def fit(self, estimator, X, y, seed: int, device: torch.device, callbacks=()):
-        return fit_net(estimator, X, y, seed, device, callbacks)
+    def fit(self, estimator, X, y, *, seed: int, device: torch.device, task: NetTask, callbacks=()):
+        return fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
 
     def members(self, net, model_seed: int, X_sample: torch.Tensor) -> list[Member]:
         raise NotImplementedError
@@ -210,7 +217,7 @@ class DropoutEnsemble(EnsembleStrategy):
             for j in range(self.params["n_masks"])
         ]
         if not self.params["mask_gradients"]:
-            return [replace(base, weight_variants=variants)]
+            return [replace(base, residual_variants=variants)]
         return [replace(base, frozen=v, seed=derive_seed(model_seed, 0, j)) for j, v in enumerate(variants)]
 
 
@@ -252,46 +259,65 @@ class LoraEnsemble(EnsembleStrategy):
         return linear[:-1]
 
     def _with_adapter(self, module) -> nn.Module:
+        """A copy of ``module`` with fresh adapters; peft leaves only them trainable."""
         from peft import LoraConfig, inject_adapter_in_model
 
         rank = self.params["lora_rank"]
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=self._targets(module))
-        module = inject_adapter_in_model(config, copy.deepcopy(module))
-        for name, p in module.named_parameters():
-            p.requires_grad_("lora_" in name)
-        return module
+        return inject_adapter_in_model(config, copy.deepcopy(module))
 
     def check(self, module):
-        self._targets(module)
+        if self.params["layers"] is not None:
+            raise ValueError(
+                "layers selects parameters of the base model, but LoRA members differentiate "
+                f"their adapters only, so layers={self.params['layers']!r} cannot apply. Choose "
+                "the adapted modules with lora_target_modules and leave layers=None."
+            )
+        modules = dict(module.named_modules())
+        rank = self.params["lora_rank"]
+        for name in self._targets(module):
+            size = _adapted_size(modules[name])
+            if size is not None and rank > size:
+                raise ValueError(
+                    f"lora_rank={rank} exceeds the smallest dimension ({size}) of the adapted "
+                    f"layer {name!r}; a LoRA adapter's rank must be at most that. Lower lora_rank."
+                )
 
-    def fit(self, estimator, X, y, seed, device, callbacks=()):
-        net = fit_net(estimator, X, y, seed, device, callbacks)
+    def fit(self, estimator, X, y, *, seed, device, task, callbacks=()):
+        from peft import get_peft_model_state_dict
+
+        net = fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
         adapters = []
         for j in range(self.params["n_adapters"]):
             adapter_seed = derive_seed(seed, 2, j)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(adapter_seed)
                 module = self._with_adapter(net.module_)
-            fine_tune(net, module, X, y, self.params["lora_epochs"], adapter_seed, device)
+            module = fine_tune(
+                net, module, X, y, epochs=self.params["lora_epochs"], seed=adapter_seed, device=device
+            )
             adapters.append(
-                {k: v.detach().cpu().clone() for k, v in module.state_dict().items() if "lora_" in k}
+                {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
             )
         net.lora_adapters_ = adapters
         return net
 
     def members(self, net, model_seed, X_sample):
+        from peft import set_peft_model_state_dict
+
         members = []
         for j, state in enumerate(net.lora_adapters_):
             with torch.random.fork_rng(devices=[]):
                 module = self._with_adapter(net.module_)
-            module.load_state_dict(state, strict=False)
+            set_peft_model_state_dict(module, state)
             module.eval()
+            adapter = {name for name, p in module.named_parameters() if p.requires_grad}
             for p in module.parameters():
                 p.requires_grad_(False)
             tensors = dict(module.named_parameters())
             tensors.update(dict(module.named_buffers()))
-            params = {k: v for k, v in tensors.items() if k in state}
-            frozen = {k: v for k, v in tensors.items() if k not in state}
+            params = {k: v for k, v in tensors.items() if k in adapter}
+            frozen = {k: v for k, v in tensors.items() if k not in adapter}
             members.append(
                 Member(module=module, params=params, frozen=frozen, seed=derive_seed(model_seed, 0, j))
             )
@@ -302,6 +328,14 @@ class LoraEnsemble(EnsembleStrategy):
             t.numel() * t.element_size() for net in nets for a in net.lora_adapters_ for t in a.values()
         )
         return super().serving_bytes(nets) + adapters
+
+
+def _adapted_size(module: nn.Module) -> int | None:
+    """The smallest dimension of a layer that LoRA adapts (None when unknown)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+        return None
+    return int(min(weight.shape[0], weight[0].numel()))
 
 
 ENSEMBLES: dict[str, type[EnsembleStrategy]] = {
@@ -333,7 +367,6 @@ class TrainedEnsemble:
         y,
         *,
         task: NetTask,
-        n_classes: int,
         n_models: int,
         random_state,
         device: torch.device,
@@ -341,50 +374,38 @@ class TrainedEnsemble:
         verbose=0,
         n_checkpoints: int | None = None,
     ) -> TrainedEnsemble:
-        """Check that the strategy can use the net's module, train ``n_models``
-        models (seeded from ``random_state``) in parallel, recording
-        ``n_checkpoints`` checkpoints along training when asked, and check that a
-        classifier's module returns ``n_classes`` scores."""
+        """Check that the strategy can use the net's module, then train
+        ``n_models`` models (seeded from ``random_state``) in parallel, recording
+        ``n_checkpoints`` checkpoints along training when asked. Every model's
+        training is guarded (see :class:`~sktda._nets.TrainingGuard`)."""
         strategy.check(initialized_module(estimator))
         seeds = [int(s) for s in check_random_state(random_state).randint(0, 2**31 - 1, size=n_models)]
         callbacks = ()
         if n_checkpoints:
             epochs = checkpoint_epochs(estimator.max_epochs, n_checkpoints)
             callbacks = [(_CHECKPOINT_CALLBACK, LearningRateCheckpoints(epochs))]
-        jobs = (delayed(strategy.fit)(estimator, X, y, s, device, callbacks) for s in seeds)
+        jobs = (
+            delayed(strategy.fit)(estimator, X, y, seed=s, device=device, task=task, callbacks=callbacks)
+            for s in seeds
+        )
         nets = run(jobs, n_jobs, n_models, "training", verbose)
-        ensemble = cls(strategy, nets, seeds, torch.from_numpy(np.ascontiguousarray(X[:1])))
-        ensemble.check_outputs(task, n_classes)
-        return ensemble
+        return cls(strategy, nets, seeds, torch.from_numpy(np.array(X[:1])))
 
     def members(self, checkpoints: bool = False) -> list[Member]:
-        """Every member, weighted ``1 / n_members``; with ``checkpoints``, every
-        member at every recorded checkpoint, its weight times the learning rate."""
+        """Every member, with coefficient ``1 / n_members``; with ``checkpoints``,
+        every member at every recorded checkpoint, its coefficient times the
+        learning rate in force there."""
         n_members = len(self.nets) * self.strategy.members_per_model
         members = []
         for net, seed in zip(self.nets, self.seeds):
             for member in self.strategy.members(net, seed, self.X_sample):
-                member.weight = 1.0 / n_members
+                member.coef = 1.0 / n_members
                 if checkpoints:
                     recorder = dict(net.callbacks_)[_CHECKPOINT_CALLBACK]
                     members.extend(member.at_state(state, lr) for _, lr, state in recorder.checkpoints_)
                 else:
                     members.append(member)
         return members
-
-    def check_outputs(self, task: NetTask, n_classes: int) -> None:
-        """A classifier's module must return one score per class."""
-        if not task.is_classifier:
-            return
-        module = self.nets[0].module_
-        with torch.no_grad():
-            out = module(self.X_sample.to(next(module.parameters()).device))
-        if out.ndim != 2 or out.shape[1] < n_classes:
-            raise ValueError(
-                f"The module returns outputs of shape {tuple(out.shape)} but y has {n_classes} "
-                "classes; a classifier's module must return one score per class, shape "
-                "(n_samples, n_classes)."
-            )
 
     def predict_targets(self, X: np.ndarray, task: NetTask, batch_size: int, device) -> np.ndarray:
         """The ensemble's predictions: the argmax of the members' mean class
@@ -398,8 +419,8 @@ class TrainedEnsemble:
                 member = member.to(device)
                 logits = torch.cat(
                     [
-                        task.logits(member.forward(member.params, X[s : s + batch_size].to(device))).cpu()
-                        for s in range(0, X.shape[0], batch_size)
+                        task.logits(member.forward(member.params, X[rows].to(device))).cpu()
+                        for rows in gen_batches(X.shape[0], batch_size)
                     ]
                 )
                 probs = probs + torch.softmax(logits, dim=-1)

@@ -2,9 +2,9 @@
 
 For every sample it computes the gradient of the member's target ``f`` (the
 correct-class margin, or the regression output) with respect to the member's
-differentiated parameters, projects it to ``proj_dim`` features, and records
+differentiated parameters, projects it to ``proj_dim`` features, and records the residual
 ``-dL/df`` (the training loss's sensitivity to the target), so that the projected
-loss gradient is ``-weight * phi`` without a second backward pass.
+loss gradient is ``-residual * phi`` without a second backward pass.
 
 Two engines, chosen by :func:`make_engine`, meet the rest of the library only
 through :class:`Features`:
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from joblib import effective_n_jobs
+from sklearn.utils import gen_batches
 from sklearn.utils.parallel import delayed
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -35,29 +36,45 @@ from ._parallel import run, torch_threads
 from ._projection import KroneckerProjector, make_projector
 
 GRADIENT_PATHS = ("auto", "linear", "vmap")
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class GradientConfig:
+    """How per-sample gradients are computed and stored: the task (target and
+    residual), the projection, the engine path, the chunk size, the device and
+    the storage type of ``phi``."""
+
+    task: NetTask
+    proj_dim: int | None
+    projection: str = "gaussian"
+    path: str = "auto"
+    batch_size: int = 256
+    device: torch.device = _CPU
+    dtype: type = np.float32
 
 
 @dataclass
 class Features:
     """Per-sample gradient features of one member.
 
-    ``phi`` (n, k): projected gradient of the target; ``weight`` (n,): ``-dL/df`` at
-    the given label (``1 - p_y`` for classifiers, the doubled residual for
+    ``phi`` (n, k): projected gradient of the target; ``residual`` (n,):
+    ``-dL/df`` at the given label (``1 - p_y`` for classifiers, twice ``y - f`` for
     regressors); ``output`` (n,): the target itself.
     """
 
     phi: np.ndarray
-    weight: np.ndarray
+    residual: np.ndarray
     output: np.ndarray
 
     @property
     def loss_gradients(self) -> np.ndarray:
         """Projected per-sample gradients of the training loss."""
-        return -self.weight[:, None] * self.phi
+        return -self.residual[:, None] * self.phi
 
 
 class GradientEngine:
-    """Interface: ``chunk(x, y)`` -> ``(phi, f, weight)`` tensors for one batch."""
+    """Interface: ``chunk(x, y)`` -> ``(phi, f, residual)`` tensors for one batch."""
 
     out_dim: int
 
@@ -67,24 +84,24 @@ class GradientEngine:
         self.device = device
 
     def chunk(self, x: torch.Tensor, y: torch.Tensor):
-        phi, f, w = self._chunk(x, y)
-        if self.member.weight_variants:
-            w = self._variant_weights(x, y)
-        return phi, f, w
+        phi, f, r = self._chunk(x, y)
+        if self.member.residual_variants:
+            r = self._variant_residuals(x, y)
+        return phi, f, r
 
     def _chunk(self, x, y):
         raise NotImplementedError
 
-    def _variant_weights(self, x, y) -> torch.Tensor:
-        """``-dL/df`` averaged over the member's weight variants (e.g. dropout masks
+    def _variant_residuals(self, x, y) -> torch.Tensor:
+        """``-dL/df`` averaged over the member's residual variants (dropout masks
         that enter only TRAK's ``1 - p`` term); forward passes only."""
         m = self.member
         with torch.no_grad():
-            weights = [
-                self.task.target_and_weight(functional_call(m.module, (m.params, frozen), (x,)), y)[1]
-                for frozen in m.weight_variants
+            residuals = [
+                self.task.target_and_residual(functional_call(m.module, (m.params, frozen), (x,)), y)[1]
+                for frozen in m.residual_variants
             ]
-        return torch.stack(weights).mean(0)
+        return torch.stack(residuals).mean(0)
 
 
 class VmapEngine(GradientEngine):
@@ -97,15 +114,15 @@ class VmapEngine(GradientEngine):
 
         def target(params, x, y):
             out = self.member.forward(params, x.unsqueeze(0))
-            f, w = task.target_and_weight(out, y.unsqueeze(0))
-            return f[0], (f[0], w[0])
+            f, r = task.target_and_residual(out, y.unsqueeze(0))
+            return f[0], (f[0], r[0])
 
         self._grad = vmap(grad(target, has_aux=True), in_dims=(None, 0, 0))
 
     def _chunk(self, x, y):
         with torch.no_grad():
-            grads, (f, w) = self._grad(self.member.params, x, y)
-            return self.projector(grads), f, w
+            grads, (f, r) = self._grad(self.member.params, x, y)
+            return self.projector(grads), f, r
 
 
 class LinearEngine(GradientEngine):
@@ -131,7 +148,7 @@ class LinearEngine(GradientEngine):
             params = {k: v.detach().requires_grad_() for k, v in self.member.params.items()}
             with torch.enable_grad():
                 out = self.member.forward(params, x)
-                f, w = self.task.target_and_weight(out, y)
+                f, r = self.task.target_and_residual(out, y)
                 outputs = [o for calls in records.values() for _, o in calls]
                 # samples are independent in eval mode, so d(sum f)/d out_i = df_i/d out_i
                 if f.requires_grad:
@@ -150,7 +167,7 @@ class LinearEngine(GradientEngine):
                         phi = phi + self.projector.project_factors(name, a.detach(), delta)
         if isinstance(phi, int):
             phi = torch.zeros(x.shape[0], self.out_dim, device=x.device)
-        return phi, f.detach(), w.detach()
+        return phi, f.detach(), r.detach()
 
 
 def linear_layers(member) -> dict | None:
@@ -173,10 +190,11 @@ def linear_layers(member) -> dict | None:
     return out
 
 
-def make_engine(member, task, proj_dim, projection: str, device, path: str = "auto") -> GradientEngine:
+def make_engine(member, config: GradientConfig) -> GradientEngine:
     """The engine for ``member``: the ``nn.Linear`` fast path when every
     differentiated parameter allows it and a projection is needed, ``vmap``
-    otherwise; ``path`` forces either."""
+    otherwise; ``config.path`` forces either."""
+    path, proj_dim = config.path, config.proj_dim
     if path not in GRADIENT_PATHS:
         raise ValueError(f"gradient_path={path!r} is not one of {GRADIENT_PATHS}.")
     numels = {k: v.numel() for k, v in member.params.items()}
@@ -189,29 +207,35 @@ def make_engine(member, task, proj_dim, projection: str, device, path: str = "au
     projects = proj_dim is not None and sum(numels.values()) > proj_dim
     if layers is not None and (path == "linear" or (path == "auto" and projects)):
         k = proj_dim if proj_dim is not None else sum(numels.values())
-        return LinearEngine(
-            member, task, device, KroneckerProjector(layers, k, member.seed, projection, device)
-        )
-    return VmapEngine(member, task, device, make_projector(numels, proj_dim, member.seed, projection, device))
+        projector = KroneckerProjector(layers, k, member.seed, config.projection, config.device)
+        return LinearEngine(member, config.task, config.device, projector)
+    projector = make_projector(numels, proj_dim, member.seed, config.projection, config.device)
+    return VmapEngine(member, config.task, config.device, projector)
 
 
 def featurize(
-    engine: GradientEngine, X: torch.Tensor, y: torch.Tensor, batch_size: int, out: np.ndarray | None = None
+    engine: GradientEngine, X: torch.Tensor, y: torch.Tensor, batch_size: int, out=None
 ) -> Features:
     """Features of ``(X, y)`` in chunks of ``batch_size`` (memory bounded by one
     chunk of gradients, or of layer factors on the fast path). ``phi`` is written
-    into ``out`` when given (any float dtype, possibly a memory-mapped file)."""
+    into ``out`` when given (any float dtype, possibly a memory-mapped file).
+    Non-finite gradients, residuals or targets are refused, naming the rows."""
     n = X.shape[0]
     phi = np.empty((n, engine.out_dim), dtype=np.float32) if out is None else out
-    weight = np.empty(n, dtype=np.float32)
+    residual = np.empty(n, dtype=np.float32)
     output = np.empty(n, dtype=np.float32)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        p, f, w = engine.chunk(X[start:stop].to(engine.device), y[start:stop].to(engine.device))
-        phi[start:stop] = p.cpu().numpy()
-        weight[start:stop] = w.cpu().numpy()
-        output[start:stop] = f.cpu().numpy()
-    return Features(phi=phi, weight=weight, output=output)
+    for rows in gen_batches(n, batch_size):
+        p, f, r = engine.chunk(X[rows].to(engine.device), y[rows].to(engine.device))
+        for name, t in (("per-sample gradients", p), ("targets", f), ("residuals -dL/df", r)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"The {name} of samples {rows.start}..{rows.stop - 1} are not finite: the "
+                    "trained model overflows on them. Scale X, lower lr, or train fewer epochs."
+                )
+        phi[rows] = p.cpu().numpy()
+        residual[rows] = r.cpu().numpy()
+        output[rows] = f.cpu().numpy()
+    return Features(phi=phi, residual=residual, output=output)
 
 
 def feature_dim(member, proj_dim) -> int:
@@ -221,49 +245,24 @@ def feature_dim(member, proj_dim) -> int:
 
 
 def featurize_members(
-    members,
-    task: NetTask,
-    proj_dim,
-    projection: str,
-    X,
-    y,
-    batch_size: int,
-    device,
-    n_jobs=None,
-    verbose=0,
-    path: str = "auto",
-    dtype=np.float32,
-    out_file=None,
+    members, X, y, *, config: GradientConfig, n_jobs=None, verbose=0, out_file=None
 ) -> list[Features]:
     """Features of every member on ``(X, y)``, each with its own seeded projection,
     in parallel over members and, when there are more jobs than members, over row
     ranges of whole batches (so every batch, and every result, is the same
-    whatever ``n_jobs``). ``phi`` is stored as ``dtype``; with ``out_file`` the jobs
-    write their rows of one ``(n_members, n, k)`` ``.npy`` file, memory-mapped, so
-    the features never need to fit in memory."""
+    whatever ``n_jobs``). ``phi`` is stored as ``config.dtype``; with ``out_file``
+    the jobs write their rows of one ``(n_members, n, k)`` ``.npy`` file,
+    memory-mapped, so the features never need to fit in memory."""
     n = len(X)
-    shape = (len(members), n, feature_dim(members[0], proj_dim))
+    shape = (len(members), n, feature_dim(members[0], config.proj_dim))
     if out_file is not None:
-        np.lib.format.open_memmap(out_file, mode="w+", dtype=dtype, shape=shape).flush()
+        np.lib.format.open_memmap(out_file, mode="w+", dtype=config.dtype, shape=shape).flush()
     parts = math.ceil(effective_n_jobs(n_jobs) / len(members))
-    step = max(1, math.ceil(n / parts / batch_size)) * batch_size  # rows per part, whole batches
+    step = max(1, math.ceil(n / parts / config.batch_size)) * config.batch_size  # whole batches
     ranges = [(start, min(start + step, n)) for start in range(0, n, step)]
     jobs = [
         delayed(_featurize_rows)(
-            m,
-            task,
-            proj_dim,
-            projection,
-            X[a:b],
-            y[a:b],
-            batch_size,
-            device,
-            path,
-            n_jobs,
-            dtype,
-            out_file,
-            i,
-            a,
+            m, X[a:b], y[a:b], config=config, n_jobs=n_jobs, out_file=out_file, member_index=i, start=a
         )
         for i, m in enumerate(members)
         for a, b in ranges
@@ -273,32 +272,30 @@ def featurize_members(
     features = []
     for i in range(len(members)):
         own = pieces[i * len(ranges) : (i + 1) * len(ranges)]
-        phi = (
-            stored[i]
-            if stored is not None
-            else (own[0].phi if len(own) == 1 else np.concatenate([f.phi for f in own]))
-        )
+        if stored is not None:
+            phi = stored[i]
+        else:
+            phi = own[0].phi if len(own) == 1 else np.concatenate([f.phi for f in own])
         features.append(
             Features(
                 phi=phi,
-                weight=np.concatenate([f.weight for f in own]),
+                residual=np.concatenate([f.residual for f in own]),
                 output=np.concatenate([f.output for f in own]),
             )
         )
     return features
 
 
-def _featurize_rows(
-    member, task, proj_dim, projection, X, y, batch_size, device, path, n_jobs, dtype, out_file, index, start
-) -> Features:
+def _featurize_rows(member, X, y, *, config, n_jobs, out_file, member_index, start) -> Features:
     with torch_threads(n_jobs):
-        engine = make_engine(member, task, proj_dim, projection, device, path)
+        engine = make_engine(member, config)
         X = torch.from_numpy(np.ascontiguousarray(X))
         y = torch.from_numpy(np.ascontiguousarray(y))
         if out_file is None:
-            return featurize(engine, X, y, batch_size, np.empty((len(X), engine.out_dim), dtype=dtype))
+            out = np.empty((len(X), engine.out_dim), dtype=config.dtype)
+            return featurize(engine, X, y, config.batch_size, out)
         stored = np.load(out_file, mmap_mode="r+")
-        features = featurize(engine, X, y, batch_size, stored[index, start : start + len(X)])
+        features = featurize(engine, X, y, config.batch_size, stored[member_index, start : start + len(X)])
         stored.flush()
         features.phi = None  # the rows live in the file; the caller maps them
         return features

@@ -1,46 +1,62 @@
 """Attribution methods: scoring rules on projected gradient features.
 
-Every method is written in one form. For each member ``b`` (a *block* of features,
-with weight ``w_b``; the weights sum to one over an ensemble, and TracIn's
-checkpoints also carry their learning rates) it maps training features to a matrix
-``U_b`` and test features to ``V_b``; the attribution of training sample ``j`` to
-test sample ``i`` is
+Every method is written in one form. For each member ``m`` (coefficient ``c_m``;
+the coefficients sum to one over an ensemble, and TracIn's checkpoints also carry
+their learning rates) it maps training features to a matrix ``U_m`` and test
+features to ``V_m``; the attribution of training sample ``j`` to test sample ``i``
+is
 
-    A[i, j] = s_j * sum_b w_b <V_b[i], U_b[j]>
+    A[i, j] = s_j * sum_m c_m <V_m[i], U_m[j]>
 
-with ``s_j`` the ensemble-mean ``-dL/df`` for TRAK and one otherwise. A positive score
-means that up-weighting the training sample raises the test target (the
-correct-class margin, or the regression output): a proponent.
+with ``s_j`` the ensemble-mean residual ``-dL/df`` for TRAK (its ``Q``) and one
+otherwise. A positive score means that up-weighting the training sample raises the
+test target (the correct-class margin, or the regression output): a proponent.
 
 Because ``U`` is computed from stored features on the fly, attributions against any
-slice of the training set cost only that slice, which is what lets
-``most_influential`` stream over huge training sets.
+slice of the training set's columns cost only that slice, which is what lets
+``most_influential`` stream over huge training sets. Row chunks follow
+``sklearn.set_config(working_memory=...)``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+from sklearn.utils import gen_batches
+from sklearn.utils._chunking import get_chunk_n_rows
 
 _EPS = 1e-12
 
 
-_GRAM_ROWS = 1 << 15
+@dataclass
+class FittedMember:
+    """What a method keeps of one member: its coefficient ``coef``, the method's
+    ``state`` (an inverse Gram matrix, say), and the training features ``phi``
+    (n_train, k) and residuals (n_train,), numpy arrays of any float dtype,
+    possibly memory-mapped."""
+
+    coef: float
+    state: object
+    phi: np.ndarray
+    residual: np.ndarray
 
 
-def _gram(phi, weight, device, scale_by_weight: bool) -> torch.Tensor:
+def _row_batches(n_rows: int, row_bytes: int):
+    """Slices of rows that each fit in scikit-learn's ``working_memory``."""
+    return gen_batches(n_rows, max(1, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_rows)))
+
+
+def _gram(phi, residual, device, scale_by_residual: bool) -> torch.Tensor:
     """``G^T G`` in float64 over row chunks of ``phi`` (numpy, float16 or float32,
-    possibly memory-mapped), with ``G = weight * phi`` or ``phi``."""
+    possibly memory-mapped), with ``G = residual * phi`` or ``phi``."""
     k = phi.shape[1]
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-    for start in range(0, phi.shape[0], _GRAM_ROWS):
-        g = torch.as_tensor(phi[start : start + _GRAM_ROWS], device=device, dtype=torch.float32)
-        if scale_by_weight:
-            g = (
-                g
-                * torch.as_tensor(weight[start : start + _GRAM_ROWS], device=device, dtype=torch.float32)[
-                    :, None
-                ]
-            )
+    for rows in _row_batches(phi.shape[0], 8 * k):
+        g = torch.as_tensor(phi[rows], device=device, dtype=torch.float32)
+        if scale_by_residual:
+            g = g * torch.as_tensor(residual[rows], device=device, dtype=torch.float32)[:, None]
         gram += (g.T @ g).double()
     return gram
 
@@ -65,15 +81,16 @@ class AttributionMethod:
 
     name: str
     needs_checkpoints = False
-    scales_by_weight = False
+    inverts = False
+    scales_by_residual = False
 
-    def fit(self, phi, weight, damping: float, device):
+    def fit(self, phi, residual, damping: float, device):
         """Per-member state from the training features (numpy arrays of any float
         dtype, possibly memory-mapped), e.g. an inverse Gram matrix."""
         return None
 
-    def train_side(self, state, phi: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight[:, None] * phi
+    def train_side(self, state, phi: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual[:, None] * phi
 
     def test_side(self, state, phi: torch.Tensor) -> torch.Tensor:
         return phi
@@ -91,8 +108,8 @@ class GradCos(AttributionMethod):
 
     name = "grad_cos"
 
-    def train_side(self, state, phi, weight):
-        return torch.sign(weight)[:, None] * phi / (phi.norm(dim=1, keepdim=True) + _EPS)
+    def train_side(self, state, phi, residual):
+        return torch.sign(residual)[:, None] * phi / (phi.norm(dim=1, keepdim=True) + _EPS)
 
     def test_side(self, state, phi):
         return phi / (phi.norm(dim=1, keepdim=True) + _EPS)
@@ -100,7 +117,7 @@ class GradCos(AttributionMethod):
 
 class TracIn(GradDot):
     """TracIn (Pruthi et al., 2020): Grad-Dot summed over checkpoints taken along
-    training, each weighted by its learning rate (the weights live on the blocks)."""
+    training, each weighted by its learning rate (folded into the coefficients)."""
 
     name = "tracin"
     needs_checkpoints = True
@@ -111,9 +128,10 @@ class InfluenceFunction(AttributionMethod):
     ``F = G^T G / n`` of the projected training-loss gradients."""
 
     name = "if"
+    inverts = True
 
-    def fit(self, phi, weight, damping, device):
-        return _damped_inverse(_gram(phi, weight, device, True) / phi.shape[0], damping)
+    def fit(self, phi, residual, damping, device):
+        return _damped_inverse(_gram(phi, residual, device, True) / phi.shape[0], damping)
 
     def test_side(self, state, phi):
         return phi @ state
@@ -126,12 +144,13 @@ class TRAK(AttributionMethod):
     members."""
 
     name = "trak"
-    scales_by_weight = True
+    inverts = True
+    scales_by_residual = True
 
-    def fit(self, phi, weight, damping, device):
-        return _damped_inverse(_gram(phi, weight, device, False), damping)
+    def fit(self, phi, residual, damping, device):
+        return _damped_inverse(_gram(phi, residual, device, False), damping)
 
-    def train_side(self, state, phi, weight):
+    def train_side(self, state, phi, residual):
         return phi
 
     def test_side(self, state, phi):
@@ -143,40 +162,41 @@ METHODS: dict[str, type[AttributionMethod]] = {
 }
 
 
-def _reduce_blocks(method, blocks, rows, device, score) -> torch.Tensor:
-    """``s * sum_b w_b score(b, state_b, phi_b[rows], U_b[rows])`` over the blocks
-    ``(w_b, state_b, phi_b, weight_b)`` of training features (numpy or torch)."""
+def _reduce_members(method, members: list[FittedMember], rows, device, score) -> torch.Tensor:
+    """``s * sum_m c_m score(m, state_m, phi_m[rows], U_m[rows])`` over the members'
+    training features; ``s`` is TRAK's coefficient-weighted mean residual."""
     out = scale = None
-    for b, (w, state, phi, weight) in enumerate(blocks):
-        phi_r = torch.as_tensor(phi[rows], device=device, dtype=torch.float32)
-        weight_r = torch.as_tensor(weight[rows], device=device, dtype=torch.float32)
-        part = score(b, state, phi_r, method.train_side(state, phi_r, weight_r)).mul_(w)
+    for m, member in enumerate(members):
+        phi = torch.as_tensor(member.phi[rows], device=device, dtype=torch.float32)
+        residual = torch.as_tensor(member.residual[rows], device=device, dtype=torch.float32)
+        part = score(m, member.state, phi, method.train_side(member.state, phi, residual)).mul_(member.coef)
         out = part if out is None else out.add_(part)
-        if method.scales_by_weight:
-            scale = w * weight_r if scale is None else scale.add_(w * weight_r)
+        if method.scales_by_residual:
+            scale = member.coef * residual if scale is None else scale.add_(member.coef * residual)
     if scale is not None:
-        out.mul_(scale / sum(b[0] for b in blocks))
+        out.mul_(scale / sum(member.coef for member in members))
     return out
 
 
-def attribution_block(method, blocks, test_phis, rows: slice, device) -> torch.Tensor:
-    """``A[:, rows]`` for test features ``test_phis`` (one tensor per block)."""
-    return _reduce_blocks(
-        method, blocks, rows, device, lambda b, state, phi, u: method.test_side(state, test_phis[b]) @ u.T
+def attribution_columns(method, members, test_phis, columns: slice, device) -> torch.Tensor:
+    """``A[:, columns]`` for test features ``test_phis`` (one tensor per member)."""
+    return _reduce_members(
+        method, members, columns, device, lambda m, state, phi, u: method.test_side(state, test_phis[m]) @ u.T
     )
 
 
-def self_attribution(method, blocks, device) -> torch.Tensor:
+def self_attribution(method, members, device) -> torch.Tensor:
     """The diagonal of the training set's attribution to itself, in row chunks."""
+    n, k = members[0].phi.shape
     return torch.cat(
         [
-            _reduce_blocks(
+            _reduce_members(
                 method,
-                blocks,
-                slice(start, start + _GRAM_ROWS),
+                members,
+                rows,
                 device,
-                lambda b, state, phi, u: (method.test_side(state, phi) * u).sum(1),
+                lambda m, state, phi, u: (method.test_side(state, phi) * u).sum(1),
             )
-            for start in range(0, blocks[0][2].shape[0], _GRAM_ROWS)
+            for rows in _row_batches(n, 4 * 3 * k * len(members))
         ]
     )

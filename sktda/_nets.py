@@ -14,36 +14,42 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.base import clone
-from skorch import NeuralNet
+from skorch import NeuralNet, NeuralNetClassifier
 from skorch.callbacks import Callback
+from skorch.utils import multi_indexing
 
 _CLASSIFICATION_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
 _REGRESSION_LOSSES = (torch.nn.MSELoss,)
+
+# The three forms a classifier's output can take, and how each becomes logits.
+LOGITS, PROBABILITIES, LOG_PROBABILITIES = "logits", "probabilities", "log_probabilities"
 
 
 @dataclass(frozen=True)
 class NetTask:
     """How a net's output maps to the attributed target and the training loss.
 
-    ``log_output`` is true for nets trained with ``NLLLoss`` on probabilities (the
-    skorch default), whose logits are ``log(p + eps)``, as skorch computes them.
+    ``output`` says what a classifier's module returns: ``"logits"``
+    (``CrossEntropyLoss``), ``"probabilities"`` (``NLLLoss`` in a skorch
+    ``NeuralNetClassifier``, which takes their log, as skorch's default does) or
+    ``"log_probabilities"`` (``NLLLoss`` in a plain ``NeuralNet``).
     """
 
     is_classifier: bool
-    log_output: bool = False
+    output: str = LOGITS
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
-        if self.log_output:
+        if self.output == PROBABILITIES:
             return torch.log(out + torch.finfo(out.dtype).eps)
         return out
 
-    def target_and_weight(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target ``f`` and ``-dL/df`` for a batch of outputs.
+    def target_and_residual(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target ``f`` and the residual ``-dL/df`` for a batch of outputs.
 
         Classification: ``f`` is the margin ``z_y - logsumexp(z_others)``; the
-        cross-entropy loss is ``log(1 + exp(-f))``, so ``-dL/df = 1 - p_y``, TRAK's
-        reweighting. Regression: ``f`` is the prediction and the squared error
-        gives ``-dL/df = 2 (y - f)``. Since the loss depends on the parameters only
+        cross-entropy loss is ``log(1 + exp(-f))``, so ``-dL/df = 1 - p_y`` (TRAK's
+        ``Q``). Regression: ``f`` is the prediction and the squared error gives
+        ``-dL/df = 2 (y - f)``. Since the loss depends on the parameters only
         through ``f``, ``grad L = -(-dL/df) grad f``: one per-sample gradient
         serves both the target and the loss.
         """
@@ -63,6 +69,36 @@ class NetTask:
         f = f[:, 0]
         return f, 2.0 * (y.reshape(-1).to(f.dtype) - f)
 
+    def check_output(self, out: torch.Tensor, n_classes: int) -> None:
+        """Refuse a module output that the loss would silently mistreat."""
+        if not self.is_classifier:
+            return
+        if out.ndim != 2 or out.shape[1] < n_classes:
+            raise ValueError(
+                f"The module returns outputs of shape {tuple(out.shape)} but y has {n_classes} "
+                "classes; a classifier's module must return one score per class, shape "
+                "(n_samples, n_classes)."
+            )
+        out = out.detach().double()
+        if self.output == PROBABILITIES:
+            is_probability = bool(((out >= 0) & (out <= 1)).all()) and bool(
+                torch.allclose(out.sum(-1), torch.ones(1, dtype=out.dtype), atol=1e-3)
+            )
+            if not is_probability:
+                raise ValueError(
+                    "criterion=NLLLoss in a NeuralNetClassifier (skorch's default) takes the log "
+                    "of the module's output, so the module must return probabilities, but its "
+                    "outputs are not (they look like logits). Use criterion="
+                    "torch.nn.CrossEntropyLoss, or end the module in torch.softmax."
+                )
+        elif self.output == LOG_PROBABILITIES:
+            if not bool(torch.allclose(out.logsumexp(-1), torch.zeros(1, dtype=out.dtype), atol=1e-3)):
+                raise ValueError(
+                    "criterion=NLLLoss needs log-probabilities from the module, but its outputs "
+                    "are not (they look like logits or probabilities). Use criterion="
+                    "torch.nn.CrossEntropyLoss, or end the module in torch.log_softmax."
+                )
+
 
 def check_net(estimator) -> NetTask:
     """Validate a user's skorch net and return its :class:`NetTask`."""
@@ -74,8 +110,11 @@ def check_net(estimator) -> NetTask:
         )
     criterion = estimator.criterion
     crit_cls = criterion if isinstance(criterion, type) else type(criterion)
+    if issubclass(crit_cls, torch.nn.NLLLoss):
+        output = PROBABILITIES if isinstance(estimator, NeuralNetClassifier) else LOG_PROBABILITIES
+        return NetTask(is_classifier=True, output=output)
     if issubclass(crit_cls, _CLASSIFICATION_LOSSES):
-        return NetTask(is_classifier=True, log_output=issubclass(crit_cls, torch.nn.NLLLoss))
+        return NetTask(is_classifier=True)
     if issubclass(crit_cls, _REGRESSION_LOSSES):
         return NetTask(is_classifier=False)
     raise TypeError(
@@ -86,6 +125,8 @@ def check_net(estimator) -> NetTask:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for ``device`` ("auto": CUDA when available), checked to
+    run a computation, so that a device that cannot fails here and not mid-fit."""
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -97,6 +138,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"device={device!r} asks for CUDA but torch sees no CUDA device; use "
             "device='auto' to fall back to the CPU."
         )
+    try:
+        torch.ones(1, device=resolved).add(1).cpu()
+    except (RuntimeError, NotImplementedError, AssertionError) as exc:
+        raise ValueError(
+            f"device={device!r} cannot run computations here ({exc}); use 'auto', 'cpu' or 'cuda'."
+        ) from exc
     return resolved
 
 
@@ -122,38 +169,88 @@ class LearningRateCheckpoints(Callback):
             self.checkpoints_.append((epoch, lr, state))
 
 
+class TrainingGuard(Callback):
+    """Fail early and clearly: one forward pass on the first training samples
+    before the first step (after the user's callbacks have sized the module), and
+    a finite loss after every epoch."""
+
+    def __init__(self, task: NetTask | None = None, n_classes: int = 0):
+        self.task = task
+        self.n_classes = n_classes
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        head = multi_indexing(X, slice(0, 2))
+        try:
+            out = net.forward(head, training=False)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            raise ValueError(
+                f"The module cannot take the training inputs: its forward pass on "
+                f"{_describe(head)} failed with {type(exc).__name__}: {exc}. Make the module's "
+                "input size match the data (for example module__n_features)."
+            ) from exc
+        if self.task is not None:
+            self.task.check_output(out, self.n_classes)
+
+    def on_epoch_end(self, net, **kwargs):
+        row = net.history[-1]
+        for key in ("train_loss", "valid_loss"):
+            if key in row and not np.isfinite(row[key]):
+                raise ValueError(
+                    f"training diverged: the {key.replace('_', ' ')} became {row[key]} at epoch "
+                    f"{row['epoch']}; lower lr, scale X, or clip gradients."
+                )
+
+    def on_train_end(self, net, **kwargs):
+        if not all(bool(torch.isfinite(p).all()) for p in net.module_.parameters()):
+            raise ValueError(
+                "training diverged: the module's parameters are not finite after training; "
+                "lower lr, scale X, or clip gradients."
+            )
+
+
+def _describe(X) -> str:
+    shape = getattr(X, "shape", None)
+    return f"an input of shape {tuple(shape)}" if shape is not None else f"a {type(X).__name__} input"
+
+
 def checkpoint_epochs(max_epochs: int, n_checkpoints: int) -> list[int]:
     """``n_checkpoints`` epochs evenly spread over training, the last included."""
+    if max_epochs < 1:
+        raise ValueError(
+            f"Checkpoints along training need at least one epoch, and the net has max_epochs="
+            f"{max_epochs}. Set max_epochs >= 1, or (for the detector) n_checkpoints=None."
+        )
     n = min(n_checkpoints, max_epochs)
     return sorted({int(round(e)) for e in np.linspace(max_epochs / n, max_epochs, n)})
 
 
-def fit_net(estimator, X, y, seed: int, device: torch.device, callbacks=()):
-    """Train a fresh clone of ``estimator`` with every random draw seeded.
+_GUARD = "sktda_guard"
 
-    Module initialisation, dropout during training and the data order all draw on
-    torch's global generator; forking it keeps the caller's state untouched and
-    makes the result a function of ``seed`` alone, in any process.
-    """
-    net = clone(estimator)
-    net.set_params(device=str(device))
-    if callbacks:
-        net.set_params(callbacks=list(net.callbacks or []) + list(callbacks))
+
+def _seeded_fit(net, X, y, seed: int, device: torch.device):
+    """``net.fit(X, y)`` with every random draw seeded. Module initialisation,
+    dropout during training and the data order all draw on torch's global
+    generator; forking it keeps the caller's state untouched and makes the result
+    a function of ``seed`` alone, in any process."""
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        try:
-            net.fit(X, y)
-        except IndexError as exc:
-            raise ValueError(
-                f"Training the net failed ({exc}). A classifier's module must return one "
-                f"score per class; y has {int(np.max(y)) + 1} classes here."
-            ) from exc
+        net.fit(X, y)
     net.module_.eval()  # skorch leaves train mode on; outputs must not be random
     return net
 
 
-def fine_tune(net, module: torch.nn.Module, X, y, epochs: int, seed: int, device: torch.device):
+def fit_net(estimator, X, y, *, seed: int, device: torch.device, task: NetTask, callbacks=()):
+    """Train a fresh clone of ``estimator`` with every random draw seeded, guarded
+    by :class:`TrainingGuard` (checked inputs and outputs, no silent divergence)."""
+    net = clone(estimator)
+    n_classes = int(np.max(y)) + 1 if task.is_classifier and len(y) else 0
+    guard = [(_GUARD, TrainingGuard(task, n_classes))]
+    net.set_params(device=str(device), callbacks=list(net.callbacks or []) + list(callbacks) + guard)
+    return _seeded_fit(net, X, y, seed, device)
+
+
+def fine_tune(net, module: torch.nn.Module, X, y, *, epochs: int, seed: int, device: torch.device):
     """Train ``module`` (its trainable parameters) for ``epochs`` with the net's own
     criterion, optimizer, learning rate and batch size, in a seeded shuffled order.
 
@@ -170,19 +267,14 @@ def fine_tune(net, module: torch.nn.Module, X, y, epochs: int, seed: int, device
     tuner = type(net)(
         module=module,
         max_epochs=epochs,
-        callbacks=None,
+        callbacks=[(_GUARD, TrainingGuard())],
         train_split=None,
         verbose=0,
         warm_start=False,
         device=str(device),
         **params,
     )
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        tuner.fit(X, y)
-    module.eval()
-    return module
+    return _seeded_fit(tuner, X, y, seed, device).module_
 
 
 def initialized_module(estimator) -> torch.nn.Module:
@@ -190,7 +282,21 @@ def initialized_module(estimator) -> torch.nn.Module:
     random state (to check it before any training)."""
     net = clone(estimator)
     with torch.random.fork_rng(devices=[]):
-        net.initialize()
+        try:
+            net.initialize()
+        except ValueError as exc:
+            module = getattr(net, "module_", None)
+            if module is not None and not any(True for _ in module.parameters()):
+                raise ValueError(
+                    f"The module {type(module).__name__} has no parameters: there is nothing to "
+                    "train or to differentiate. Give it at least one trainable layer."
+                ) from exc
+            raise
+    if not any(p.requires_grad for p in net.module_.parameters()):
+        raise ValueError(
+            f"The module {type(net.module_).__name__} has no trainable parameters: there is "
+            "nothing to train or to differentiate."
+        )
     return net.module_
 
 

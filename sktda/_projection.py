@@ -4,7 +4,7 @@ A projector maps a batch of per-sample gradients, given as one tensor per parame
 (``{name: (batch, *shape)}``), to ``(batch, proj_dim)`` features. The Kronecker
 projector also projects ``nn.Linear`` gradients from their factors (layer input and
 output gradient) without ever forming them. The matrix is
-generated on the CPU in fixed row blocks, each from its own seed, so it is the same
+generated on the CPU in fixed tiles of rows, each from its own seed, so it is the same
 on every device, whatever the batch size, and whether it is cached or regenerated:
 a ``p x k`` matrix too large to keep is never held whole.
 """
@@ -16,21 +16,21 @@ import math
 import numpy as np
 import torch
 
-_BLOCK_ROWS = 4096
+_TILE_ROWS = 4096
 _KINDS = ("gaussian", "rademacher")
 
 
-def _block_seed(seed: int, param_index: int, block_index: int) -> int:
-    return int(np.random.SeedSequence([seed, param_index, block_index]).generate_state(1)[0])
+def _tile_seed(seed: int, param_index: int, tile_index: int) -> int:
+    return int(np.random.SeedSequence([seed, param_index, tile_index]).generate_state(1)[0])
 
 
-def _random_block(kind: str, rows: int, k: int, seed: int) -> torch.Tensor:
+def _random_tile(kind: str, rows: int, k: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     if kind == "gaussian":
-        block = torch.randn(rows, k, generator=gen)
+        tile = torch.randn(rows, k, generator=gen)
     else:
-        block = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8).float() * 2 - 1
-    return block.div_(math.sqrt(k))
+        tile = torch.randint(0, 2, (rows, k), generator=gen, dtype=torch.int8).float() * 2 - 1
+    return tile.div_(math.sqrt(k))
 
 
 class IdentityProjector:
@@ -49,7 +49,7 @@ class DenseProjector:
     ``1/sqrt(k)``, so inner products are preserved in expectation.
 
     ``R`` is kept on ``device`` when it takes at most ``cache_bytes``; otherwise each
-    row block is regenerated per call, bounding memory by one block.
+    tile of rows is regenerated per call, bounding memory by one tile.
     """
 
     def __init__(
@@ -72,14 +72,14 @@ class DenseProjector:
         self._cache = None
         if total <= cache_bytes:
             self._cache = {
-                name: torch.cat(list(self._blocks(i, n)), 0).to(self.device)
+                name: torch.cat(list(self._tiles(i, n)), 0).to(self.device)
                 for i, (name, n) in enumerate(self.numels.items())
             }
 
-    def _blocks(self, param_index: int, numel: int):
-        for b, start in enumerate(range(0, numel, _BLOCK_ROWS)):
-            rows = min(_BLOCK_ROWS, numel - start)
-            yield _random_block(self.kind, rows, self.out_dim, _block_seed(self.seed, param_index, b))
+    def _tiles(self, param_index: int, numel: int):
+        for b, start in enumerate(range(0, numel, _TILE_ROWS)):
+            rows = min(_TILE_ROWS, numel - start)
+            yield _random_tile(self.kind, rows, self.out_dim, _tile_seed(self.seed, param_index, b))
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         first = next(iter(grads.values()))
@@ -89,17 +89,26 @@ class DenseProjector:
             if self._cache is not None:
                 out.addmm_(g, self._cache[name])
                 continue
-            for b, block in enumerate(self._blocks(i, numel)):
-                start = b * _BLOCK_ROWS
-                out.addmm_(g[:, start : start + block.shape[0]], block.to(g.device))
+            for t, tile in enumerate(self._tiles(i, numel)):
+                start = t * _TILE_ROWS
+                out.addmm_(g[:, start : start + tile.shape[0]], tile.to(g.device))
         return out
 
 
 def kronecker_factors(proj_dim: int) -> tuple[int, int]:
-    """``(k_out, k_in)`` with ``k_out * k_in = proj_dim`` and ``k_out`` the divisor
-    closest to (and at most) its square root."""
-    k_out = max(d for d in range(1, int(math.isqrt(proj_dim)) + 1) if proj_dim % d == 0)
-    return k_out, proj_dim // k_out
+    """``(k_out, k_in)``, balanced, with ``k_out * k_in >= proj_dim``.
+
+    An exact factorisation is used when one is balanced (``k_in <= 2 k_out``);
+    otherwise (a prime ``proj_dim``, say) the near-square ``k_out = ceil(sqrt(k))``
+    and the projector keeps the first ``proj_dim`` of the ``k_out * k_in``
+    products. A lopsided split such as ``(1, 257)`` would project each layer's
+    output gradient to a single number and lose most of the signal.
+    """
+    k_out = max(d for d in range(1, math.isqrt(proj_dim) + 1) if proj_dim % d == 0)
+    if proj_dim // k_out <= 2 * k_out:
+        return k_out, proj_dim // k_out
+    k_out = math.isqrt(proj_dim - 1) + 1
+    return k_out, -(-proj_dim // k_out)
 
 
 class KroneckerProjector:
@@ -109,7 +118,9 @@ class KroneckerProjector:
     ``d``, the weight gradient is ``d a^T`` and its projection is
     ``(P_out^T d) (x) (P_in^T a)``: ``O(out k_out + in k_in + k)`` per sample instead
     of ``O(out in k)``, and the gradient is never formed. Entries are Gaussian or
-    Rademacher scaled so inner products are preserved in expectation.
+    Rademacher scaled so inner products are preserved in expectation. When
+    ``k_out * k_in`` exceeds ``proj_dim`` (see :func:`kronecker_factors`), the
+    first ``proj_dim`` products are kept, rescaled to stay unbiased.
 
     ``layers`` maps a module name to ``(weight_name, bias_name or None, out, in)``.
     """
@@ -120,12 +131,14 @@ class KroneckerProjector:
         self.layers = dict(layers)
         self.out_dim = int(proj_dim)
         self.k_out, self.k_in = kronecker_factors(self.out_dim)
+        # unbiased inner products when only proj_dim of the k_out * k_in products are kept
+        self._scale = math.sqrt(self.k_out * self.k_in / self.out_dim)
         device = torch.device(device)
         self._p_out, self._p_in = {}, {}
         for i, (name, (_, bias, n_out, n_in)) in enumerate(self.layers.items()):
             rows_in = n_in + (bias is not None)
-            self._p_out[name] = _random_block(kind, n_out, self.k_out, _block_seed(seed, i, 0)).to(device)
-            self._p_in[name] = _random_block(kind, rows_in, self.k_in, _block_seed(seed, i, 1)).to(device)
+            self._p_out[name] = _random_tile(kind, n_out, self.k_out, _tile_seed(seed, i, 0)).to(device)
+            self._p_in[name] = _random_tile(kind, rows_in, self.k_in, _tile_seed(seed, i, 1)).to(device)
 
     def project_factors(self, name: str, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Projected weight (and bias) gradient of layer ``name`` from its input
@@ -135,7 +148,14 @@ class KroneckerProjector:
             a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
         pa = (a @ self._p_in[name]).reshape(a.shape[0], -1, self.k_in)
         pd = (d @ self._p_out[name]).reshape(d.shape[0], -1, self.k_out)
-        return torch.einsum("bto,bti->boi", pd, pa).reshape(a.shape[0], self.out_dim)
+        return self._keep(torch.einsum("bto,bti->boi", pd, pa))
+
+    def _keep(self, products: torch.Tensor) -> torch.Tensor:
+        """The first ``proj_dim`` of the ``(batch, k_out, k_in)`` products."""
+        flat = products.reshape(products.shape[0], -1)
+        if flat.shape[1] == self.out_dim:
+            return flat
+        return flat[:, : self.out_dim] * self._scale
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """The same projection of full per-sample gradients ``{name: (batch, ...)}``."""
@@ -144,9 +164,7 @@ class KroneckerProjector:
             g = grads[weight]
             if bias is not None:
                 g = torch.cat([g, grads[bias][..., None]], -1)
-            out = out + torch.einsum("boi,ok,ij->bkj", g, self._p_out[name], self._p_in[name]).reshape(
-                g.shape[0], self.out_dim
-            )
+            out = out + self._keep(torch.einsum("boi,ok,ij->bkj", g, self._p_out[name], self._p_in[name]))
         return out
 
 

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import numbers
 import os
+import shutil
 import tempfile
 import time
 import uuid
 import warnings
+import weakref
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
+from sklearn.utils import gen_batches
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import _num_samples, check_is_fitted
+from sklearn.utils.validation import _num_samples, check_is_fitted, check_scalar
 
-from ._data import to_tensor, validate_fit_data, validate_predict_data
-from ._ensembles import ENSEMBLES, TrainedEnsemble
-from ._gradients import GRADIENT_PATHS, feature_dim, featurize_members
-from ._methods import METHODS, attribution_block, self_attribution
+from ._base import GradientEstimator, fill_doc
+from ._data import to_tensor, validate_predict_data
+from ._gradients import feature_dim
+from ._methods import METHODS, FittedMember, attribution_columns, self_attribution
 from ._nets import check_net, resolve_device
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
@@ -40,7 +43,8 @@ class Influence(NamedTuple):
     opponent_scores: np.ndarray
 
 
-class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
+@fill_doc
+class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, GradientEstimator):
     """Training data attribution averaged over an ensemble of skorch nets.
 
     ``fit`` trains the ensemble members and caches projected per-sample gradient
@@ -50,9 +54,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
 
     Parameters
     ----------
-    estimator : skorch.NeuralNetClassifier or skorch.NeuralNetRegressor
-        Unfitted skorch net, cloned for every trained model. Its criterion must be
-        ``CrossEntropyLoss`` (logits), ``NLLLoss`` (probabilities) or ``MSELoss``.
+    %(estimator)s
     method : {"trak", "if", "tracin", "grad_dot", "grad_cos"}, default="trak"
         Scoring rule. ``"trak"``: TRAK (Park et al., 2023); ``"if"``: influence
         function with a damped empirical-Fisher inverse in projected gradient
@@ -66,92 +68,81 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         trained model is the base of ``n_adapters`` LoRA adapters, and gradients
         are taken with respect to the adapters only. ``n_models > 1`` with
         ``"dropout"`` or ``"lora"`` gives the hybrids.
-    n_models : int, default=1
-        Independently trained models.
-    n_masks : int, default=5
-        Fixed dropout masks per model (``ensemble="dropout"``).
+    %(n_models)s
+    %(n_masks)s
     n_adapters : int, default=5
         LoRA adapters per model (``ensemble="lora"``).
-    dropout_rate : float or None, default=None
-        Dropout rate of the masks; None keeps each dropout layer's own rate.
+    %(dropout_rate)s
     mask_gradients : bool, default=True
         With ``ensemble="dropout"``: True takes gradients under every mask; False
         takes them from the unmasked model and lets the masks enter only through
         ``-dL/df`` (TRAK's ``1 - p``), averaged over masks, which costs one
         backward pass per model instead of one per mask.
     lora_rank : int, default=4
-        Rank of the LoRA adapters.
+        Rank of the LoRA adapters, at most the smallest dimension of every
+        adapted layer.
     lora_target_modules : list of str or None, default=None
         Modules that get adapters; None means every ``nn.Linear`` but the output.
     lora_epochs : int, default=5
         Fine-tuning epochs per adapter.
     n_checkpoints : int, default=5
         Checkpoints per model for ``method="tracin"``, evenly spread over the
-        epochs, the last included.
+        epochs, the last included (the net needs ``max_epochs >= 1``).
     proj_dim : int or None, default=2048
         Dimension of the random projection of the gradients. When a member has at
         most ``proj_dim`` differentiated parameters (or with None), the exact
         gradient is used.
-    projection : {"gaussian", "rademacher"}, default="gaussian"
-        Distribution of the projection's entries.
-    gradient_path : {"auto", "linear", "vmap"}, default="auto"
-        How per-sample gradients are computed. ``"linear"``: when every
-        differentiated parameter belongs to an ``nn.Linear``, one forward and
-        backward pass per chunk and a Kronecker-structured projection of each
-        layer's input and output gradient (the full gradient is never formed);
-        ``"vmap"``: ``torch.func.vmap(grad)`` and a dense projection, for any
-        module. ``"auto"`` takes the linear path when it applies and a projection
-        is needed.
+    %(projection)s
+    %(gradient_path)s
     damping : float, default=1.0
         Damping of the inverses of TRAK and the influence function, relative to
         the mean eigenvalue of the matrix inverted (so it is blind to the scale of
         the gradients). Heavy damping measured best on digits (see the README's
         LDS benchmark): it keeps the inverse from amplifying the many directions
-        that the projected training gradients barely span.
+        that the projected training gradients barely span. 0 (no damping) warns:
+        the matrix is then singular whenever ``proj_dim`` exceeds what the
+        training gradients span.
     layers : None, "all", "last" or list of str, default=None
         Parameters to differentiate: all (None or "all"), the output layer's
-        ("last"), or those of the named modules.
-    batch_size : int, default=256
-        Samples per chunk of per-sample gradients (bounds memory, not results).
+        ("last"), or those of the named modules. LoRA members differentiate their
+        adapters, so with ``ensemble="lora"`` it must be None (choose the adapted
+        modules with ``lora_target_modules``).
+    %(batch_size)s
     feature_dtype : {"float32", "float16"}, default="float32"
         Storage type of the cached training features (float16 halves their
         memory; scores are still computed in float32).
     features_dir : str or None, default=None
         Directory where the training features are written as a memory-mapped
-        ``.npy`` file. None keeps them in memory unless they would take over half
-        the available memory, in which case a temporary directory is used.
-    device : str, default="auto"
-        Torch device for training and gradients; "auto" is CUDA when available.
-    n_jobs : int or None, default=None
-        Models trained and featurized in parallel through
-        ``sklearn.utils.parallel.Parallel`` (so joblib's Dask or Ray backends
-        apply). Results do not depend on it.
-    random_state : int, RandomState instance or None, default=None
-        Seeds training, dropout masks, adapters and projections.
+        ``.npy`` file (checked to be writable before training). None keeps them in
+        memory unless they would take over half the available memory, in which
+        case a temporary directory is used. A refit replaces the file, and the
+        file (and any temporary directory) is removed when the estimator is
+        refitted or garbage collected.
+    %(device)s
+    %(n_jobs)s
+    %(random_state)s
     score_n_subsets : int, default=50
         Retrained subset models behind ``score``.
     score_subset_fraction : float, default=0.5
         Fraction of the training set in each of those subsets.
-    verbose : int, default=0
-        Progress bars for training and featurization when > 0.
+    %(verbose)s
 
     Attributes
     ----------
-    estimators_ : list of skorch nets
-        The trained models.
+    %(estimators_)s
+    %(ensemble_)s
     n_members_ : int
         Ensemble members the gradients are averaged over (``n_models`` times
         ``n_masks`` or ``n_adapters``; ``n_models`` with ``mask_gradients=False``).
-    classes_ : ndarray of shape (n_classes,)
-        Class labels (classifiers only).
-    n_features_in_ : int
-        Number of features seen in ``fit``.
-    feature_names_in_ : ndarray of shape (n_features_in_,)
-        Feature names seen in ``fit``, when X had string column names.
-    train_features_ : ndarray of shape (n_blocks, n_train, k)
-        Projected training gradients of every member (and TracIn checkpoint).
-    train_weights_ : ndarray of shape (n_blocks, n_train)
-        ``-dL/df`` of every training sample under every block (``1 - p``).
+    %(classes_)s
+    %(n_features_in_)s
+    %(feature_names_in_)s
+    train_features_ : ndarray of shape (n_feature_sets, n_train, k)
+        Projected training gradients, one set per member (and per TracIn
+        checkpoint of each member).
+    train_residuals_ : ndarray of shape (n_feature_sets, n_train)
+        The residual ``-dL/df`` of every training sample in every feature set
+        (``1 - p`` for classifiers, twice ``y - f`` for regressors).
     costs_ : dict
         ``train_seconds``, ``featurize_seconds``, ``feature_bytes``,
         ``model_bytes`` and ``n_members``.
@@ -186,32 +177,20 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
     """
 
     _parameter_constraints: dict = {
-        "estimator": "no_validation",
+        **GradientEstimator._parameter_constraints,
         "method": [StrOptions(set(METHODS))],
-        "ensemble": [StrOptions(set(ENSEMBLES))],
-        "n_models": [Interval(numbers.Integral, 1, None, closed="left")],
-        "n_masks": [Interval(numbers.Integral, 1, None, closed="left")],
+        "ensemble": [StrOptions({"independent", "dropout", "lora"})],
         "n_adapters": [Interval(numbers.Integral, 1, None, closed="left")],
-        "dropout_rate": [Interval(numbers.Real, 0, 1, closed="neither"), None],
         "mask_gradients": ["boolean"],
         "lora_rank": [Interval(numbers.Integral, 1, None, closed="left")],
         "lora_target_modules": [list, None],
         "lora_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_checkpoints": [Interval(numbers.Integral, 1, None, closed="left")],
-        "proj_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
-        "projection": [StrOptions({"gaussian", "rademacher"})],
-        "gradient_path": [StrOptions(set(GRADIENT_PATHS))],
         "damping": [Interval(numbers.Real, 0, None, closed="left")],
-        "layers": [None, str, list],
-        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
         "feature_dtype": [StrOptions({"float32", "float16"})],
         "features_dir": [str, os.PathLike, None],
-        "device": [str],
-        "n_jobs": [numbers.Integral, None],
-        "random_state": ["random_state"],
         "score_n_subsets": [Interval(numbers.Integral, 3, None, closed="left")],
         "score_subset_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
-        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -272,80 +251,73 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X, y):
-        """Train the ensemble and cache the training set's gradient features.
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features)
-            Training inputs.
-        y : array-like or torch.Tensor of shape (n_samples,)
-            Training targets: class labels for classifiers, values for regressors.
-
-        Returns
-        -------
-        self : EnsembleAttributor
-        """
-        self._validate_params()
-        task = check_net(self.estimator)
-        X, y = validate_fit_data(self, X, y, task)
-        strategy = self._strategy()
-        method = METHODS[self.method]()
+    def _check_fit(self, task):
+        method = METHODS[self.method]
         if method.needs_checkpoints and self.ensemble == "lora":
             raise ValueError(
                 "method='tracin' needs checkpoints of the differentiated parameters, and "
                 "LoRA adapters have none from base training; use ensemble='independent' "
                 "or 'dropout' with TracIn, or another method with LoRA."
             )
-        device = resolve_device(self.device)
+        if method.inverts and self.damping == 0:
+            warnings.warn(
+                f"damping=0 with method={self.method!r}: the matrix inverted is singular "
+                "whenever proj_dim exceeds what the training gradients span, and the "
+                "attributions are then numerically unstable. Use damping > 0 (default 1.0).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.features_dir is not None:
+            _check_writable_directory(self.features_dir)
 
-        start = time.perf_counter()
-        self.ensemble_ = TrainedEnsemble.fit(
-            strategy,
-            self.estimator,
-            X,
-            y,
-            n_models=self.n_models,
-            random_state=self.random_state,
-            device=device,
-            n_jobs=self.n_jobs,
-            verbose=self.verbose,
-            n_checkpoints=self.n_checkpoints if method.needs_checkpoints else None,
-            task=task,
-            n_classes=len(getattr(self, "classes_", ())),
-        )
-        self.estimators_ = self.ensemble_.nets
-        train_seconds = time.perf_counter() - start
+    def _strategy_params(self):
+        return {
+            **super()._strategy_params(),
+            "n_adapters": self.n_adapters,
+            "mask_gradients": self.mask_gradients,
+            "lora_rank": self.lora_rank,
+            "lora_target_modules": self.lora_target_modules,
+            "lora_epochs": self.lora_epochs,
+        }
 
+    def _n_checkpoints(self):
+        return self.n_checkpoints if METHODS[self.method].needs_checkpoints else None
+
+    def _fit_features(self, X, y, *, task, device):
         start = time.perf_counter()
+        method = METHODS[self.method]()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
         dtype = np.dtype(self.feature_dtype)
         out_file = self._features_file(
             len(members) * len(X) * feature_dim(members[0], self.proj_dim) * dtype.itemsize
         )
-        features = self._featurize(members, task, X, y, device, dtype, out_file)
+        features = self._featurize(members, X, y, task=task, device=device, dtype=dtype, out_file=out_file)
         if out_file is not None:
             self.train_features_ = np.load(out_file, mmap_mode="r+")
         elif len(features) == 1:  # a single member's features are kept as they are: no copy
             self.train_features_ = features[0].phi[None]
         else:
             self.train_features_ = np.stack([f.phi for f in features])
-        self.train_weights_ = np.stack([f.weight for f in features])
-        self._block_weights = [m.weight for m in members]
-        self._states = [method.fit(f.phi, f.weight, self.damping, device) for f in features]
-        featurize_seconds = time.perf_counter() - start
-
-        self.n_members_ = self.n_models * strategy.members_per_model
+        self.train_residuals_ = np.stack([f.residual for f in features])
+        self._members = [
+            FittedMember(
+                coef=m.coef,
+                state=method.fit(f.phi, f.residual, self.damping, device),
+                phi=phi,
+                residual=f.residual,
+            )
+            for m, f, phi in zip(members, features, self.train_features_)
+        ]
+        self.n_members_ = self.n_models * self.ensemble_.strategy.members_per_model
         self._n_features_out = X.shape[0]
-        self._X_fit, self._y_fit = X, y
-        self.costs_ = {
-            "train_seconds": train_seconds,
-            "featurize_seconds": featurize_seconds,
-            "feature_bytes": int(self.train_features_.nbytes + self.train_weights_.nbytes),
+        # a copy: the fitted estimator must not change when the caller's arrays do
+        self._X_fit, self._y_fit = np.array(X), np.array(y)
+        return {
+            "featurize_seconds": time.perf_counter() - start,
+            "feature_bytes": int(self.train_features_.nbytes + self.train_residuals_.nbytes),
             "model_bytes": self.ensemble_.serving_bytes(),
             "n_members": self.n_members_,
         }
-        return self
 
     # ------------------------------------------------------------ attribute
     def attribute(self, X, y=None) -> np.ndarray:
@@ -368,9 +340,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         """
         check_is_fitted(self)
         _check_dense_fits(_num_samples(X), self.train_features_.shape[1])
-        blocks, test_phis, device = self._test_features(X, y)
-        A = attribution_block(METHODS[self.method](), blocks, test_phis, slice(None), device)
-        return A.cpu().numpy().astype(np.float64)
+        test_phis, device = self._test_features(X, y)
+        A = attribution_columns(METHODS[self.method](), self._members, test_phis, slice(None), device)
+        return _finite(A, "attribution scores").cpu().numpy().astype(np.float64)
 
     def transform(self, X) -> np.ndarray:
         """Attributions for the ensemble's own predictions on ``X``.
@@ -378,10 +350,12 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         Parameters
         ----------
         X : array-like of shape (n_test, n_features)
+            Test inputs.
 
         Returns
         -------
         A : ndarray of shape (n_test, n_train)
+            As in ``attribute``, for the predicted labels.
         """
         return self.attribute(X, None)
 
@@ -392,12 +366,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         Returns
         -------
         scores : ndarray of shape (n_train,)
+            The diagonal of ``attribute(X_train, y_train)``, in row chunks.
         """
         check_is_fitted(self)
-        device = resolve_device(self.device)
-        return (
-            self_attribution(METHODS[self.method](), self._blocks(), device).cpu().numpy().astype(np.float64)
-        )
+        scores = self_attribution(METHODS[self.method](), self._members, resolve_device(self.device))
+        return _finite(scores, "self-attribution scores").cpu().numpy().astype(np.float64)
 
     def most_influential(self, X, y=None, k: int = 10) -> Influence:
         """The ``k`` strongest proponents and opponents per test sample.
@@ -408,6 +381,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         Parameters
         ----------
         X : array-like of shape (n_test, n_features)
+            Test inputs.
         y : array-like of shape (n_test,), default=None
             As in ``attribute``.
         k : int, default=10
@@ -421,17 +395,18 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         """
         check_is_fitted(self)
         n_train = self.train_features_.shape[1]
-        if not isinstance(k, numbers.Integral) or not 1 <= k <= n_train:
-            raise ValueError(f"k must be an integer in [1, n_train={n_train}], got {k!r}.")
-        blocks, test_phis, device = self._test_features(X, y)
+        check_scalar(k, "k", numbers.Integral, min_val=1, max_val=n_train)
+        test_phis, device = self._test_features(X, y)
         method = METHODS[self.method]()
         n_test = test_phis[0].shape[0]
         # bound both the score block and the float32 copy of the training features
         chunk = max(k, _CHUNK_BYTES // (4 * max(n_test, self.train_features_.shape[2])))
         top = bottom = None
-        for start in range(0, n_train, chunk):
-            scores = attribution_block(method, blocks, test_phis, slice(start, start + chunk), device)
-            index = torch.arange(start, start + scores.shape[1], device=device).expand(n_test, -1)
+        for columns in gen_batches(n_train, chunk):
+            scores = _finite(
+                attribution_columns(method, self._members, test_phis, columns, device), "attribution scores"
+            )
+            index = torch.arange(columns.start, columns.stop, device=device).expand(n_test, -1)
             top = _merge_topk(top, scores, index, k, largest=True)
             bottom = _merge_topk(bottom, scores, index, k, largest=False)
         return Influence(
@@ -445,9 +420,17 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         """Linear datamodeling score of the attributions on ``(X, y)``.
 
         The ground truth is ``score_n_subsets`` models retrained on random subsets
-        of the training data seen in ``fit``; it is cached by data and net
-        configuration, so a grid search over ensemble strategies retrains once per
-        fold.
+        of the training data seen in ``fit`` (see
+        :func:`sktda.model_selection.subset_retraining`); it is cached by data
+        and net configuration, so a grid search over ensemble strategies retrains
+        once per fold.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_test, n_features)
+            Test inputs.
+        y : array-like of shape (n_test,)
+            Test targets whose prediction is attributed and measured.
 
         Returns
         -------
@@ -455,13 +438,15 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
             Mean Spearman correlation over test samples (higher is better).
         """
         check_is_fitted(self)
-        X, _ = validate_predict_data(self, X, y, check_net(self.estimator))
+        if y is None:
+            raise ValueError("score needs the test targets y: the LDS measures how y's prediction moves.")
+        X_valid, _ = validate_predict_data(self, X, y, check_net(self.estimator))
         seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
         truth = subset_retraining(
             self.estimator,
             self._X_fit,
             self._decode(self._y_fit),
-            X,
+            X_valid,
             y,
             n_subsets=self.score_n_subsets,
             subset_fraction=self.score_subset_fraction,
@@ -472,72 +457,70 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Base
         return linear_datamodeling_score(self.attribute(X, y), truth.subsets, truth.outputs)
 
     # -------------------------------------------------------------- helpers
-    def _strategy(self):
-        return ENSEMBLES[self.ensemble](
-            {
-                "layers": self.layers,
-                "n_masks": self.n_masks,
-                "n_adapters": self.n_adapters,
-                "dropout_rate": self.dropout_rate,
-                "mask_gradients": self.mask_gradients,
-                "lora_rank": self.lora_rank,
-                "lora_target_modules": self.lora_target_modules,
-                "lora_epochs": self.lora_epochs,
-            }
-        )
-
     def _features_file(self, nbytes: int) -> str | None:
         """Where the training features are memory-mapped: ``features_dir`` when
         set, a temporary directory when they would take over half the available
-        memory, or nowhere (in memory)."""
-        directory = self.features_dir
+        memory, or nowhere (in memory). The previous fit's file goes first, and
+        this one is removed when the estimator is refitted or collected."""
+        release = getattr(self, "_release_features", None)
+        if release is not None:
+            release()
+        directory, temporary = self.features_dir, None
         if directory is None:
             available = _available_memory()
             if available is None or nbytes <= available // 2:
                 return None
-            directory = tempfile.mkdtemp(prefix="sktda-")
-        os.makedirs(directory, exist_ok=True)
-        return os.path.join(directory, f"train_features_{uuid.uuid4().hex}.npy")
-
-    def _featurize(self, members, task, X, y, device, dtype=np.float32, out_file=None):
-        return featurize_members(
-            members,
-            task,
-            self.proj_dim,
-            self.projection,
-            X,
-            y,
-            self.batch_size,
-            device,
-            self.n_jobs,
-            self.verbose,
-            self.gradient_path,
-            dtype,
-            out_file,
-        )
-
-    def _blocks(self) -> list:
-        return list(zip(self._block_weights, self._states, self.train_features_, self.train_weights_))
+            directory = temporary = tempfile.mkdtemp(prefix="sktda-")
+        path = os.path.join(directory, f"train_features_{uuid.uuid4().hex}.npy")
+        self._release_features = weakref.finalize(self, _remove, path, temporary)
+        return path
 
     def _test_features(self, X, y):
-        check_is_fitted(self)
-        task = check_net(self.estimator)
-        X, y = validate_predict_data(self, X, y, task)
-        device = resolve_device(self.device)
-        if y is None:
-            y = self.ensemble_.predict_targets(X, task, self.batch_size, device)
+        task, X, y, device = self._prepare_predict(X, y)
         members = self.ensemble_.members(checkpoints=METHODS[self.method].needs_checkpoints)
-        test_phis = [to_tensor(f.phi).to(device) for f in self._featurize(members, task, X, y, device)]
-        return self._blocks(), test_phis, device
+        features = self._featurize(members, X, y, task=task, device=device)
+        return [to_tensor(f.phi).to(device) for f in features], device
 
     def _decode(self, y: np.ndarray) -> np.ndarray:
         return self.classes_[y] if hasattr(self, "classes_") else y
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        tags.input_tags.allow_nan = False
-        return tags
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_release_features", None)  # a copy does not own the file
+        return state
+
+
+def _check_writable_directory(directory) -> None:
+    """Refuse a ``features_dir`` that is a file or cannot be written, before any
+    training is spent."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"features_dir={os.fspath(directory)!r} cannot hold the training features: "
+            f"{exc.strerror or exc}. Pass a writable directory, or None to keep them in memory."
+        ) from exc
+
+
+def _remove(path: str, temporary: str | None) -> None:
+    """Remove a features file and the temporary directory that held it, if any."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    if temporary is not None:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _finite(scores: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(
+            f"The {what} are not finite: the gradient features or the inverse overflowed. "
+            "Raise damping, lower proj_dim, or use feature_dtype='float32'."
+        )
+    return scores
 
 
 def _available_memory() -> int | None:

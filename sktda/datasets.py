@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, validate_params
 
 __all__ = ["flip_labels", "load_digits_split"]
 
 
+@validate_params(
+    {
+        "n_train": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_test": [Interval(numbers.Integral, 1, None, closed="left")],
+        "random_state": ["random_state"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def load_digits_split(n_train: int = 1000, n_test: int = 200, random_state: int = 0):
     """scikit-learn's digits, scaled to [0, 1] as float32, split into a stratified
     training and test set.
@@ -40,6 +51,14 @@ def load_digits_split(n_train: int = 1000, n_test: int = 200, random_state: int 
     return X_train, X_test, y_train, y_test
 
 
+@validate_params(
+    {
+        "y": ["array-like"],
+        "fraction": [Interval(numbers.Real, 0, 1, closed="left")],
+        "random_state": ["random_state"],
+    },
+    prefer_skip_nested_validation=True,
+)
 def flip_labels(y, fraction: float, random_state=None):
     """Symmetric label noise: ``fraction`` of the labels, chosen at random, are
     replaced by a different class drawn uniformly.
@@ -60,8 +79,8 @@ def flip_labels(y, fraction: float, random_state=None):
     (3, True)
     """
     y = np.asarray(y)
-    if not 0 <= fraction < 1:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction}.")
+    if y.ndim != 1:
+        raise ValueError(f"y must be a 1-D array of labels, got shape {y.shape}.")
     classes = np.unique(y)
     if classes.size < 2:
         raise ValueError("flip_labels needs at least two classes.")

@@ -6,16 +6,13 @@ import numbers
 import time
 
 import numpy as np
-from sklearn.base import BaseEstimator, MetaEstimatorMixin, OutlierMixin, clone
-from sklearn.utils import _safe_indexing, check_random_state
+from sklearn.base import BaseEstimator, MetaEstimatorMixin, OutlierMixin, _fit_context, clone
+from sklearn.utils import _safe_indexing, check_random_state, indexable
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import _num_samples, check_is_fitted
+from sklearn.utils.validation import _check_method_params, _estimator_has, _num_samples, check_is_fitted
 
-from ._data import validate_fit_data, validate_predict_data
-from ._ensembles import ENSEMBLES, TrainedEnsemble
-from ._gradients import featurize_members
-from ._nets import check_net, resolve_device
+from ._base import GradientEstimator, fill_doc
 
 __all__ = ["FilteredEstimator", "OutlierGradientDetector"]
 
@@ -41,12 +38,8 @@ def _tukey_offset(scores: np.ndarray) -> float:
     return float(-np.exp(q3 + 1.5 * (q3 - q1)))
 
 
-def _indexable(a):
-    """Arrays, frames, tensors and lists pass; other array-likes become arrays."""
-    return a if hasattr(a, "__getitem__") and hasattr(a, "__len__") else np.asarray(a)
-
-
-class OutlierGradientDetector(OutlierMixin, BaseEstimator):
+@fill_doc
+class OutlierGradientDetector(OutlierMixin, GradientEstimator):
     """Detrimental or mislabeled training samples as outliers in gradient space.
 
     ``fit`` trains the skorch net (or an ensemble of it), computes every training
@@ -59,46 +52,48 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
 
     Parameters
     ----------
-    estimator : skorch.NeuralNetClassifier or skorch.NeuralNetRegressor
-        Unfitted skorch net (``CrossEntropyLoss``, ``NLLLoss`` or ``MSELoss``).
+    %(estimator)s
     detector : {"l2", "l1", "iforest"} or scikit-learn outlier detector, default="l2"
         ``"l1"``/``"l2"``: the norm of the loss gradient (larger = more abnormal);
         ``"iforest"``: an ``IsolationForest`` on the gradients; or any unfitted
-        detector with ``score_samples`` (cloned for every member and class).
+        detector with ``fit`` and ``score_samples`` (cloned for every member,
+        checkpoint and class, its ``random_state`` seeded from ours).
     contamination : float in (0, 0.5] or "auto", default=0.1
         Expected fraction of outliers: ``offset_`` is that quantile of the training
         scores, so this fraction of the training set is flagged (set it to the
         expected noise rate). ``"auto"``: the detector's own threshold when it has
         one (-0.5 for the isolation forest), else Tukey's fence on the log of the
         gradient norms.
-    layers : "last", "all" or list of str, default="last"
+    layers : "last", "all", None or list of str, default="last"
         Parameters whose gradients are used: the output layer's (as in the paper),
-        all, or those of the named modules.
+        all ("all" or None), or those of the named modules.
     n_checkpoints : int or None, default=8
         Gradients at this many checkpoints evenly spread over training (the last
         included), scores averaged; None uses the final model only (the paper's
-        recipe).
+        recipe). Checkpoints need ``max_epochs >= 1``.
     per_class : bool, default=False
         Fit one detector per class on the samples given that label (classifiers).
     ensemble : {"independent", "dropout"}, default="independent"
         Members whose scores are averaged: ``n_models`` trained nets, times
         ``n_masks`` fixed dropout masks with ``"dropout"``.
-    n_models : int, default=1
-    n_masks : int, default=5
-    dropout_rate : float or None, default=None
+    %(n_models)s
+    %(n_masks)s
+    %(dropout_rate)s
     proj_dim : int or None, default=None
         Random projection of the gradients (useful with ``layers="all"``); None
         keeps them exact.
-    batch_size : int, default=256
-    device : str, default="auto"
-    n_jobs : int or None, default=None
-    random_state : int, RandomState instance or None, default=None
-    verbose : int, default=0
+    %(projection)s
+    %(gradient_path)s
+    %(batch_size)s
+    %(device)s
+    %(n_jobs)s
+    %(random_state)s
+    %(verbose)s
 
     Attributes
     ----------
-    estimators_ : list of skorch nets
-        The trained nets.
+    %(estimators_)s
+    %(ensemble_)s
     detectors_ : list
         Fitted detectors, one per member and checkpoint (a dict by class with
         ``per_class=True``).
@@ -108,9 +103,9 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
         ``score_samples`` of the training set (lower = more abnormal).
     labels_ : ndarray of shape (n_samples,)
         +1 inlier, -1 outlier, for the training set.
-    classes_ : ndarray
-        Class labels (classifiers).
-    n_features_in_ : int
+    %(classes_)s
+    %(n_features_in_)s
+    %(feature_names_in_)s
     costs_ : dict
         ``train_seconds``, ``featurize_seconds``, ``detect_seconds``.
 
@@ -143,22 +138,12 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "estimator": "no_validation",
-        "detector": [StrOptions({"l1", "l2", "iforest"}), HasMethods(["fit"])],
+        **GradientEstimator._parameter_constraints,
+        "detector": [StrOptions({"l1", "l2", "iforest"}), HasMethods(["fit", "score_samples"])],
         "contamination": [StrOptions({"auto"}), Interval(numbers.Real, 0, 0.5, closed="right")],
-        "layers": [str, list],
         "n_checkpoints": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "per_class": ["boolean"],
         "ensemble": [StrOptions({"independent", "dropout"})],
-        "n_models": [Interval(numbers.Integral, 1, None, closed="left")],
-        "n_masks": [Interval(numbers.Integral, 1, None, closed="left")],
-        "dropout_rate": [Interval(numbers.Real, 0, 1, closed="neither"), None],
-        "proj_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
-        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
-        "device": [str],
-        "n_jobs": [numbers.Integral, None],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -175,6 +160,8 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
         n_masks=5,
         dropout_rate=None,
         proj_dim=None,
+        projection="gaussian",
+        gradient_path="auto",
         batch_size=256,
         device="auto",
         n_jobs=None,
@@ -192,60 +179,25 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
         self.n_masks = n_masks
         self.dropout_rate = dropout_rate
         self.proj_dim = proj_dim
+        self.projection = projection
+        self.gradient_path = gradient_path
         self.batch_size = batch_size
         self.device = device
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
 
-    def fit(self, X, y):
-        """Train the net, compute training-loss gradients, fit the detector(s).
-
-        Parameters
-        ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,)
-            The given (possibly noisy) labels or targets.
-
-        Returns
-        -------
-        self : OutlierGradientDetector
-        """
-        self._validate_params()
-        task = check_net(self.estimator)
+    # ------------------------------------------------------------------ fit
+    def _check_fit(self, task):
         if self.per_class and not task.is_classifier:
             raise ValueError("per_class=True needs a classifier; the net is a regressor.")
-        X, y = validate_fit_data(self, X, y, task)
-        strategy = ENSEMBLES[self.ensemble](
-            {
-                "layers": self.layers,
-                "n_masks": self.n_masks,
-                "dropout_rate": self.dropout_rate,
-                "mask_gradients": True,
-            }
-        )
-        device = resolve_device(self.device)
 
-        start = time.perf_counter()
-        self.ensemble_ = TrainedEnsemble.fit(
-            strategy,
-            self.estimator,
-            X,
-            y,
-            n_models=self.n_models,
-            random_state=self.random_state,
-            device=device,
-            n_jobs=self.n_jobs,
-            verbose=self.verbose,
-            n_checkpoints=self.n_checkpoints,
-            task=task,
-            n_classes=len(getattr(self, "classes_", ())),
-        )
-        self.estimators_ = self.ensemble_.nets
-        train_seconds = time.perf_counter() - start
+    def _n_checkpoints(self):
+        return self.n_checkpoints
 
+    def _fit_features(self, X, y, *, task, device):
         start = time.perf_counter()
-        gradients = self._gradients(task, X, y, device)
+        gradients = self._gradients(X, y, task=task, device=device)
         featurize_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -258,70 +210,108 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
         self.train_scores_ = self._score(gradients, groups)
         self.offset_ = self._offset(self.train_scores_)
         self.labels_ = np.where(self.train_scores_ < self.offset_, -1, 1)
-        self.costs_ = {
-            "train_seconds": train_seconds,
-            "featurize_seconds": featurize_seconds,
-            "detect_seconds": time.perf_counter() - start,
-        }
-        return self
+        return {"featurize_seconds": featurize_seconds, "detect_seconds": time.perf_counter() - start}
 
+    # -------------------------------------------------------------- predict
     def score_samples(self, X, y=None) -> np.ndarray:
         """Outlier score of each sample: lower is more abnormal.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Samples to score.
         y : array-like of shape (n_samples,), default=None
-            Labels whose loss gradients are scored; None uses the net's
+            Labels whose loss gradients are scored; None uses the ensemble's
             predicted labels.
 
         Returns
         -------
         scores : ndarray of shape (n_samples,)
+            The mean over members and checkpoints of the detectors' scores.
         """
-        check_is_fitted(self)
-        task = check_net(self.estimator)
-        X, y = validate_predict_data(self, X, y, task)
-        device = resolve_device(self.device)
-        if y is None:
-            y = self.ensemble_.predict_targets(X, task, self.batch_size, device)
-        return self._score(self._gradients(task, X, y, device), self._groups(y))
+        task, X, y, device = self._prepare_predict(X, y)
+        return self._score(self._gradients(X, y, task=task, device=device), self._groups(y))
 
     def decision_function(self, X, y=None) -> np.ndarray:
-        """``score_samples(X, y) - offset_``: negative for outliers."""
+        """Shifted outlier score: negative for outliers.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples to score.
+        y : array-like of shape (n_samples,), default=None
+            As in ``score_samples``.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,)
+            ``score_samples(X, y) - offset_``.
+        """
         return self.score_samples(X, y) - self.offset_
 
     def predict(self, X, y=None) -> np.ndarray:
-        """+1 for inliers, -1 for outliers (detrimental samples)."""
+        """Flag outliers (detrimental samples).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples to flag.
+        y : array-like of shape (n_samples,), default=None
+            As in ``score_samples``.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            +1 for inliers, -1 for outliers.
+        """
         return np.where(self.decision_function(X, y) < 0, -1, 1)
 
     def fit_predict(self, X, y=None) -> np.ndarray:
-        """Fit on ``(X, y)`` and flag its outliers (``labels_``)."""
+        """Fit on ``(X, y)`` and flag its outliers.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training inputs.
+        y : array-like of shape (n_samples,)
+            The given (possibly noisy) labels or targets; required.
+
+        Returns
+        -------
+        labels : ndarray of shape (n_samples,)
+            ``labels_``: +1 for inliers, -1 for outliers.
+        """
         return self.fit(X, y).labels_
 
     def fit_resample(self, X, y):
         """Fit, then return the training samples kept (inliers), so the detector
         is a sampler in an ``imblearn.pipeline.Pipeline``.
 
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training inputs.
+        y : array-like of shape (n_samples,)
+            The given (possibly noisy) labels or targets.
+
         Returns
         -------
         X_kept, y_kept
-            The same types as given (numpy arrays, pandas objects, tensors).
+            The inlier rows, in the types given (numpy arrays, pandas objects,
+            tensors).
         """
         self.fit(X, y)
         return self._fit_resample(X, y)
 
     def _fit_resample(self, X, y):
         keep = np.flatnonzero(self.labels_ == 1)
-        return _safe_indexing(_indexable(X), keep), _safe_indexing(_indexable(y), keep)
+        X, y = indexable(X, y)
+        return _safe_indexing(X, keep), _safe_indexing(y, keep)
 
     # ------------------------------------------------------------- helpers
-    def _gradients(self, task, X, y, device) -> list[np.ndarray]:
+    def _gradients(self, X, y, *, task, device) -> list[np.ndarray]:
         members = self.ensemble_.members(checkpoints=bool(self.n_checkpoints))
-        features = featurize_members(
-            members, task, self.proj_dim, "gaussian", X, y, self.batch_size, device, self.n_jobs, self.verbose
-        )
-        return [f.loss_gradients for f in features]
+        return [f.loss_gradients for f in self._featurize(members, X, y, task=task, device=device)]
 
     def _groups(self, y: np.ndarray) -> dict:
         if not self.per_class:
@@ -340,11 +330,6 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
             detector = clone(self.detector)
             if "random_state" in detector.get_params():
                 detector.set_params(random_state=seed)
-        if not hasattr(detector, "score_samples"):
-            raise TypeError(
-                f"detector {type(detector).__name__} has no score_samples; use a scikit-learn "
-                "outlier detector such as IsolationForest, or LocalOutlierFactor(novelty=True)."
-            )
         return detector.fit(G)
 
     def _score(self, gradients: list[np.ndarray], groups: dict) -> np.ndarray:
@@ -352,6 +337,11 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
         for G, detectors in zip(gradients, self.detectors_):
             for g, rows in groups.items():
                 scores[rows] += detectors[g].score_samples(G[rows])
+        if not np.all(np.isfinite(scores)):
+            raise ValueError(
+                "The outlier scores are not finite: the detector returned NaN or inf on the "
+                "gradients. Use detector='l2' or 'iforest', or a projection (proj_dim)."
+            )
         return scores / len(gradients)
 
     def _offset(self, scores: np.ndarray) -> float:
@@ -361,19 +351,6 @@ class OutlierGradientDetector(OutlierMixin, BaseEstimator):
         if all(o is not None for o in offsets):
             return float(np.mean(offsets))
         return _tukey_offset(scores)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.required = True
-        tags.input_tags.allow_nan = False
-        return tags
-
-
-def _estimator_has(attr):
-    def check(self):
-        return hasattr(self.estimator_ if hasattr(self, "estimator_") else self.estimator, attr)
-
-    return check
 
 
 class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
@@ -422,19 +399,37 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
     60
     """
 
+    _parameter_constraints: dict = {
+        "estimator": [HasMethods(["fit"])],
+        "detector": [HasMethods(["fit_resample"]), None],
+    }
+
     def __init__(self, estimator, detector=None):
         self.estimator = estimator
         self.detector = detector
 
+    @_fit_context(prefer_skip_nested_validation=False)  # the inner estimators are validated
     def fit(self, X, y, **fit_params):
-        """Filter ``(X, y)`` with the detector, then fit the estimator on the rest."""
+        """Filter ``(X, y)`` with the detector, then fit the estimator on the rest.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training inputs.
+        y : array-like of shape (n_samples,)
+            Training targets (possibly noisy).
+        **fit_params : dict
+            Passed to the estimator's ``fit``; per-sample ones (``sample_weight``,
+            any array of length ``n_samples``) are restricted to the kept samples.
+
+        Returns
+        -------
+        self : FilteredEstimator
+        """
         detector = OutlierGradientDetector(self.estimator) if self.detector is None else clone(self.detector)
-        if not hasattr(detector, "fit_resample"):
-            raise TypeError(
-                f"detector must have fit_resample (a sampler such as OutlierGradientDetector), "
-                f"got {type(detector).__name__}."
-            )
         X_kept, y_kept = detector.fit_resample(X, y)
+        if fit_params:
+            fit_params = _check_method_params(X, fit_params, indices=_kept_indices(detector, fit_params))
         self.detector_ = detector
         self.n_removed_ = int(_num_samples(y) - _num_samples(y_kept))
         self.estimator_ = clone(self.estimator).fit(X_kept, y_kept, **fit_params)
@@ -444,36 +439,100 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
 
     @property
     def classes_(self):
+        """The fitted estimator's class labels."""
         check_is_fitted(self)
         return self.estimator_.classes_
 
     @available_if(_estimator_has("predict"))
     def predict(self, X):
+        """The fitted estimator's ``predict`` on ``X`` (unfiltered).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,)
+        """
         check_is_fitted(self)
         return self.estimator_.predict(X)
 
     @available_if(_estimator_has("predict_proba"))
     def predict_proba(self, X):
+        """The fitted estimator's ``predict_proba`` on ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        proba : ndarray of shape (n_samples, n_classes)
+        """
         check_is_fitted(self)
         return self.estimator_.predict_proba(X)
 
     @available_if(_estimator_has("predict_log_proba"))
     def predict_log_proba(self, X):
+        """The fitted estimator's ``predict_log_proba`` on ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        log_proba : ndarray of shape (n_samples, n_classes)
+        """
         check_is_fitted(self)
         return self.estimator_.predict_log_proba(X)
 
     @available_if(_estimator_has("decision_function"))
     def decision_function(self, X):
+        """The fitted estimator's ``decision_function`` on ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        scores : ndarray
+        """
         check_is_fitted(self)
         return self.estimator_.decision_function(X)
 
     @available_if(_estimator_has("transform"))
     def transform(self, X):
+        """The fitted estimator's ``transform`` of ``X``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        X_new : ndarray
+        """
         check_is_fitted(self)
         return self.estimator_.transform(X)
 
     @available_if(_estimator_has("score"))
     def score(self, X, y, **kwargs):
+        """The fitted estimator's ``score`` on ``(X, y)`` (unfiltered).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+        **kwargs : dict
+            Passed to the estimator's ``score`` (``sample_weight``, say).
+
+        Returns
+        -------
+        score : float
+        """
         check_is_fitted(self)
         return self.estimator_.score(X, y, **kwargs)
 
@@ -491,3 +550,16 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         tags.target_tags = inner.target_tags
         tags.target_tags.required = True
         return tags
+
+
+def _kept_indices(detector, fit_params: dict) -> np.ndarray:
+    """Indices of the samples a fitted filter kept, to route per-sample fit params."""
+    if hasattr(detector, "labels_"):
+        return np.flatnonzero(np.asarray(detector.labels_) == 1)
+    if hasattr(detector, "sample_indices_"):  # imbalanced-learn's samplers
+        return np.asarray(detector.sample_indices_)
+    raise ValueError(
+        f"fit params {sorted(fit_params)} cannot be routed to the kept samples: the detector "
+        f"{type(detector).__name__} does not say which samples it kept (no labels_ or "
+        "sample_indices_). Fit without them, or use a detector that records its selection."
+    )

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from sklearn.base import clone
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, validate_params
 from sklearn.utils.parallel import Parallel, delayed
 
 from ._data import as_array_like, encode_labels, to_tensor
@@ -30,20 +31,16 @@ class SubsetRetraining(NamedTuple):
     outputs: np.ndarray
 
 
-def _target_outputs(net, task, X, y, batch_size: int = 1024) -> np.ndarray:
-    module = net.module_
-    module.eval()
-    device = next(module.parameters()).device
-    out = []
+def _target_outputs(net, task, X, y) -> np.ndarray:
+    """The attributed target of a trained net on ``(X, y)``, through skorch's
+    batched forward (eval mode, no gradients)."""
     with torch.no_grad():
-        for s in range(0, X.shape[0], batch_size):
-            o = module(to_tensor(X[s : s + batch_size]).to(device))
-            out.append(task.target_and_weight(o, to_tensor(y[s : s + batch_size]).to(device))[0].cpu())
-    return torch.cat(out).numpy()
+        out = net.forward(X, training=False)
+        return task.target_and_residual(out, to_tensor(y))[0].numpy()
 
 
 def _subset_outputs(estimator, task, X, y, mask, X_test, y_test, seed, device):
-    net = fit_net(estimator, X[mask], y[mask], seed, device)
+    net = fit_net(estimator, X[mask], y[mask], seed=seed, device=device, task=task)
     return _target_outputs(net, task, X_test, y_test)
 
 
@@ -52,15 +49,21 @@ def _retrain(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jo
         delayed(_subset_outputs)(estimator, task, X, y, mask, X_test, y_test, seed, device)
         for mask, seed in zip(subsets, seeds)
     )
-    return np.stack(outputs).astype(np.float64)
+    outputs = np.stack(outputs).astype(np.float64)
+    if not np.all(np.isfinite(outputs)):
+        bad = int(np.flatnonzero(~np.isfinite(outputs).all(1))[0])
+        raise ValueError(
+            f"The model retrained on subset {bad} gives non-finite outputs on the test set; "
+            "lower lr or scale X so that training is stable."
+        )
+    return outputs
 
 
 def _prepare(estimator, X, y, X_test, y_test):
     task = check_net(estimator)
     X = np.ascontiguousarray(as_array_like(X), dtype=np.float32)
     X_test = np.ascontiguousarray(as_array_like(X_test), dtype=np.float32)
-    y = np.asarray(as_array_like(y)).reshape(-1)
-    y_test = np.asarray(as_array_like(y_test)).reshape(-1)
+    y, y_test = _one_target_per_sample(y, "y"), _one_target_per_sample(y_test, "y_test")
     if X.ndim != 2 or X_test.ndim != 2 or X.shape[1] != X_test.shape[1]:
         raise ValueError(
             f"X and X_test must be 2-D with the same number of features; got {X.shape} and {X_test.shape}."
@@ -76,6 +79,24 @@ def _prepare(estimator, X, y, X_test, y_test):
     return task, X, y.astype(np.float32).reshape(-1, 1), X_test, y_test.astype(np.float32).reshape(-1, 1)
 
 
+def _one_target_per_sample(y, name: str) -> np.ndarray:
+    y = np.asarray(as_array_like(y))
+    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+        raise ValueError(f"{name} must hold one target per sample, a 1-D array, but has shape {y.shape}.")
+    return y.reshape(-1)
+
+
+@validate_params(
+    {
+        "n_subsets": [Interval(numbers.Integral, 3, None, closed="left")],
+        "subset_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "random_state": ["random_state"],
+        "n_jobs": [numbers.Integral, None],
+        "device": [str, torch.device],
+        "memory": [str, HasMethods(["cache"]), None],
+    },
+    prefer_skip_nested_validation=True,
+)
 def subset_retraining(
     estimator,
     X,
@@ -126,10 +147,6 @@ def subset_retraining(
         (n_subsets, n_test): the correct-class margin for classifiers, the
         prediction for regressors.
     """
-    if not isinstance(n_subsets, numbers.Integral) or n_subsets < 3:
-        raise ValueError(f"n_subsets must be an integer >= 3, got {n_subsets!r}.")
-    if not isinstance(subset_fraction, numbers.Real) or not 0 < subset_fraction < 1:
-        raise ValueError(f"subset_fraction must be in (0, 1), got {subset_fraction!r}.")
     task, X, y, X_test, y_test = _prepare(estimator, X, y, X_test, y_test)
     n = X.shape[0]
     size = int(round(subset_fraction * n))

@@ -45,7 +45,7 @@ def test_fit_attribute_shapes_and_attributes(digits, method):
         "model_bytes",
         "n_members",
     }
-    assert attr.costs_["feature_bytes"] == attr.train_features_.nbytes + attr.train_weights_.nbytes
+    assert attr.costs_["feature_bytes"] == attr.train_features_.nbytes + attr.train_residuals_.nbytes
     n_params = sum(p.numel() for p in attr.estimators_[0].module_.parameters())
     assert attr.costs_["model_bytes"] == 2 * 4 * n_params
     blocks = 2 * (min(attr.n_checkpoints, 4) if method == "tracin" else 1)
@@ -60,7 +60,7 @@ def test_grad_dot_matches_autograd(digits):
     g_train, w_train = _exact_gradients(module, X_train, y_train)
     g_test, _ = _exact_gradients(module, X_test, y_test)
     np.testing.assert_allclose(A, g_test @ (w_train[:, None] * g_train).T, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(attr.train_weights_[0], w_train, rtol=1e-5)
+    np.testing.assert_allclose(attr.train_residuals_[0], w_train, rtol=1e-5)
 
 
 def test_trak_and_if_match_their_formulas(digits):
@@ -228,7 +228,7 @@ def test_regressor(regression_data, method):
     module = attr.estimators_[0].module_.eval()
     with torch.no_grad():
         f = module(torch.from_numpy(X_train))[:, 0].numpy()
-    np.testing.assert_allclose(attr.train_weights_[0], 2 * (y_train - f), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(attr.train_residuals_[0], 2 * (y_train - f), rtol=1e-4, atol=1e-5)
 
 
 def test_nll_loss_on_probabilities(digits):
@@ -244,7 +244,7 @@ def test_nll_loss_on_probabilities(digits):
     with torch.no_grad():
         p = attr.estimators_[0].module_(torch.from_numpy(X_train))
     expected = 1 - p[torch.arange(len(y_train)), torch.from_numpy(y_train)].numpy()
-    np.testing.assert_allclose(attr.train_weights_[0], expected, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(attr.train_residuals_[0], expected, rtol=1e-3, atol=1e-5)
     assert np.all(np.isfinite(attr.attribute(X_test, y_test)))
 
 
@@ -333,7 +333,7 @@ def test_bad_data(digits):
         attr.attribute(X_test[:, :10], y_test)
     with pytest.raises(ValueError, match="samples but y has"):
         attr.attribute(X_test, y_test[:-2])
-    with pytest.raises(ValueError, match="k must be"):
+    with pytest.raises(ValueError, match=r"k == 151, must be <= 150"):
         attr.most_influential(X_test, y_test, k=len(X_train) + 1)
 
 

@@ -28,7 +28,14 @@ def _strategy(cls, **params):
 @pytest.fixture(scope="module")
 def trained(digits):
     X_train, _, y_train, _ = digits
-    return fit_net(make_classifier_net(module__dropout=0.5), X_train, y_train, 0, torch.device("cpu"))
+    return fit_net(
+        make_classifier_net(module__dropout=0.5),
+        X_train,
+        y_train,
+        seed=0,
+        device=torch.device("cpu"),
+        task=NetTask(True),
+    )
 
 
 def _features(member, X, y):
@@ -75,14 +82,14 @@ def test_dropout_rate_override_and_unmasked_variant(trained, digits):
     (unmasked,) = _strategy(DropoutEnsemble, mask_gradients=False).members(trained, 1, sample)
     assert torch.equal(unmasked.frozen["layers.2.mask"], torch.ones(16))
     f = _features(unmasked, X_train[:20], y_train[:20])
-    mean_weight = np.mean([_features(m, X_train[:20], y_train[:20]).weight for m in masked], axis=0)
-    np.testing.assert_allclose(f.weight, mean_weight, rtol=1e-5)
+    mean_weight = np.mean([_features(m, X_train[:20], y_train[:20]).residual for m in masked], axis=0)
+    np.testing.assert_allclose(f.residual, mean_weight, rtol=1e-5)
     plain = trained.module_
     with torch.no_grad():
         p = torch.softmax(plain(torch.from_numpy(X_train[:20])), 1)[
             torch.arange(20), torch.from_numpy(y_train[:20])
         ]
-    assert not np.allclose(f.weight, 1 - p.numpy())
+    assert not np.allclose(f.residual, 1 - p.numpy())
 
 
 def test_dropout_ensemble_in_the_attributor(digits):
@@ -129,9 +136,9 @@ def test_lora_members_differentiate_adapters_only(digits):
     net = attr.estimators_[0]
     assert len(net.lora_adapters_) == 2
     a, b = net.lora_adapters_
-    assert set(a) == {"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight"}
-    assert not torch.equal(a["layers.0.lora_B.default.weight"], b["layers.0.lora_B.default.weight"])
-    assert torch.any(a["layers.0.lora_B.default.weight"] != 0)  # B moved away from peft's zero init
+    assert set(a) == {"layers.0.lora_A.weight", "layers.0.lora_B.weight"}
+    assert not torch.equal(a["layers.0.lora_B.weight"], b["layers.0.lora_B.weight"])
+    assert torch.any(a["layers.0.lora_B.weight"] != 0)  # B moved away from peft's zero init
     base = sum(p.numel() * 4 for p in net.module_.parameters())
     adapters = 2 * (2 * 64 + 16 * 2) * 4
     assert attr.costs_["model_bytes"] == base + adapters
@@ -164,6 +171,13 @@ def test_lora_bad_configurations(digits):
 def test_lora_target_modules(digits):
     X_train, _, y_train, _ = digits
     strategy = _strategy(LoraEnsemble, lora_target_modules=["layers.3"])
-    net = strategy.fit(make_classifier_net(max_epochs=1), X_train, y_train, 0, torch.device("cpu"))
+    net = strategy.fit(
+        make_classifier_net(max_epochs=1),
+        X_train,
+        y_train,
+        seed=0,
+        device=torch.device("cpu"),
+        task=NetTask(True),
+    )
     (member, _) = strategy.members(net, 0, torch.from_numpy(X_train[:1]))
     assert set(member.params) == {"layers.3.lora_A.default.weight", "layers.3.lora_B.default.weight"}

@@ -5,13 +5,8 @@ from sktda import EnsembleAttributor, FilteredEstimator, OutlierGradientDetector
 
 from .conftest import InputShapeSetter, make_classifier_net
 
-FLOAT32_ROUNDING = (
-    "float32 matrix products round differently for different batch shapes, so results "
-    "for a subset agree with those of the full batch to ~1e-6 relative, not to the "
-    "check's 1e-7"
-)
 EXPECTED_FAILURES = {
-    "EnsembleAttributor": {"check_methods_subset_invariance": FLOAT32_ROUNDING},
+    "EnsembleAttributor": {},
     "OutlierGradientDetector": {
         check: "the detector trains a supervised net on (X, y) and scores loss gradients at the "
         "given labels, so fit(X) without y has nothing to learn from"

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble, Member, member_from_module
-from sktda._gradients import LinearEngine, VmapEngine, featurize, linear_layers, make_engine
+from sktda._gradients import GradientConfig, LinearEngine, VmapEngine, featurize, linear_layers, make_engine
 from sktda._nets import NetTask, fit_net
 from sktda._projection import KroneckerProjector, kronecker_factors
 from sktda.models import MLP
@@ -13,6 +13,10 @@ from .conftest import make_classifier_net
 
 CPU = torch.device("cpu")
 TASK = NetTask(is_classifier=True)
+
+
+def _config(proj_dim, path="auto", batch_size=256):
+    return GradientConfig(task=TASK, proj_dim=proj_dim, path=path, batch_size=batch_size)
 
 
 def _member(module, layers=None, seed=0):
@@ -31,7 +35,7 @@ def _same_features(member, kron, X, y):
     fast = featurize(LinearEngine(member, TASK, CPU, kron), X, y, batch_size=5)
     slow = featurize(VmapEngine(member, TASK, CPU, kron), X, y, batch_size=5)
     np.testing.assert_allclose(fast.phi, slow.phi, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fast.weight, slow.weight, rtol=1e-5)
+    np.testing.assert_allclose(fast.residual, slow.residual, rtol=1e-5)
     np.testing.assert_allclose(fast.output, slow.output, rtol=1e-5)
     return fast
 
@@ -40,7 +44,9 @@ def test_kronecker_factors():
     assert kronecker_factors(2048) == (32, 64)
     assert kronecker_factors(1024) == (32, 32)
     assert kronecker_factors(30) == (5, 6)
-    assert kronecker_factors(7) == (1, 7)
+    assert kronecker_factors(7) == (3, 3)  # prime: near-square, 7 of the 9 products kept
+    assert kronecker_factors(257) == (17, 16)
+    assert kronecker_factors(2 * 127) == (16, 16)  # 2 x 127 is too lopsided
 
 
 def test_factor_projection_equals_projection_of_the_full_gradient():
@@ -103,10 +109,12 @@ def test_linear_engine_on_dropout_and_lora_members(digits):
         lora_target_modules=None,
         lora_epochs=1,
     )
-    net = fit_net(make_classifier_net(max_epochs=2), X_train, y_train, 0, CPU)
+    net = fit_net(make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK)
     (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
     _same_features(masked, KroneckerProjector(linear_layers(masked), 64, seed=0), X, y)
-    lora_net = LoraEnsemble(params).fit(make_classifier_net(max_epochs=2), X_train, y_train, 0, CPU)
+    lora_net = LoraEnsemble(params).fit(
+        make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK
+    )
     (adapter,) = LoraEnsemble(params).members(lora_net, 0, X[:1])
     layers = linear_layers(adapter)
     assert set(layers) == {"layers.0.lora_A.default", "layers.0.lora_B.default"}
@@ -115,18 +123,18 @@ def test_linear_engine_on_dropout_and_lora_members(digits):
 
 def test_make_engine_picks_the_path():
     mlp = _member(MLP(n_features=6, n_outputs=4, hidden=(8,), dropout=0.0))
-    assert isinstance(make_engine(mlp, TASK, 16, "gaussian", CPU), LinearEngine)
-    assert isinstance(make_engine(mlp, TASK, None, "gaussian", CPU), VmapEngine)  # exact gradients
-    assert isinstance(make_engine(mlp, TASK, 16, "gaussian", CPU, "vmap"), VmapEngine)
-    assert isinstance(make_engine(mlp, TASK, None, "gaussian", CPU, "linear"), LinearEngine)
+    assert isinstance(make_engine(mlp, _config(16)), LinearEngine)
+    assert isinstance(make_engine(mlp, _config(None)), VmapEngine)  # exact gradients
+    assert isinstance(make_engine(mlp, _config(16, path="vmap")), VmapEngine)
+    assert isinstance(make_engine(mlp, _config(None, path="linear")), LinearEngine)
 
     conv = _member(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)))
     assert linear_layers(conv) is None
-    assert isinstance(make_engine(conv, TASK, 16, "gaussian", CPU), VmapEngine)
+    assert isinstance(make_engine(conv, _config(16)), VmapEngine)
     with pytest.raises(ValueError, match="nn.Linear"):
-        make_engine(conv, TASK, 16, "gaussian", CPU, "linear")
+        make_engine(conv, _config(16, path="linear"))
     with pytest.raises(ValueError, match="gradient_path"):
-        make_engine(conv, TASK, 16, "gaussian", CPU, "fast")
+        make_engine(conv, _config(16, path="fast"))
     last = _member(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)), layers="last")
     assert set(linear_layers(last)) == {"2"}
 
@@ -144,7 +152,7 @@ def test_unused_linear_layers_give_zero_features():
 
     member = _member(Branch(), layers=["unused"])
     X, y = _data()
-    features = featurize(make_engine(member, TASK, 4, "gaussian", CPU, "linear"), X, y, batch_size=12)
+    features = featurize(make_engine(member, _config(4, path="linear")), X, y, batch_size=12)
     np.testing.assert_array_equal(features.phi, 0)
 
 
@@ -160,8 +168,9 @@ def test_parallel_row_ranges_give_the_same_features(digits):
 
     X_train, _, y_train, _ = digits
     member = _member(MLP(n_features=64, n_outputs=10, hidden=(16,), dropout=0.0))
-    args = (TASK, 32, "gaussian", X_train, y_train, 32, CPU)
-    (one,) = featurize_members([member], *args, n_jobs=None)
-    (split,) = featurize_members([member], *args, n_jobs=3)  # three row ranges of whole batches
+    config = _config(32, batch_size=32)
+    (one,) = featurize_members([member], X_train, y_train, config=config, n_jobs=None)
+    # three row ranges of whole batches
+    (split,) = featurize_members([member], X_train, y_train, config=config, n_jobs=3)
     np.testing.assert_array_equal(split.phi, one.phi)
-    np.testing.assert_array_equal(split.weight, one.weight)
+    np.testing.assert_array_equal(split.residual, one.residual)

@@ -21,7 +21,14 @@ def test_subsets_and_outputs(digits):
     # outputs are the correct-class margins of a net trained on the subset
     from sktda._nets import fit_net
 
-    net_0 = fit_net(net, X_train[truth.subsets[0]], y_train[truth.subsets[0]], 0, torch.device("cpu"))
+    net_0 = fit_net(
+        net,
+        X_train[truth.subsets[0]],
+        y_train[truth.subsets[0]],
+        seed=0,
+        device=torch.device("cpu"),
+        task=ms.check_net(net),
+    )
     margins = ms._target_outputs(net_0, ms.check_net(net), X_test, y_test)
     assert margins.shape == (len(X_test),)
 

@@ -18,7 +18,7 @@ from .conftest import make_classifier_net, make_regressor_net
 def test_classification_target_is_the_margin_and_weight_is_minus_dloss():
     logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]], requires_grad=True)
     y = torch.tensor([0, 2])
-    margin, weight = NetTask(is_classifier=True).target_and_weight(logits, y)
+    margin, weight = NetTask(is_classifier=True).target_and_residual(logits, y)
     expected = torch.stack(
         [
             2.0 - torch.logsumexp(torch.tensor([-1.0, 0.5]), 0),
@@ -35,20 +35,22 @@ def test_classification_target_is_the_margin_and_weight_is_minus_dloss():
 
 def test_probability_outputs_are_logged_and_regression_weight_is_residual():
     probs = torch.tensor([[0.7, 0.2, 0.1]])
-    margin, weight = NetTask(is_classifier=True, log_output=True).target_and_weight(probs, torch.tensor([0]))
+    margin, weight = NetTask(is_classifier=True, output="probabilities").target_and_residual(
+        probs, torch.tensor([0])
+    )
     torch.testing.assert_close(weight, torch.tensor([0.3]), rtol=1e-5, atol=1e-6)
-    f, w = NetTask(is_classifier=False).target_and_weight(
+    f, w = NetTask(is_classifier=False).target_and_residual(
         torch.tensor([[1.5], [0.0]]), torch.tensor([[1.0], [2.0]])
     )
     torch.testing.assert_close(f, torch.tensor([1.5, 0.0]))
     torch.testing.assert_close(w, torch.tensor([-1.0, 4.0]))
     with pytest.raises(ValueError, match="single-output"):
-        NetTask(is_classifier=False).target_and_weight(torch.zeros(2, 3), torch.zeros(2))
+        NetTask(is_classifier=False).target_and_residual(torch.zeros(2, 3), torch.zeros(2))
 
 
 def test_check_net_reads_the_loss():
-    assert check_net(make_classifier_net()) == NetTask(True, False)
-    assert check_net(make_classifier_net(criterion=torch.nn.NLLLoss)) == NetTask(True, True)
+    assert check_net(make_classifier_net()) == NetTask(True)
+    assert check_net(make_classifier_net(criterion=torch.nn.NLLLoss)) == NetTask(True, "probabilities")
     assert check_net(make_regressor_net()) == NetTask(False)
     with pytest.raises(TypeError, match="skorch"):
         check_net("net")
@@ -77,9 +79,9 @@ def test_checkpoint_epochs():
 def test_fit_net_is_seeded_and_leaves_eval_mode(digits):
     X, _, y, _ = digits
     net = make_classifier_net(max_epochs=2)
-    a = fit_net(net, X, y, 3, torch.device("cpu"))
-    b = fit_net(net, X, y, 3, torch.device("cpu"))
-    c = fit_net(net, X, y, 4, torch.device("cpu"))
+    a = fit_net(net, X, y, seed=3, device=torch.device("cpu"), task=NetTask(True))
+    b = fit_net(net, X, y, seed=3, device=torch.device("cpu"), task=NetTask(True))
+    c = fit_net(net, X, y, seed=4, device=torch.device("cpu"), task=NetTask(True))
     for pa, pb in zip(a.module_.parameters(), b.module_.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a.module_.parameters(), c.module_.parameters()))

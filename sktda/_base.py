@@ -1,0 +1,198 @@
+"""The base both estimators share.
+
+``fit`` is one skeleton: validate the parameters, the net and the data, build the
+ensemble strategy through one hook, train through :class:`TrainedEnsemble`, record
+the costs, and hand over to the subclass's ``_fit_features``, which holds its own
+maths (attribution features and method states, or outlier detectors). The split
+follows scikit-learn's ``BaseBagging`` -> ``IsolationForest``.
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from abc import ABCMeta, abstractmethod
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from ._data import validate_fit_data, validate_predict_data
+from ._ensembles import ENSEMBLES, TrainedEnsemble
+from ._gradients import GRADIENT_PATHS, GradientConfig, featurize_members
+from ._nets import NetTask, check_net, resolve_device
+
+# One documentation fragment per shared parameter, substituted into both
+# estimators' docstrings by :func:`fill_doc` (``%(name)s`` markers).
+_PARAMETER_DOCS = {
+    "estimator": """estimator : skorch.NeuralNetClassifier, skorch.NeuralNetRegressor or skorch.NeuralNet
+        Unfitted skorch net, cloned for every trained model. Its criterion must be
+        ``CrossEntropyLoss`` (the module returns logits), ``NLLLoss`` (the module
+        returns probabilities in a ``NeuralNetClassifier``, log-probabilities in a
+        plain ``NeuralNet``) or ``MSELoss`` (one output per sample).""",
+    "n_models": """n_models : int, default=1
+        Independently trained models, each from its own seed.""",
+    "n_masks": """n_masks : int, default=5
+        Fixed dropout masks per model (``ensemble="dropout"``).""",
+    "dropout_rate": """dropout_rate : float in (0, 1) or None, default=None
+        Dropout rate of the masks; None keeps each dropout layer's own rate.""",
+    "projection": """projection : {"gaussian", "rademacher"}, default="gaussian"
+        Distribution of the random projection's entries.""",
+    "gradient_path": """gradient_path : {"auto", "linear", "vmap"}, default="auto"
+        How per-sample gradients are computed. ``"linear"``: when every
+        differentiated parameter belongs to an ``nn.Linear``, one forward and
+        backward pass per chunk and a Kronecker-structured projection of each
+        layer's input and output gradient (the full gradient is never formed);
+        ``"vmap"``: ``torch.func.vmap(grad)`` and a dense projection, for any
+        module. ``"auto"`` takes the linear path when it applies and a projection
+        is needed.""",
+    "batch_size": """batch_size : int, default=256
+        Samples per chunk of per-sample gradients (bounds memory, not results).""",
+    "device": """device : str or torch.device, default="auto"
+        Torch device for training and gradients; "auto" is CUDA when available.
+        A device that cannot run a computation is refused in ``fit``.""",
+    "n_jobs": """n_jobs : int or None, default=None
+        Models trained and featurized in parallel through
+        ``sklearn.utils.parallel.Parallel`` (so joblib's Dask or Ray backends
+        apply). Results are bitwise the same whatever its value.""",
+    "random_state": """random_state : int, RandomState instance or None, default=None
+        Seeds training, dropout masks, adapters, projections and detectors.""",
+    "verbose": """verbose : int, default=0
+        Progress bars for training and featurization when > 0.""",
+    "estimators_": """estimators_ : list of skorch nets
+        The trained models.""",
+    "ensemble_": """ensemble_ : TrainedEnsemble
+        The trained models and the strategy that turns them into members: what
+        the gradient engine differentiates.""",
+    "n_features_in_": """n_features_in_ : int
+        Number of features seen in ``fit``.""",
+    "feature_names_in_": """feature_names_in_ : ndarray of shape (n_features_in_,)
+        Feature names seen in ``fit``, when X had string column names.""",
+    "classes_": """classes_ : ndarray of shape (n_classes,)
+        Class labels (classifiers only).""",
+}
+
+
+def fill_doc(cls):
+    """Substitute the shared parameter fragments into ``cls.__doc__``."""
+    doc = cls.__doc__
+    for name, text in _PARAMETER_DOCS.items():
+        doc = doc.replace(f"%({name})s", text)
+    cls.__doc__ = doc
+    return cls
+
+
+class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
+    """Base of the estimators that train an ensemble of a skorch net and work on
+    its per-sample gradients. Subclasses provide ``_fit_features`` and may extend
+    ``_check_fit``, ``_strategy_params`` and ``_n_checkpoints``."""
+
+    _parameter_constraints: dict = {
+        "estimator": "no_validation",  # check_net gives a clearer error than a constraint
+        "n_models": [Interval(numbers.Integral, 1, None, closed="left")],
+        "n_masks": [Interval(numbers.Integral, 1, None, closed="left")],
+        "dropout_rate": [Interval(numbers.Real, 0, 1, closed="neither"), None],
+        "layers": [None, str, list],
+        "proj_dim": [Interval(numbers.Integral, 1, None, closed="left"), None],
+        "projection": [StrOptions({"gaussian", "rademacher"})],
+        "gradient_path": [StrOptions(set(GRADIENT_PATHS))],
+        "batch_size": [Interval(numbers.Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "n_jobs": [numbers.Integral, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y):
+        """Train the ensemble and fit on the training set's gradient features.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, n_features)
+            Training inputs.
+        y : array-like or torch.Tensor of shape (n_samples,)
+            Training targets: class labels for classifiers, values for regressors.
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
+        task = check_net(self.estimator)
+        X, y = validate_fit_data(self, X, y, task)
+        self._check_fit(task)
+        device = resolve_device(self.device)
+
+        start = time.perf_counter()
+        self.ensemble_ = TrainedEnsemble.fit(
+            ENSEMBLES[self.ensemble](self._strategy_params()),
+            self.estimator,
+            X,
+            y,
+            task=task,
+            n_models=self.n_models,
+            random_state=self.random_state,
+            device=device,
+            n_jobs=self.n_jobs,
+            verbose=self.verbose,
+            n_checkpoints=self._n_checkpoints(),
+        )
+        self.estimators_ = self.ensemble_.nets
+        train_seconds = time.perf_counter() - start
+        self.costs_ = {"train_seconds": train_seconds, **self._fit_features(X, y, task=task, device=device)}
+        return self
+
+    # ------------------------------------------------------------------ hooks
+    def _check_fit(self, task: NetTask) -> None:
+        """Refuse parameter combinations that cannot work, before any training."""
+
+    def _strategy_params(self) -> dict:
+        return {
+            "layers": self.layers,
+            "n_masks": self.n_masks,
+            "dropout_rate": self.dropout_rate,
+            "mask_gradients": True,
+        }
+
+    def _n_checkpoints(self) -> int | None:
+        """Checkpoints to record along training (None: the final model only)."""
+        return None
+
+    @abstractmethod
+    def _fit_features(self, X, y, *, task: NetTask, device: torch.device) -> dict:
+        """Fit on the trained ensemble's gradient features; return extra costs."""
+
+    # ---------------------------------------------------------------- helpers
+    def _prepare_predict(self, X, y):
+        """Validated ``(task, X, y, device)``; ``y=None`` becomes the ensemble's
+        predicted labels."""
+        check_is_fitted(self)
+        task = check_net(self.estimator)
+        X, y = validate_predict_data(self, X, y, task)
+        device = resolve_device(self.device)
+        if y is None:
+            y = self.ensemble_.predict_targets(X, task, self.batch_size, device)
+        return task, X, y, device
+
+    def _featurize(self, members, X, y, *, task, device, dtype=np.float32, out_file=None):
+        config = GradientConfig(
+            task=task,
+            proj_dim=self.proj_dim,
+            projection=self.projection,
+            path=self.gradient_path,
+            batch_size=self.batch_size,
+            device=device,
+            dtype=dtype,
+        )
+        return featurize_members(
+            members, X, y, config=config, n_jobs=self.n_jobs, verbose=self.verbose, out_file=out_file
+        )
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.required = True
+        tags.input_tags.allow_nan = False
+        return tags
