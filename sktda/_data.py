@@ -3,6 +3,8 @@ features and encoded targets out, with errors that say what to fix."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from sklearn.preprocessing import LabelEncoder
@@ -44,6 +46,14 @@ def validate_fit_data(estimator, X, y, task: NetTask):
         check_classification_targets(y)
         encoder = LabelEncoder().fit(y)
         estimator.classes_ = encoder.classes_
+        if len(encoder.classes_) == 1:
+            warnings.warn(
+                f"y has a single class ({encoder.classes_[0]!r}): every training sample has the "
+                "same label, so attributions and outlier scores carry no information about "
+                "which label a sample should have. Pass y with at least two classes.",
+                UserWarning,
+                stacklevel=4,
+            )
         return _float32(X), encoder.transform(y).astype(np.int64)
     return _float32(X), np.asarray(y, dtype=np.float32).reshape(-1, 1)
 

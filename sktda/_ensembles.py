@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 from sklearn.utils import check_random_state, gen_batches
-from sklearn.utils.parallel import delayed
 from torch import nn
 from torch.func import functional_call
 
@@ -31,7 +30,7 @@ from ._nets import (
     parameter_names,
     trained_module,
 )
-from ._parallel import run
+from ._parallel import delayed_tasks, run
 
 
 def derive_seed(*entropy: int) -> int:
@@ -384,9 +383,9 @@ class TrainedEnsemble:
         if n_checkpoints:
             epochs = checkpoint_epochs(estimator.max_epochs, n_checkpoints)
             callbacks = [(_CHECKPOINT_CALLBACK, LearningRateCheckpoints(epochs))]
-        jobs = (
-            delayed(strategy.fit)(estimator, X, y, seed=s, device=device, task=task, callbacks=callbacks)
-            for s in seeds
+        jobs = delayed_tasks(
+            strategy.fit,
+            [((estimator, X, y), dict(seed=s, device=device, task=task, callbacks=callbacks)) for s in seeds],
         )
         nets = run(jobs, n_jobs, n_models, "training", verbose)
         return cls(strategy, nets, seeds, torch.from_numpy(np.array(X[:1])))

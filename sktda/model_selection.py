@@ -12,10 +12,11 @@ import torch
 from sklearn.base import clone
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, validate_params
-from sklearn.utils.parallel import Parallel, delayed
+from sklearn.utils.parallel import Parallel
 
 from ._data import as_array_like, encode_labels, to_tensor
 from ._nets import check_net, fit_net, resolve_device
+from ._parallel import delayed_tasks
 
 __all__ = ["SubsetRetraining", "best_under_budget", "cost_scorer", "lds_scorer", "subset_retraining"]
 
@@ -45,10 +46,14 @@ def _subset_outputs(estimator, task, X, y, mask, X_test, y_test, seed, device):
 
 
 def _retrain(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jobs):
-    outputs = Parallel(n_jobs=n_jobs)(
-        delayed(_subset_outputs)(estimator, task, X, y, mask, X_test, y_test, seed, device)
-        for mask, seed in zip(subsets, seeds)
+    jobs = delayed_tasks(
+        _subset_outputs,
+        [
+            ((estimator, task, X, y, mask, X_test, y_test, seed, device), {})
+            for mask, seed in zip(subsets, seeds)
+        ],
     )
+    outputs = Parallel(n_jobs=n_jobs)(jobs)
     outputs = np.stack(outputs).astype(np.float64)
     if not np.all(np.isfinite(outputs)):
         bad = int(np.flatnonzero(~np.isfinite(outputs).all(1))[0])

@@ -370,3 +370,223 @@ def test_features_go_to_disk_when_memory_is_short(digits, monkeypatch):
     monkeypatch.setattr(attribution_module, "_available_memory", lambda: 1000)
     attr = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0).fit(X_train, y_train)
     assert isinstance(attr.train_features_, np.memmap)
+
+
+# ------------------------------------------------------------ value tests
+def _last_layer(module, X, y):
+    """Exact last-layer target gradients and residuals 1 - p of one trained module."""
+    g, w = _exact_gradients(module, X, y)
+    n_last = sum(p.numel() for p in list(module.parameters())[-2:])
+    return g[:, -n_last:], w
+
+
+def _damped_inv(gram, damping):
+    k = gram.shape[0]
+    return np.linalg.inv(gram + damping * np.trace(gram) / k * np.eye(k))
+
+
+def test_two_member_trak_and_if_match_numpy(digits):
+    X_train, X_test, y_train, y_test = digits
+    common = dict(n_models=2, proj_dim=None, layers="last", damping=0.1, random_state=0)
+    trak = EnsembleAttributor(make_classifier_net(), method="trak", **common).fit(X_train, y_train)
+    inf = EnsembleAttributor(make_classifier_net(), method="if", **common).fit(X_train, y_train)
+    kernels, residuals, influences = [], [], []
+    for net in trak.estimators_:
+        phi, w = _last_layer(net.module_, X_train, y_train)
+        phi_test, _ = _last_layer(net.module_, X_test, y_test)
+        kernels.append(phi_test @ _damped_inv(phi.T @ phi, 0.1) @ phi.T)
+        residuals.append(w)
+        g = w[:, None] * phi
+        influences.append(phi_test @ _damped_inv(g.T @ g / len(g), 0.1) @ g.T)
+    # TRAK: the kernel averaged over members, times the ensemble-mean 1 - p
+    expected = np.mean(kernels, 0) * np.mean(residuals, 0)[None, :]
+    np.testing.assert_allclose(trak.attribute(X_test, y_test), expected, rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(inf.attribute(X_test, y_test), np.mean(influences, 0), rtol=2e-3, atol=1e-4)
+
+
+def test_unmasked_dropout_trak_matches_numpy(digits):
+    X_train, X_test, y_train, y_test = digits
+    common = dict(ensemble="dropout", n_masks=3, proj_dim=None, layers="last", damping=0.1, random_state=0)
+    net = make_classifier_net(module__dropout=0.5)
+    fast = EnsembleAttributor(net, mask_gradients=False, **common).fit(X_train, y_train)
+    masked = EnsembleAttributor(net, mask_gradients=True, **common).fit(X_train, y_train)
+    # the residual is 1 - p averaged over the same masks as the masked members use
+    np.testing.assert_allclose(fast.train_residuals_[0], masked.train_residuals_.mean(0), rtol=1e-5)
+    assert not np.allclose(fast.train_residuals_[0], masked.train_residuals_[0])
+    # the gradients come from the unmasked model
+    phi, _ = _last_layer(fast.estimators_[0].module_, X_train, y_train)
+    phi_test, _ = _last_layer(fast.estimators_[0].module_, X_test, y_test)
+    expected = phi_test @ _damped_inv(phi.T @ phi, 0.1) @ phi.T * fast.train_residuals_[0][None, :]
+    np.testing.assert_allclose(fast.attribute(X_test, y_test), expected, rtol=2e-3, atol=1e-4)
+
+
+def test_grad_cos_takes_the_sign_of_the_residual(regression_data):
+    X_train, X_test, y_train, y_test = regression_data
+    attr = EnsembleAttributor(make_regressor_net(), method="grad_cos", proj_dim=None, random_state=0)
+    A = attr.fit(X_train, y_train).attribute(X_test, y_test)
+    module = attr.estimators_[0].module_.eval()
+
+    def grads(X):
+        out = []
+        for x in torch.from_numpy(X):
+            g = torch.autograd.grad(module(x[None])[0, 0], list(module.parameters()))
+            out.append(torch.cat([t.reshape(-1) for t in g]))
+        return torch.stack(out).double().numpy()
+
+    g_train, g_test = grads(X_train), grads(X_test)
+    residual = attr.train_residuals_[0]
+    assert (residual < 0).any() and (residual > 0).any()
+    unit = lambda g: g / np.linalg.norm(g, axis=1, keepdims=True)  # noqa: E731
+    expected = unit(g_test) @ (np.sign(residual)[:, None] * unit(g_train)).T
+    np.testing.assert_allclose(A, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tracin_under_a_learning_rate_schedule(digits):
+    from skorch.callbacks import LRScheduler
+    from torch.optim.lr_scheduler import StepLR
+
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net(max_epochs=4, callbacks=[LRScheduler(StepLR, step_size=1, gamma=0.5)])
+    attr = EnsembleAttributor(
+        net, method="tracin", n_checkpoints=2, proj_dim=None, layers="last", random_state=0
+    )
+    A = attr.fit(X_train, y_train).attribute(X_test, y_test)
+    recorder = dict(attr.estimators_[0].callbacks_)["sktda_checkpoints"]
+    lrs = [lr for _, lr, _ in recorder.checkpoints_]
+    assert lrs[0] == pytest.approx(4 * lrs[1])  # two halvings between epochs 2 and 4
+    expected = 0
+    module = MLP(n_features=64, n_outputs=10, hidden=(16,))
+    for _, lr, state in recorder.checkpoints_:
+        module.load_state_dict(state)
+        phi, w = _last_layer(module, X_train, y_train)
+        phi_test, _ = _last_layer(module, X_test, y_test)
+        expected = expected + lr * phi_test @ (w[:, None] * phi).T
+    np.testing.assert_allclose(A, expected, rtol=1e-3, atol=1e-6)
+
+
+def test_score_is_the_lds_against_subset_retraining(digits):
+    from sktda.metrics import linear_datamodeling_score
+    from sktda.model_selection import subset_retraining
+
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net(max_epochs=3)
+    attr = EnsembleAttributor(net, proj_dim=64, random_state=2, score_n_subsets=4, score_subset_fraction=0.6)
+    attr.fit(X_train, y_train)
+    truth = subset_retraining(
+        net, X_train, y_train, X_test, y_test, n_subsets=4, subset_fraction=0.6, random_state=2
+    )
+    expected = linear_datamodeling_score(attr.attribute(X_test, y_test), truth.subsets, truth.outputs)
+    assert attr.score(X_test, y_test) == expected
+
+
+def test_fitted_attributor_does_not_depend_on_the_callers_arrays(digits):
+    X_train, X_test, y_train, y_test = digits
+    X, y = X_train.copy(), y_train.copy()
+    attr = EnsembleAttributor(
+        make_classifier_net(max_epochs=2), proj_dim=32, score_n_subsets=3, random_state=0
+    )
+    attr.fit(X, y)
+    before = attr.score(X_test, y_test), attr.attribute(X_test, y_test)
+    X[:] = 0
+    y[:] = 0
+    after = attr.score(X_test, y_test), attr.attribute(X_test, y_test)
+    assert before[0] == after[0]
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+def test_chunked_gram_and_self_attribution_equal_the_unchunked(digits):
+    from sklearn import config_context
+
+    X_train, X_test, y_train, y_test = digits
+    for method in ("trak", "if"):
+        base = EnsembleAttributor(
+            make_classifier_net(), method=method, n_models=2, proj_dim=64, random_state=0
+        )
+        whole = clone(base).fit(X_train, y_train)
+        with config_context(working_memory=4 * 64 * 8 / 2**20):
+            chunked = clone(base).fit(X_train, y_train)  # Gram in row chunks of a few samples
+            self_chunked = chunked.self_attribute()
+        A = whole.attribute(X_test, y_test)
+        np.testing.assert_allclose(
+            chunked.attribute(X_test, y_test), A, rtol=1e-4, atol=1e-5 * np.abs(A).max()
+        )
+        np.testing.assert_allclose(self_chunked, whole.self_attribute(), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            self_chunked, np.diag(whole.attribute(X_train, y_train)), rtol=1e-3, atol=1e-6
+        )
+
+
+def test_same_random_state_bitwise_whatever_n_jobs(digits):
+    X_train, X_test, y_train, y_test = digits
+    base = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=128, random_state=3)
+    A1 = clone(base).fit(X_train, y_train).attribute(X_test, y_test)
+    A2 = clone(base).set_params(n_jobs=2).fit(X_train, y_train).attribute(X_test, y_test)
+    np.testing.assert_array_equal(A1, A2)
+
+
+# ------------------------------------------------------------- bad input II
+def test_features_dir_that_cannot_be_written_is_refused_before_training(digits, tmp_path, monkeypatch):
+    import sktda._ensembles as ensembles
+
+    X_train, _, y_train, _ = digits
+    monkeypatch.setattr(ensembles, "fit_net", lambda *a, **k: pytest.fail("trained before the check"))
+    a_file = tmp_path / "file.npy"
+    a_file.write_text("x")
+    for bad in (a_file, a_file / "below"):
+        with pytest.raises(ValueError, match="features_dir=.*cannot hold the training features"):
+            EnsembleAttributor(make_classifier_net(), features_dir=str(bad)).fit(X_train, y_train)
+
+
+def test_feature_files_are_replaced_on_refit_and_removed_with_the_estimator(digits, tmp_path, monkeypatch):
+    import gc
+
+    X_train, _, y_train, _ = digits
+    attr = EnsembleAttributor(make_classifier_net(max_epochs=1), proj_dim=16, features_dir=str(tmp_path))
+    attr.fit(X_train, y_train)
+    first = list(tmp_path.glob("*.npy"))
+    attr.fit(X_train, y_train)
+    second = list(tmp_path.glob("*.npy"))
+    assert len(first) == len(second) == 1 and first != second
+    del attr
+    gc.collect()
+    assert list(tmp_path.glob("*.npy")) == []
+
+    # temporary directories, used when memory is short, go too
+    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 1000)
+    made = []
+    real_mkdtemp = attribution_module.tempfile.mkdtemp
+    monkeypatch.setattr(
+        attribution_module.tempfile, "mkdtemp", lambda **k: made.append(real_mkdtemp(**k)) or made[-1]
+    )
+    attr = EnsembleAttributor(make_classifier_net(max_epochs=1), proj_dim=16).fit(X_train, y_train)
+    attr.fit(X_train, y_train)
+    import os
+
+    assert len(made) == 2 and not os.path.exists(made[0]) and os.path.exists(made[1])
+    copy = __import__("pickle").loads(__import__("pickle").dumps(attr))  # a copy owns no file
+    del attr
+    gc.collect()
+    assert not os.path.exists(made[1])
+    assert copy.self_attribute().shape == (len(X_train),)
+
+
+def test_damping_zero_warns_for_methods_that_invert(digits):
+    X_train, _, y_train, _ = digits
+    with pytest.warns(UserWarning, match="damping=0"):
+        EnsembleAttributor(make_classifier_net(max_epochs=1), method="if", damping=0, proj_dim=16).fit(
+            X_train, y_train
+        )
+
+
+def test_non_finite_scores_are_refused(fitted_trak, digits):
+    import copy
+
+    _, X_test, _, y_test = digits
+    broken = copy.deepcopy(fitted_trak)
+    for member in broken._members:
+        member.phi = member.phi.copy()
+        member.phi[0, 0] = np.nan
+    with pytest.raises(ValueError, match="attribution scores are not finite"):
+        broken.attribute(X_test, y_test)
+    with pytest.raises(ValueError, match="not finite"):
+        broken.self_attribute()

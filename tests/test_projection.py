@@ -22,7 +22,7 @@ def test_identity_when_the_gradient_is_small():
 
 @pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
 def test_streamed_equals_cached_and_seeded(kind, monkeypatch):
-    monkeypatch.setattr(projection, "_BLOCK_ROWS", 100)
+    monkeypatch.setattr(projection, "_TILE_ROWS", 100)
     numels = {"w": 450, "b": 30}
     grads = _grads(numels)
     cached = DenseProjector(numels, 32, seed=7, kind=kind)
