@@ -107,7 +107,7 @@ def test_bad_input(noisy_digits, regression_data):
     X, X_test, y_noisy, _, _ = noisy_digits
     with pytest.raises(ValueError, match="contamination"):
         OutlierGradientDetector(_net(), contamination=0.7).fit(X, y_noisy)
-    with pytest.raises(TypeError, match="score_samples"):
+    with pytest.raises(TypeError, match="detector.*'fit' and 'score_samples'"):
         OutlierGradientDetector(_net(max_epochs=1), detector=KMeans(2), n_checkpoints=None).fit(X, y_noisy)
     with pytest.raises(ValueError, match="detector"):
         OutlierGradientDetector(_net(), detector="svm").fit(X, y_noisy)
@@ -160,7 +160,9 @@ def test_filtered_estimator_in_sklearn_tools(noisy_digits):
     assert filtered.n_removed_ == 60
     np.testing.assert_array_equal(filtered.classes_, np.arange(10))
     assert filtered.predict_proba(X_test).shape == (len(X_test), 10)
-    assert 0 <= model.score(X_test, y_test) <= 1
+    assert model.score(X_test, y_test) == filtered.estimator_.score(
+        StandardScaler().fit(X).transform(X_test), y_test
+    )
     scores = cross_validate(FilteredEstimator(LogisticRegression(max_iter=1000), det), X, y_noisy, cv=2)
     assert scores["test_score"].shape == (2,)
     grid = GridSearchCV(
@@ -168,9 +170,67 @@ def test_filtered_estimator_in_sklearn_tools(noisy_digits):
         {"detector__contamination": [0.1, 0.2]},
         cv=2,
     ).fit(X, y_noisy)
-    assert grid.best_params_["detector__contamination"] in {0.1, 0.2}
+    best = np.argmax(grid.cv_results_["mean_test_score"])
+    assert grid.best_params_ == grid.cv_results_["params"][best]
+    assert grid.best_estimator_.n_removed_ == round(grid.best_params_["detector__contamination"] * len(X))
     with pytest.raises(TypeError, match="fit_resample"):
         FilteredEstimator(LogisticRegression(), detector=StandardScaler()).fit(X, y_noisy)
     # without a detector the skorch net filters its own training set
     own = FilteredEstimator(_net(max_epochs=5)).fit(X, y_noisy)
     assert own.n_removed_ == int((own.detector_.labels_ == -1).sum())
+
+
+def test_per_class_detectors_are_fitted_on_their_class_only(noisy_digits):
+    X, _, y_noisy, _, _ = noisy_digits
+    det = OutlierGradientDetector(
+        _net(max_epochs=3),
+        detector=LocalOutlierFactor(n_neighbors=5, novelty=True),
+        per_class=True,
+        n_checkpoints=None,
+        random_state=0,
+    ).fit(X, y_noisy)
+    module = det.estimators_[0].module_.eval()
+    G = []
+    for x, label in zip(torch.from_numpy(X), torch.from_numpy(y_noisy)):
+        loss = torch.nn.functional.cross_entropy(module(x[None]), label[None])
+        grads = torch.autograd.grad(loss, list(module.layers[-1].parameters()))
+        G.append(torch.cat([g.reshape(-1) for g in grads]))
+    G = torch.stack(G).numpy()
+    for c in (0, 7):
+        rows = np.flatnonzero(y_noisy == c)
+        expected = LocalOutlierFactor(n_neighbors=5, novelty=True).fit(G[rows]).score_samples(G[rows])
+        np.testing.assert_allclose(det.train_scores_[rows], expected, rtol=1e-3)
+        assert det.detectors_[0][c].n_samples_fit_ == len(rows)
+
+
+def test_non_finite_detector_scores_are_refused(noisy_digits):
+    from sklearn.base import BaseEstimator
+
+    class Broken(BaseEstimator):
+        def fit(self, G):
+            return self
+
+        def score_samples(self, G):
+            return np.full(len(G), np.nan)
+
+    X, _, y_noisy, _, _ = noisy_digits
+    with pytest.raises(ValueError, match="outlier scores are not finite"):
+        OutlierGradientDetector(_net(max_epochs=1), detector=Broken(), n_checkpoints=None).fit(X, y_noisy)
+
+
+def test_filtered_estimator_routes_sample_weight_to_the_kept_samples(noisy_digits):
+    X, _, y_noisy, _, _ = noisy_digits
+    weights = np.linspace(0.5, 2.0, len(X))
+    det = OutlierGradientDetector(_net(max_epochs=3), contamination=0.2, n_checkpoints=None, random_state=0)
+    model = FilteredEstimator(LogisticRegression(max_iter=300), det).fit(X, y_noisy, sample_weight=weights)
+    kept = np.flatnonzero(model.detector_.labels_ == 1)
+    expected = LogisticRegression(max_iter=300).fit(X[kept], y_noisy[kept], sample_weight=weights[kept])
+    np.testing.assert_allclose(model.estimator_.coef_, expected.coef_, rtol=1e-6)
+    unweighted = FilteredEstimator(LogisticRegression(max_iter=300), det).fit(X, y_noisy)
+    assert not np.allclose(unweighted.estimator_.coef_, expected.coef_)
+
+
+def test_filtered_estimator_validates_its_parameters(noisy_digits):
+    X, _, y_noisy, _, _ = noisy_digits
+    with pytest.raises(TypeError, match="estimator.*'fit'"):
+        FilteredEstimator("logreg").fit(X, y_noisy)

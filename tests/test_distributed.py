@@ -39,3 +39,41 @@ def test_dask_cluster_run_equals_local_run(client, digits):
     with parallel_config(backend="dask"):
         remote_scores = det.fit(X_train, y_train).train_scores_
     np.testing.assert_allclose(remote_scores, local_scores, rtol=1e-5)
+
+
+def test_a_worker_killed_during_fit_changes_nothing(client, digits):
+    """Dask reschedules the tasks of a dead worker; every task is a pure function of
+    its seed, so the result is the undisturbed one, bit for bit."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from joblib import parallel_config
+
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(
+        make_classifier_net(max_epochs=60), n_models=4, proj_dim=64, n_jobs=2, random_state=0
+    )
+    with parallel_config(backend="dask"):
+        undisturbed = attr.fit(X_train, y_train).attribute(X_test, y_test)
+
+    result = {}
+
+    def fit():
+        with parallel_config(backend="dask"):
+            result["A"] = attr.fit(X_train, y_train).attribute(X_test, y_test)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline = time.monotonic() + 60
+    busy = []
+    while not busy and time.monotonic() < deadline:
+        busy = [worker for worker, tasks in client.processing().items() if tasks]
+        time.sleep(0.02)
+    assert busy, "no worker ever held a task"
+    pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    np.testing.assert_array_equal(result["A"], undisturbed)

@@ -143,8 +143,57 @@ def test_lora_members_differentiate_adapters_only(digits):
     adapters = 2 * (2 * 64 + 16 * 2) * 4
     assert attr.costs_["model_bytes"] == base + adapters
     assert not any("lora" in n for n, _ in net.module_.named_parameters())  # base stays plain
-    A = attr.attribute(X_test, y_test)
-    assert np.all(np.isfinite(A)) and np.abs(A).max() > 0
+
+
+def test_lora_member_is_the_fine_tuned_adapted_module(digits):
+    """A member's forward and features equal those of the module that fine-tuning
+    produced, with gradients on the adapters only."""
+    from sktda._ensembles import derive_seed
+    from sktda._nets import fine_tune
+
+    X_train, _, y_train, _ = digits
+    X, y = torch.from_numpy(X_train[:30]), torch.from_numpy(y_train[:30])
+    strategy = _strategy(LoraEnsemble, n_adapters=2)
+    net = strategy.fit(
+        make_classifier_net(max_epochs=2),
+        X_train,
+        y_train,
+        seed=7,
+        device=torch.device("cpu"),
+        task=NetTask(True),
+    )
+    members = strategy.members(net, 7, X[:1])
+    for j, member in enumerate(members):
+        seed = derive_seed(7, 2, j)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tuned = strategy._with_adapter(net.module_)
+        tuned = fine_tune(net, tuned, X_train, y_train, epochs=2, seed=seed, device=torch.device("cpu"))
+        with torch.no_grad():
+            torch.testing.assert_close(member.forward(member.params, X), tuned(X))
+        # the adapters moved: the member is not the base model
+        with torch.no_grad():
+            assert not torch.allclose(tuned(X), net.module_(X))
+        # features: the exact gradient of the margin with respect to the adapters only
+        adapters = [p for p in tuned.parameters() if p.requires_grad]
+        assert len(adapters) == 2 and {n for n, p in tuned.named_parameters() if p.requires_grad} == set(
+            member.params
+        )
+        expected = []
+        for x, label in zip(X, y):
+            margin, _ = NetTask(True).target_and_residual(tuned(x[None]), label[None])
+            expected.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(margin[0], adapters)]))
+        np.testing.assert_allclose(
+            _features(member, X.numpy(), y.numpy()).phi, torch.stack(expected), rtol=1e-4, atol=1e-6
+        )
+
+
+def test_lora_refuses_layers_and_oversized_ranks(digits):
+    X_train, _, y_train, _ = digits
+    with pytest.raises(ValueError, match="layers=.*lora_target_modules"):
+        EnsembleAttributor(make_classifier_net(), ensemble="lora", layers="last").fit(X_train, y_train)
+    with pytest.raises(ValueError, match=r"lora_rank=17 exceeds the smallest dimension \(16\)"):
+        EnsembleAttributor(make_classifier_net(), ensemble="lora", lora_rank=17).fit(X_train, y_train)
 
 
 def test_lora_seeded(digits):

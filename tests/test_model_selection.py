@@ -3,34 +3,63 @@ import pytest
 import torch
 
 import sktda.model_selection as ms
+from sktda._nets import fit_net
 from sktda.model_selection import subset_retraining
 
 from .conftest import make_classifier_net, make_regressor_net
 
 
-def test_subsets_and_outputs(digits):
+def test_subsets_and_outputs_are_nets_retrained_on_each_subset(digits, monkeypatch):
     X_train, X_test, y_train, y_test = digits
     net = make_classifier_net(max_epochs=2)
+    seeds = []
+    real = ms._subset_outputs
+    monkeypatch.setattr(
+        ms, "_subset_outputs", lambda *a: seeds.append(a[7]) or real(*a)
+    )  # a = (estimator, task, X, y, mask, X_test, y_test, seed, device)
     truth = subset_retraining(
         net, X_train, y_train, X_test, y_test, n_subsets=4, subset_fraction=0.4, random_state=1
     )
     assert truth.subsets.shape == (4, len(X_train)) and truth.subsets.dtype == bool
     np.testing.assert_array_equal(truth.subsets.sum(1), round(0.4 * len(X_train)))
-    assert truth.outputs.shape == (4, len(X_test))
     assert len({tuple(s) for s in truth.subsets}) == 4
-    # outputs are the correct-class margins of a net trained on the subset
-    from sktda._nets import fit_net
+    # every row of outputs is the correct-class margin of a net trained on that subset alone
+    task = ms.check_net(net)
+    for s in (0, 3):
+        mask = truth.subsets[s]
+        net_s = fit_net(
+            net, X_train[mask], y_train[mask], seed=int(seeds[s]), device=torch.device("cpu"), task=task
+        )
+        with torch.no_grad():
+            logits = net_s.module_(torch.from_numpy(X_test))
+        margin, _ = task.target_and_residual(logits, torch.from_numpy(y_test))
+        np.testing.assert_allclose(truth.outputs[s], margin.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(truth.outputs[0], truth.outputs[3])
 
-    net_0 = fit_net(
-        net,
-        X_train[truth.subsets[0]],
-        y_train[truth.subsets[0]],
-        seed=0,
-        device=torch.device("cpu"),
-        task=ms.check_net(net),
+
+def test_regressor_outputs_are_predictions(regression_data):
+    X_train, X_test, y_train, y_test = regression_data
+    net = make_regressor_net()
+    truth = subset_retraining(net, X_train, y_train, X_test, y_test, n_subsets=3, random_state=0)
+    # the target does not depend on y_test: the same outputs for any y_test
+    ms._CACHE.clear()
+    other = subset_retraining(
+        net, X_train, y_train, X_test, np.zeros_like(y_test), n_subsets=3, random_state=0
     )
-    margins = ms._target_outputs(net_0, ms.check_net(net), X_test, y_test)
-    assert margins.shape == (len(X_test),)
+    np.testing.assert_array_equal(truth.outputs, other.outputs)
+
+
+def test_diverging_subset_models_are_refused(digits):
+    X_train, X_test, y_train, y_test = digits
+    with pytest.raises(ValueError, match="training diverged"):
+        subset_retraining(make_classifier_net(lr=1e12), X_train, y_train, X_test, y_test, n_subsets=3)
+
+
+def test_non_finite_subset_outputs_are_refused(digits, monkeypatch):
+    X_train, X_test, y_train, y_test = digits
+    monkeypatch.setattr(ms, "_subset_outputs", lambda *a: np.full(len(X_test), np.inf))
+    with pytest.raises(ValueError, match="subset 0 gives non-finite outputs"):
+        subset_retraining(make_classifier_net(max_epochs=1), X_train, y_train, X_test, y_test, n_subsets=3)
 
 
 def test_cached_and_reproducible(digits, monkeypatch, tmp_path):
@@ -82,6 +111,10 @@ def test_bad_input(digits):
         subset_retraining(net, X_train[y_train < 5], y_train[y_train < 5], X_test, y_test)
     with pytest.raises(TypeError, match="skorch"):
         subset_retraining(object(), X_train, y_train, X_test, y_test)
+    with pytest.raises(ValueError, match="one target per sample"):
+        subset_retraining(net, X_train, np.stack([y_train, y_train], 1), X_test, y_test)
+    with pytest.raises(ValueError, match="n_subsets"):
+        subset_retraining(net, X_train, y_train, X_test, y_test, n_subsets="3")
 
 
 def test_grid_search_over_strategies_retrains_each_fold_once(digits, monkeypatch):
@@ -103,7 +136,8 @@ def test_grid_search_over_strategies_retrains_each_fold_once(digits, monkeypatch
     assert len(calls) == 2 * 4  # two folds, four subsets each; shared by both candidates
     assert set(search.cv_results_["param_ensemble"]) == {"independent", "dropout"}
     assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
-    assert search.best_params_["ensemble"] in {"independent", "dropout"}
+    best = np.argmax(search.cv_results_["mean_test_score"])
+    assert search.best_params_ == search.cv_results_["params"][best]
     assert {"mean_fit_time", "mean_score_time"} <= set(search.cv_results_)
 
     scoring = {"lds": lds_scorer, "train_seconds": cost_scorer("train_seconds")}

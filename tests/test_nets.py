@@ -109,3 +109,26 @@ def test_flip_labels():
     np.testing.assert_array_equal(flip_labels(y, 0.2, random_state=0)[0], y_noisy)
     with pytest.raises(ValueError, match="fraction"):
         flip_labels(y, 1.0)
+    with pytest.raises(ValueError, match="'fraction' parameter of flip_labels must be a float"):
+        flip_labels(y, "0.2")
+    with pytest.raises(ValueError, match="1-D array of labels"):
+        flip_labels(np.stack([y, y], 1), 0.2)
+
+
+def test_training_guard_is_appended_and_the_users_net_untouched(digits):
+    X, _, y, _ = digits
+    net = make_classifier_net(max_epochs=1)
+    trained = fit_net(net, X, y, seed=0, device=torch.device("cpu"), task=NetTask(True))
+    assert "sktda_guard" in dict(trained.callbacks_)
+    assert net.callbacks is None
+
+
+def test_checkpoint_epochs_need_an_epoch():
+    with pytest.raises(ValueError, match="max_epochs=0"):
+        checkpoint_epochs(0, 3)
+
+
+def test_resolve_device_refuses_devices_that_cannot_run():
+    with pytest.raises(ValueError, match="cannot run computations"):
+        resolve_device("meta")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
