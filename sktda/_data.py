@@ -48,7 +48,7 @@ def validate_fit_data(estimator, X, y, task: NetTask):
         estimator.classes_ = encoder.classes_
         if len(encoder.classes_) == 1:
             warnings.warn(
-                f"y has a single class ({encoder.classes_[0]!r}): every training sample has the "
+                f"y has a single class ({encoder.classes_[0]}): every training sample has the "
                 "same label, so attributions and outlier scores carry no information about "
                 "which label a sample should have. Pass y with at least two classes.",
                 UserWarning,
