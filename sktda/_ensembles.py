@@ -81,9 +81,10 @@ class Member:
         )
 
 
-def member_from_module(module: torch.nn.Module, layers, seed: int) -> Member:
-    """Split a frozen module's tensors into the differentiated and the frozen."""
-    names = set(parameter_names(module, layers))
+def member_from_module(module: torch.nn.Module, layers, seed: int, names=None) -> Member:
+    """Split a frozen module's tensors into the differentiated (those of ``layers``,
+    or the parameters ``names``) and the frozen."""
+    names = set(parameter_names(module, layers) if names is None else names)
     tensors = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
     params = {k: v for k, v in tensors.items() if k in names}
@@ -313,13 +314,7 @@ class LoraEnsemble(EnsembleStrategy):
             adapter = {name for name, p in module.named_parameters() if p.requires_grad}
             for p in module.parameters():
                 p.requires_grad_(False)
-            tensors = dict(module.named_parameters())
-            tensors.update(dict(module.named_buffers()))
-            params = {k: v for k, v in tensors.items() if k in adapter}
-            frozen = {k: v for k, v in tensors.items() if k not in adapter}
-            members.append(
-                Member(module=module, params=params, frozen=frozen, seed=derive_seed(model_seed, 0, j))
-            )
+            members.append(member_from_module(module, None, derive_seed(model_seed, 0, j), names=adapter))
         return members
 
     def serving_bytes(self, nets):

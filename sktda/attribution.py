@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import gen_batches
+from sklearn.utils._chunking import get_chunk_n_rows
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _num_samples, check_is_fitted, check_scalar
 
@@ -28,9 +29,6 @@ from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
 
 __all__ = ["EnsembleAttributor", "Influence"]
-
-# Bytes of scores handled at once when streaming over training chunks.
-_CHUNK_BYTES = 1 << 28
 
 
 class Influence(NamedTuple):
@@ -375,7 +373,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     def most_influential(self, X, y=None, k: int = 10) -> Influence:
         """The ``k`` strongest proponents and opponents per test sample.
 
-        Streams over the training set in chunks, so the full (n_test, n_train)
+        Streams over the training set in chunks sized by scikit-learn's
+        ``working_memory`` (``sklearn.set_config``), so the full (n_test, n_train)
         matrix is never held.
 
         Parameters
@@ -399,8 +398,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         test_phis, device = self._test_features(X, y)
         method = METHODS[self.method]()
         n_test = test_phis[0].shape[0]
-        # bound both the score block and the float32 copy of the training features
-        chunk = max(k, _CHUNK_BYTES // (4 * max(n_test, self.train_features_.shape[2])))
+        # per training sample: its float32 scores (twice, while merging) and features
+        row_bytes = 4 * (2 * n_test + self.train_features_.shape[2])
+        chunk = max(k, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_train))
         top = bottom = None
         for columns in gen_batches(n_train, chunk):
             scores = _finite(

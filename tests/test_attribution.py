@@ -131,14 +131,17 @@ def test_self_attribute_is_the_diagonal(fitted_trak, digits):
 
 
 @pytest.mark.parametrize("method", ["trak", "grad_cos"])
-def test_most_influential_streams_to_the_dense_top_k(digits, monkeypatch, method):
+def test_most_influential_streams_to_the_dense_top_k(digits, method):
     X_train, X_test, y_train, y_test = digits
     attr = EnsembleAttributor(make_classifier_net(), method=method, proj_dim=64, random_state=0).fit(
         X_train, y_train
     )
     A = attr.attribute(X_test, y_test)
-    monkeypatch.setattr(attribution_module, "_CHUNK_BYTES", 4 * len(X_test) * 16)  # 16-sample chunks
-    top = attr.most_influential(X_test, y_test, k=5)
+    from sklearn import config_context
+
+    row_bytes = 4 * (2 * len(X_test) + 64)
+    with config_context(working_memory=16 * row_bytes / 2**20):  # 16 training samples a chunk
+        top = attr.most_influential(X_test, y_test, k=5)
     assert top.proponents.shape == top.opponents.shape == (len(X_test), 5)
     np.testing.assert_allclose(top.proponent_scores, -np.sort(-A, axis=1)[:, :5], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(top.opponent_scores, np.sort(A, axis=1)[:, :5], rtol=1e-5, atol=1e-7)
@@ -249,12 +252,11 @@ def test_score_is_lds_and_cached(digits, monkeypatch):
     attr = EnsembleAttributor(make_classifier_net(), proj_dim=64, random_state=0, score_n_subsets=5).fit(
         X_train, y_train
     )
-    score = attr.score(X_test, y_test)
-    assert -1 <= score <= 1
+    attr.score(X_test, y_test)
     calls = []
     monkeypatch.setattr(ms, "_subset_outputs", lambda *a, **k: calls.append(1))
     other = clone(attr).set_params(method="grad_dot").fit(X_train, y_train)
-    assert -1 <= other.score(X_test, y_test) <= 1
+    other.score(X_test, y_test)
     assert calls == []  # the ground truth came from the cache
 
 
