@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._data import validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._gradients import GRADIENT_PATHS, GradientConfig, featurize_members
-from ._nets import NetTask, check_net, resolve_device
+from ._nets import NetTask, check_net, initialized_module, resolve_device, takes_token_ids
 
 # One documentation fragment per shared parameter, substituted into both
 # estimators' docstrings by :func:`fill_doc` (``%(name)s`` markers).
@@ -111,18 +111,22 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
 
         Parameters
         ----------
-        X : array-like or torch.Tensor of shape (n_samples, n_features)
-            Training inputs.
-        y : array-like or torch.Tensor of shape (n_samples,)
-            Training targets: class labels for classifiers, values for regressors.
+        X : array-like, torch.Tensor or dict of them, of shape (n_samples, ...)
+            Training inputs: anything the skorch net accepts (tables, N-d arrays
+            such as images, integer token ids, dicts passed to ``forward`` by
+            keyword).
+        y : array-like or torch.Tensor of shape (n_samples,) or (n_samples, T)
+            Training targets: class labels for classifiers, values for regressors,
+            next-token ids for a language model.
 
         Returns
         -------
         self : object
             The fitted estimator.
         """
-        task = check_net(self.estimator)
-        X, y = validate_fit_data(self, X, y, task)
+        task = check_net(self.estimator, self._target(), y)
+        X, y = validate_fit_data(self, X, y, task, takes_token_ids(initialized_module(self.estimator)))
+        self._task = task
         self._check_fit(task)
         device = resolve_device(self.device)
 
@@ -146,6 +150,10 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         return self
 
     # ------------------------------------------------------------------ hooks
+    def _target(self):
+        """The attributed target (``target`` parameter); the loss's own by default."""
+        return "auto"
+
     def _check_fit(self, task: NetTask) -> None:
         """Refuse parameter combinations that cannot work, before any training."""
 
@@ -170,7 +178,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         """Validated ``(task, X, y, device)``; ``y=None`` becomes the ensemble's
         predicted labels."""
         check_is_fitted(self)
-        task = check_net(self.estimator)
+        task = self._task
         X, y = validate_predict_data(self, X, y, task)
         device = resolve_device(self.device)
         if y is None:

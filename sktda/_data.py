@@ -1,15 +1,27 @@
-"""Input validation shared by the estimators: numpy, torch or pandas in, float32
-features and encoded targets out, with errors that say what to fix."""
+"""Input validation shared by the estimators, and the few operations the rest of
+the library needs on inputs of any kind.
+
+Inputs are whatever a skorch net accepts: 2-D tables (numpy, pandas, lists), N-d
+arrays (images ``(n, C, H, W)``, sequences ``(n, T, d)``), integer arrays (token
+ids, kept integer all the way to the module), torch tensors, and dicts of arrays
+(skorch's convention for multi-input modules, ``SliceDict`` included), passed to
+``module.forward`` as keyword arguments. Floating inputs become float32; integer
+inputs keep their dtype. After validation an input is a numpy array or a plain
+dict of them, and :func:`n_samples`, :func:`take`, :func:`to_torch` and
+:func:`call` work on either.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 import torch
+from scipy.sparse import issparse
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, validate_data
+from sklearn.utils.validation import check_array, check_consistent_length, validate_data
 
 from ._nets import NetTask
 
@@ -21,27 +33,156 @@ def as_array_like(data):
     return data
 
 
-def _float32(X: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(X, dtype=np.float32)
+# ---------------------------------------------------------------- operations
+def n_samples(X) -> int:
+    return len(next(iter(X.values()))) if isinstance(X, Mapping) else len(X)
 
 
-def validate_fit_data(estimator, X, y, task: NetTask):
-    """Validate ``(X, y)`` for ``fit``; set ``n_features_in_`` (and ``classes_``).
+def take(X, index):
+    """Rows ``index`` (a slice or indices) of an array, tensor or dict of them."""
+    if isinstance(X, Mapping):
+        return {k: v[index] for k, v in X.items()}
+    return X[index]
 
-    Returns float32 ``X`` and the targets the net trains on: int64 class indices for
-    classifiers, a float32 column for regressors.
+
+def to_torch(X, device=None):
+    """Tensors (on ``device``) of a validated numpy input, or of a dict of them."""
+    if isinstance(X, Mapping):
+        return {k: to_torch(v, device) for k, v in X.items()}
+    if isinstance(X, torch.Tensor):
+        return X.to(device) if device is not None else X
+    tensor = torch.from_numpy(np.ascontiguousarray(X))
+    return tensor.to(device) if device is not None else tensor
+
+
+def map_tensors(function, x):
+    """``function`` applied to a tensor or to every tensor of a dict."""
+    if isinstance(x, Mapping):
+        return {k: function(v) for k, v in x.items()}
+    return function(x)
+
+
+def call(function, x, *args):
+    """``function(x, *args)``, or ``function(*args, **x)`` for a dict input (as skorch
+    passes dicts to ``module.forward``)."""
+    if isinstance(x, Mapping):
+        return function(*args, **x)
+    return function(x, *args)
+
+
+def copy_inputs(X):
+    """A copy that does not change when the caller's arrays do."""
+    return {k: np.array(v) for k, v in X.items()} if isinstance(X, Mapping) else np.array(X)
+
+
+# ----------------------------------------------------------------- validation
+def _is_dict(X) -> bool:
+    return isinstance(X, Mapping) and not issparse(X)  # a DOK sparse matrix is a dict
+
+
+def _check_array(X, name: str, min_samples: int, keep_integers: bool = True) -> np.ndarray:
+    X = np.asarray(as_array_like(X)) if not hasattr(X, "iloc") else X
+    integer = keep_integers and getattr(X, "dtype", None) is not None and np.dtype(X.dtype).kind in "iu"
+    X = check_array(
+        X,
+        allow_nd=True,
+        ensure_2d=False,
+        dtype=None if integer else [np.float32, np.float64],
+        ensure_min_samples=min_samples,
+        input_name=name,
+    )
+    if X.ndim == 0:
+        raise ValueError(f"{name} must hold one entry per sample; got a scalar.")
+    return X if integer else np.ascontiguousarray(X, dtype=np.float32)
+
+
+def check_inputs(X, name: str = "X", min_samples: int = 1, keep_integers: bool = True):
+    """Validate an input of any kind without fitted-state bookkeeping: a float32 or
+    integer numpy array, or a dict of them with one length. Integer arrays stay
+    integer when ``keep_integers`` (token ids for an ``nn.Embedding``) and become
+    float32 features otherwise; in a dict they always stay as they are."""
+    X = as_array_like(X)
+    if X is None:
+        raise ValueError(f"{name} is None; pass the samples.")
+    if issparse(X):
+        raise TypeError(f"Sparse data was passed for {name}, but dense data is required; use X.toarray().")
+    if isinstance(X, Mapping):
+        if not X:
+            raise ValueError(f"{name} is an empty dict; pass the module's inputs by keyword.")
+        out = {k: _check_array(v, f"{name}[{k!r}]", min_samples) for k, v in X.items()}
+        lengths = {k: len(v) for k, v in out.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"The arrays of {name} have different numbers of samples: {lengths}.")
+        return out
+    X = _check_array(X, name, min_samples, keep_integers)
+    if X.ndim == 1:
+        raise ValueError(
+            f"{name} is 1-D, shape {X.shape}; pass one row per sample, for example X.reshape(-1, 1)."
+        )
+    return X
+
+
+def input_spec(X):
+    """Per-sample shape and kind (float or integer) of every part of an input."""
+    if isinstance(X, Mapping):
+        return {k: input_spec(v) for k, v in X.items()}
+    return (tuple(X.shape[1:]), "integer" if X.dtype.kind in "iu" else "float")
+
+
+def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
+    """``X`` for ``fit`` (``reset``) or for prediction, checked against fit. 2-D
+    numeric tables go through scikit-learn's ``validate_data`` (feature counts and
+    names); N-d arrays and dicts are checked against the shapes seen in fit, and
+    ``n_features_in_`` is not set for them."""
+    X = as_array_like(X)
+    if not (_is_dict(X) or hasattr(X, "iloc") or issparse(X)):
+        X = np.asarray(X)  # lists and other array-likes
+    tabular = not _is_dict(X) and (hasattr(X, "iloc") or issparse(X) or X.ndim <= 2)
+    if tabular:
+        integer = keep_integers and not hasattr(X, "iloc") and np.asarray(X).dtype.kind in "iu"
+        X = validate_data(
+            estimator,
+            X,
+            reset=reset,
+            dtype=None if integer else [np.float32, np.float64],
+            ensure_min_samples=2 if reset else 1,
+        )
+        X = X if integer else np.ascontiguousarray(X, dtype=np.float32)
+    else:
+        X = check_inputs(X, min_samples=2 if reset else 1, keep_integers=keep_integers)
+        if reset:
+            for attr in ("n_features_in_", "feature_names_in_"):
+                if hasattr(estimator, attr):
+                    delattr(estimator, attr)
+    spec = input_spec(X)
+    if reset:
+        estimator._input_spec = spec
+    elif spec != estimator._input_spec:
+        raise ValueError(
+            f"X has per-sample shape and kind {spec}, but fit saw {estimator._input_spec}; pass "
+            "inputs shaped like the training data."
+        )
+    return X
+
+
+def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True):
+    """Validate ``(X, y)`` for ``fit``; set ``n_features_in_`` (2-D tables) and
+    ``classes_`` (classifiers).
+
+    Returns the inputs and the targets the net trains on: int64 class indices for
+    classifiers, int64 token ids ``(n, T)`` for sequence targets, a float32 column
+    for regressors.
     """
-    X, y = as_array_like(X), as_array_like(y)
     if y is None:
         raise ValueError(f"{type(estimator).__name__} requires y to be passed, but the target y is None.")
-    X, y = validate_data(
-        estimator,
-        X,
-        y,
-        dtype=[np.float64, np.float32],
-        ensure_min_samples=2,
-        y_numeric=not task.is_classifier,
-    )
+    y = check_y(as_array_like(y), task)
+    X = as_array_like(X)
+    first = as_array_like(next(iter(X.values()))) if _is_dict(X) and X else X
+    check_consistent_length(first, y)  # before X's bookkeeping: a failed fit leaves nothing fitted
+    X = _validate_X(estimator, X, reset=True, keep_integers=keep_integers)
+    estimator._keep_integers = keep_integers
+    if task.is_sequence:
+        return X, y
     if task.is_classifier:
         check_classification_targets(y)
         encoder = LabelEncoder().fit(y)
@@ -54,30 +195,43 @@ def validate_fit_data(estimator, X, y, task: NetTask):
                 UserWarning,
                 stacklevel=4,
             )
-        return _float32(X), encoder.transform(y).astype(np.int64)
-    return _float32(X), np.asarray(y, dtype=np.float32).reshape(-1, 1)
+        return X, encoder.transform(y).astype(np.int64)
+    return X, np.asarray(y, dtype=np.float32).reshape(-1, 1)
 
 
-def validate_predict_data(estimator, X, y, task: NetTask):
-    """Validate ``X`` (and ``y`` when given) against what ``fit`` saw.
-
-    Returns float32 ``X`` and encoded targets, or ``None`` when ``y`` is ``None``.
-    """
-    X = validate_data(estimator, as_array_like(X), reset=False, dtype=[np.float64, np.float32])
-    if y is None:
-        return _float32(X), None
-    y = check_array(as_array_like(y), ensure_2d=False, dtype=None, input_name="y")
+def check_y(y, task: NetTask) -> np.ndarray:
+    if task.is_sequence:
+        y = check_array(y, ensure_2d=True, dtype=None, input_name="y")
+        if y.dtype.kind not in "iu":
+            raise ValueError(
+                f"A sequence target needs y of integer token ids, shape (n_samples, T); got dtype {y.dtype}."
+            )
+        return y.astype(np.int64)
+    y = check_array(y, ensure_2d=False, dtype=None if task.is_classifier else np.float64, input_name="y")
     if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
         raise ValueError(
             f"y must hold one target per sample, a 1-D array, but has shape {y.shape}; pass "
             "the labels (or values) as a 1-D array."
         )
-    if y.shape[0] != X.shape[0]:
-        raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}; pass one target per sample.")
+    return y.reshape(-1)
+
+
+def validate_predict_data(estimator, X, y, task: NetTask):
+    """Validate ``X`` (and ``y`` when given) against what ``fit`` saw.
+
+    Returns the inputs and encoded targets, or ``None`` when ``y`` is ``None``.
+    """
+    X = _validate_X(estimator, X, reset=False, keep_integers=estimator._keep_integers)
+    if y is None:
+        return X, None
+    y = check_y(as_array_like(y), task)
+    if len(y) != n_samples(X):
+        raise ValueError(f"X has {n_samples(X)} samples but y has {len(y)}; pass one target per sample.")
+    if task.is_sequence:
+        return X, y
     if not task.is_classifier:
-        y = check_array(y, ensure_2d=False, dtype=np.float64, input_name="y")
-        return _float32(X), y.astype(np.float32).reshape(-1, 1)
-    return _float32(X), encode_labels(estimator.classes_, y)
+        return X, y.astype(np.float32).reshape(-1, 1)
+    return X, encode_labels(estimator.classes_, y)
 
 
 def encode_labels(classes: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ attribution methods never learn which strategy made a member.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -19,6 +20,7 @@ from sklearn.utils import check_random_state, gen_batches
 from torch import nn
 from torch.func import functional_call
 
+from ._data import call, copy_inputs, n_samples, take, to_torch
 from ._nets import (
     LearningRateCheckpoints,
     NetTask,
@@ -55,8 +57,12 @@ class Member:
     coef: float = 1.0
     residual_variants: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
-    def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.module, (params, self.frozen), (x,))
+    def forward(self, params: dict[str, torch.Tensor], x, frozen=None) -> torch.Tensor:
+        """The module's output on ``x`` (a tensor, or a dict of keyword tensors)
+        with ``params`` and the member's frozen tensors (or ``frozen``)."""
+        frozen = self.frozen if frozen is None else frozen
+        args, kwargs = ((), x) if isinstance(x, Mapping) else ((x,), {})
+        return functional_call(self.module, (params, frozen), args, kwargs)
 
     def to(self, device: torch.device) -> Member:
         def move(tensors):
@@ -194,7 +200,7 @@ class DropoutEnsemble(EnsembleStrategy):
             for name, layer in layers.items()
         ]
         with torch.no_grad():
-            module(X_sample.to(next(module.parameters()).device))
+            call(module, to_torch(X_sample, next(module.parameters()).device))
         for hook in hooks:
             hook.remove()
         masks = {}
@@ -383,7 +389,7 @@ class TrainedEnsemble:
             [((estimator, X, y), dict(seed=s, device=device, task=task, callbacks=callbacks)) for s in seeds],
         )
         nets = run(jobs, n_jobs, n_models, "training", verbose)
-        return cls(strategy, nets, seeds, torch.from_numpy(np.array(X[:1])))
+        return cls(strategy, nets, seeds, to_torch(copy_inputs(take(X, slice(0, 1)))))
 
     def members(self, checkpoints: bool = False) -> list[Member]:
         """Every member, with coefficient ``1 / n_members``; with ``checkpoints``,
@@ -402,19 +408,19 @@ class TrainedEnsemble:
         return members
 
     def predict_targets(self, X: np.ndarray, task: NetTask, batch_size: int, device) -> np.ndarray:
-        """The ensemble's predictions: the argmax of the members' mean class
-        probabilities, or zeros for regressors (whose target does not use y)."""
+        """The ensemble's predictions: the argmax of the members' mean class (or
+        token) probabilities, or zeros for regressors (whose target does not use y)."""
+        n = n_samples(X)
         if not task.is_classifier:
-            return np.zeros((X.shape[0], 1), dtype=np.float32)
-        X = torch.from_numpy(np.ascontiguousarray(X))
+            return np.zeros((n, 1), dtype=np.float32)
         probs = 0
         with torch.no_grad():
             for member in self.members():
                 member = member.to(device)
                 logits = torch.cat(
                     [
-                        task.logits(member.forward(member.params, X[rows].to(device))).cpu()
-                        for rows in gen_batches(X.shape[0], batch_size)
+                        task.logits(member.forward(member.params, to_torch(take(X, rows), device))).cpu()
+                        for rows in gen_batches(n, batch_size)
                     ]
                 )
                 probs = probs + torch.softmax(logits, dim=-1)

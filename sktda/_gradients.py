@@ -29,8 +29,9 @@ from joblib import effective_n_jobs
 from sklearn.utils import gen_batches
 from sklearn.utils.parallel import delayed
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from ._data import map_tensors, n_samples, take, to_torch
 from ._nets import NetTask
 from ._parallel import run, torch_threads
 from ._projection import KroneckerProjector, make_projector
@@ -98,7 +99,7 @@ class GradientEngine:
         m = self.member
         with torch.no_grad():
             residuals = [
-                self.task.target_and_residual(functional_call(m.module, (m.params, frozen), (x,)), y)[1]
+                self.task.target_and_residual(m.forward(m.params, x, frozen), y)[1]
                 for frozen in m.residual_variants
             ]
         return torch.stack(residuals).mean(0)
@@ -113,7 +114,7 @@ class VmapEngine(GradientEngine):
         self.out_dim = projector.out_dim
 
         def target(params, x, y):
-            out = self.member.forward(params, x.unsqueeze(0))
+            out = self.member.forward(params, map_tensors(lambda t: t.unsqueeze(0), x))
             f, r = task.target_and_residual(out, y.unsqueeze(0))
             return f[0], (f[0], r[0])
 
@@ -166,7 +167,7 @@ class LinearEngine(GradientEngine):
                     if delta is not None:  # None: this output does not reach the target
                         phi = phi + self.projector.project_factors(name, a.detach(), delta)
         if isinstance(phi, int):
-            phi = torch.zeros(x.shape[0], self.out_dim, device=x.device)
+            phi = torch.zeros(n_samples(x), self.out_dim, device=self.device)
         return phi, f.detach(), r.detach()
 
 
@@ -213,19 +214,17 @@ def make_engine(member, config: GradientConfig) -> GradientEngine:
     return VmapEngine(member, config.task, config.device, projector)
 
 
-def featurize(
-    engine: GradientEngine, X: torch.Tensor, y: torch.Tensor, batch_size: int, out=None
-) -> Features:
+def featurize(engine: GradientEngine, X, y: torch.Tensor, batch_size: int, out=None) -> Features:
     """Features of ``(X, y)`` in chunks of ``batch_size`` (memory bounded by one
     chunk of gradients, or of layer factors on the fast path). ``phi`` is written
     into ``out`` when given (any float dtype, possibly a memory-mapped file).
     Non-finite gradients, residuals or targets are refused, naming the rows."""
-    n = X.shape[0]
+    n = n_samples(X)
     phi = np.empty((n, engine.out_dim), dtype=np.float32) if out is None else out
     residual = np.empty(n, dtype=np.float32)
     output = np.empty(n, dtype=np.float32)
     for rows in gen_batches(n, batch_size):
-        p, f, r = engine.chunk(X[rows].to(engine.device), y[rows].to(engine.device))
+        p, f, r = engine.chunk(to_torch(take(X, rows), engine.device), y[rows].to(engine.device))
         for name, t in (("per-sample gradients", p), ("targets", f), ("residuals -dL/df", r)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(
@@ -253,7 +252,7 @@ def featurize_members(
     whatever ``n_jobs``). ``phi`` is stored as ``config.dtype``; with ``out_file``
     the jobs write their rows of one ``(n_members, n, k)`` ``.npy`` file,
     memory-mapped, so the features never need to fit in memory."""
-    n = len(X)
+    n = n_samples(X)
     shape = (len(members), n, feature_dim(members[0], config.proj_dim))
     if out_file is not None:
         np.lib.format.open_memmap(out_file, mode="w+", dtype=config.dtype, shape=shape).flush()
@@ -262,7 +261,14 @@ def featurize_members(
     ranges = [(start, min(start + step, n)) for start in range(0, n, step)]
     jobs = [
         delayed(_featurize_rows)(
-            m, X[a:b], y[a:b], config=config, n_jobs=n_jobs, out_file=out_file, member_index=i, start=a
+            m,
+            take(X, slice(a, b)),
+            y[a:b],
+            config=config,
+            n_jobs=n_jobs,
+            out_file=out_file,
+            member_index=i,
+            start=a,
         )
         for i, m in enumerate(members)
         for a, b in ranges
@@ -289,13 +295,13 @@ def featurize_members(
 def _featurize_rows(member, X, y, *, config, n_jobs, out_file, member_index, start) -> Features:
     with torch_threads(n_jobs):
         engine = make_engine(member, config)
-        X = torch.from_numpy(np.ascontiguousarray(X))
-        y = torch.from_numpy(np.ascontiguousarray(y))
+        X, y = to_torch(X), to_torch(y)
+        n = n_samples(X)
         if out_file is None:
-            out = np.empty((len(X), engine.out_dim), dtype=config.dtype)
+            out = np.empty((n, engine.out_dim), dtype=config.dtype)
             return featurize(engine, X, y, config.batch_size, out)
         stored = np.load(out_file, mmap_mode="r+")
-        features = featurize(engine, X, y, config.batch_size, stored[member_index, start : start + len(X)])
+        features = featurize(engine, X, y, config.batch_size, stored[member_index, start : start + n])
         stored.flush()
         features.phi = None  # the rows live in the file; the caller maps them
         return features

@@ -9,7 +9,7 @@ classifiers, the prediction for regressors) and into the training loss.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ _REGRESSION_LOSSES = (torch.nn.MSELoss,)
 LOGITS, PROBABILITIES, LOG_PROBABILITIES = "logits", "probabilities", "log_probabilities"
 
 
+TARGETS = ("auto", "log_prob", "loss", "sequence_log_likelihood")
+
+
 @dataclass(frozen=True)
 class NetTask:
     """How a net's output maps to the attributed target and the training loss.
@@ -33,26 +36,61 @@ class NetTask:
     (``CrossEntropyLoss``), ``"probabilities"`` (``NLLLoss`` in a skorch
     ``NeuralNetClassifier``, which takes their log, as skorch's default does) or
     ``"log_probabilities"`` (``NLLLoss`` in a plain ``NeuralNet``).
+    ``is_sequence``: the module returns ``(n, T, vocab)`` scores for ``y`` of
+    ``(n, T)`` token ids (a language model), tokens equal to ``ignore_index``
+    left out. ``target`` is the attributed scalar (see :meth:`target_and_residual`)
+    and ``role`` says whether features are taken of training samples (``"train"``)
+    or of the samples whose prediction is attributed (``"test"``).
     """
 
     is_classifier: bool
     output: str = LOGITS
+    target: object = "auto"
+    is_sequence: bool = False
+    ignore_index: int = -100
+    role: str = "train"
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         if self.output == PROBABILITIES:
             return torch.log(out + torch.finfo(out.dtype).eps)
         return out
 
+    def as_test(self) -> NetTask:
+        return replace(self, role="test")
+
     def target_and_residual(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Target ``f`` and the residual ``-dL/df`` for a batch of outputs.
 
-        Classification: ``f`` is the margin ``z_y - logsumexp(z_others)``; the
-        cross-entropy loss is ``log(1 + exp(-f))``, so ``-dL/df = 1 - p_y`` (TRAK's
-        ``Q``). Regression: ``f`` is the prediction and the squared error gives
-        ``-dL/df = 2 (y - f)``. Since the loss depends on the parameters only
-        through ``f``, ``grad L = -(-dL/df) grad f``: one per-sample gradient
-        serves both the target and the loss.
+        ``target="auto"``, classification: ``f`` is the margin ``z_y -
+        logsumexp(z_others)``; the cross-entropy loss is ``log(1 + exp(-f))``, so
+        ``-dL/df = 1 - p_y`` (TRAK's ``Q``). Regression: ``f`` is the prediction
+        and the squared error gives ``-dL/df = 2 (y - f)``. Since the loss depends
+        on the parameters only through ``f``, ``grad L = -(-dL/df) grad f``: one
+        per-sample gradient serves both the target and the loss.
+
+        Any other target (``"log_prob"``, ``"loss"``, ``"sequence_log_likelihood"``
+        or a callable) is what test samples are featurized by; training samples are
+        featurized by minus their loss, with residual one (``Q = I``), so that the
+        training side is always the training-loss gradient, as TRAK does for
+        language models. For ``"log_prob"`` and ``"sequence_log_likelihood"`` under
+        cross-entropy the two coincide.
         """
+        if self.target == "auto" and not self.is_sequence:
+            return self._auto(out, y)
+        if self.role == "train" or self.target == "loss":
+            f = -self.per_sample_loss(out, y)
+        elif callable(self.target):
+            f = self.target(out, y)
+            if not isinstance(f, torch.Tensor) or f.shape != (out.shape[0],):
+                raise ValueError(
+                    "A callable target must return a tensor of shape (n_samples,) = "
+                    f"({out.shape[0]},), got {getattr(f, 'shape', type(f).__name__)}."
+                )
+        else:  # log_prob, sequence_log_likelihood: minus the cross-entropy
+            f = -self.per_sample_loss(out, y)
+        return f, torch.ones_like(f)
+
+    def _auto(self, out, y):
         if self.is_classifier:
             z = self.logits(out)
             is_y = torch.arange(z.shape[-1], device=z.device) == y[..., None]
@@ -69,11 +107,27 @@ class NetTask:
         f = f[:, 0]
         return f, 2.0 * (y.reshape(-1).to(f.dtype) - f)
 
+    def per_sample_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each sample's training loss (summed over its tokens or outputs)."""
+        if not self.is_classifier:
+            return (out.reshape(out.shape[0], -1) - y.reshape(out.shape[0], -1).to(out.dtype)).pow(2).sum(1)
+        log_p = torch.log_softmax(self.logits(out), dim=-1)
+        keep = y != self.ignore_index
+        picked = log_p.gather(-1, torch.where(keep, y, 0)[..., None])[..., 0] * keep
+        return -(picked.reshape(out.shape[0], -1).sum(1))
+
     def check_output(self, out: torch.Tensor, n_classes: int) -> None:
         """Refuse a module output that the loss would silently mistreat."""
         if not self.is_classifier:
             return
-        if out.ndim != 2 or out.shape[1] < n_classes:
+        if self.is_sequence:
+            if out.ndim != 3:
+                raise ValueError(
+                    f"A sequence target needs module outputs of shape (n_samples, T, vocab); the "
+                    f"module returns {tuple(out.shape)}."
+                )
+            n_classes = 0
+        elif out.ndim != 2 or out.shape[1] < n_classes:
             raise ValueError(
                 f"The module returns outputs of shape {tuple(out.shape)} but y has {n_classes} "
                 "classes; a classifier's module must return one score per class, shape "
@@ -100,28 +154,59 @@ class NetTask:
                 )
 
 
-def check_net(estimator) -> NetTask:
-    """Validate a user's skorch net and return its :class:`NetTask`."""
+def check_net(estimator, target="auto", y=None) -> NetTask:
+    """Validate a user's skorch net and return its :class:`NetTask` for ``target``.
+
+    ``y`` (the training targets) tells a language model apart: a plain
+    ``NeuralNet`` with a classification loss and 2-D integer ``y`` is attributed
+    by ``"sequence_log_likelihood"`` under ``target="auto"``.
+    """
     if not isinstance(estimator, NeuralNet):
         raise TypeError(
             "estimator must be a skorch NeuralNetClassifier or NeuralNetRegressor "
             f"(a skorch.NeuralNet), got {type(estimator).__name__}. Wrap your torch "
             "module: NeuralNetClassifier(MyModule, criterion=nn.CrossEntropyLoss)."
         )
+    if not (callable(target) or target in TARGETS):
+        raise ValueError(
+            f"target must be one of {TARGETS} or a callable (output, y) -> (n,), got {target!r}."
+        )
     criterion = estimator.criterion
     crit_cls = criterion if isinstance(criterion, type) else type(criterion)
     if issubclass(crit_cls, torch.nn.NLLLoss):
         output = PROBABILITIES if isinstance(estimator, NeuralNetClassifier) else LOG_PROBABILITIES
-        return NetTask(is_classifier=True, output=output)
-    if issubclass(crit_cls, _CLASSIFICATION_LOSSES):
-        return NetTask(is_classifier=True)
-    if issubclass(crit_cls, _REGRESSION_LOSSES):
-        return NetTask(is_classifier=False)
-    raise TypeError(
-        f"sktda does not know the loss {crit_cls.__name__}. Use criterion="
-        "torch.nn.CrossEntropyLoss (logits) or torch.nn.NLLLoss (probabilities) for "
-        "classifiers, torch.nn.MSELoss for regressors."
+        task = NetTask(is_classifier=True, output=output)
+    elif issubclass(crit_cls, _CLASSIFICATION_LOSSES):
+        task = NetTask(is_classifier=True)
+    elif issubclass(crit_cls, _REGRESSION_LOSSES):
+        task = NetTask(is_classifier=False)
+    else:
+        raise TypeError(
+            f"sktda does not know the loss {crit_cls.__name__}. Use criterion="
+            "torch.nn.CrossEntropyLoss (logits) or torch.nn.NLLLoss (probabilities) for "
+            "classifiers, torch.nn.MSELoss for regressors, or a subclass of one of them."
+        )
+    params = estimator.get_params()
+    ignore_index = params.get("criterion__ignore_index", getattr(criterion, "ignore_index", -100))
+    is_sequence = target == "sequence_log_likelihood" or (
+        target == "auto"
+        and task.is_classifier
+        and not isinstance(estimator, NeuralNetClassifier)
+        and y is not None
+        and np.ndim(y) == 2
+        and np.shape(y)[1] > 1
     )
+    if (is_sequence or target == "log_prob") and not task.is_classifier:
+        raise ValueError(
+            f"target={target!r} needs a classification loss (token or class log-probabilities); "
+            "the net is a regressor. Use target='auto' or 'loss'."
+        )
+    if target == "sequence_log_likelihood" and isinstance(estimator, NeuralNetClassifier):
+        raise ValueError(
+            "target='sequence_log_likelihood' is for a skorch NeuralNet language model with "
+            "y = next tokens (n_samples, T); a NeuralNetClassifier takes one label per sample."
+        )
+    return replace(task, target=target, is_sequence=is_sequence, ignore_index=int(ignore_index))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -298,6 +383,12 @@ def initialized_module(estimator) -> torch.nn.Module:
             "nothing to train or to differentiate."
         )
     return net.module_
+
+
+def takes_token_ids(module: torch.nn.Module) -> bool:
+    """Whether integer inputs are token ids for the module (it has an embedding),
+    rather than numeric features to be cast to float."""
+    return any(isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) for m in module.modules())
 
 
 def trained_module(net) -> torch.nn.Module:

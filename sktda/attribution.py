@@ -21,10 +21,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _num_samples, check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
-from ._data import to_tensor, validate_predict_data
+from ._data import copy_inputs, to_tensor, validate_predict_data
 from ._gradients import feature_dim
 from ._methods import METHODS, FittedMember, attribution_columns, self_attribution
-from ._nets import check_net, resolve_device
+from ._nets import TARGETS, resolve_device
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
 
@@ -100,6 +100,26 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         that the projected training gradients barely span. 0 (no damping) warns:
         the matrix is then singular whenever ``proj_dim`` exceeds what the
         training gradients span.
+    target : {"auto", "log_prob", "loss", "sequence_log_likelihood"} or callable, default="auto"
+        The scalar attributed per test sample. ``"auto"``: the correct-class
+        margin (classifiers), the output (regressors), or the sequence
+        log-likelihood (a plain ``NeuralNet`` with a classification loss and
+        2-D integer y). ``"log_prob"``: the log-probability of the label;
+        ``"loss"``: minus the loss; ``"sequence_log_likelihood"``: for a
+        ``NeuralNet`` language model with y the next tokens ``(n, T)``, the sum
+        over tokens of their log-probabilities, tokens equal to the criterion's
+        ``ignore_index`` left out; or a callable ``(module_output, y) -> (n,)``
+        tensor. With ``"auto"``, training samples are featurized by the same
+        target with TRAK's ``Q = 1 - p`` (or the residual); with any other
+        target, training samples are featurized by minus their loss with
+        ``Q = I``, so the training side is the training-loss gradient, as TRAK
+        does for language models. ``score`` and ``subset_retraining`` measure the
+        same target.
+    normalize : {"relatif"} or None, default=None
+        ``"relatif"`` divides each training sample's scores by the square root of
+        its absolute self-influence (RelatIF, Barshan et al., 2020), so that
+        high-loss training samples do not rank first for every test sample.
+        ``self_attribute`` stays un-normalised.
     layers : None, "all", "last" or list of str, default=None
         Parameters to differentiate: all (None or "all"), the output layer's
         ("last"), or those of the named modules. LoRA members differentiate their
@@ -185,6 +205,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         "lora_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_checkpoints": [Interval(numbers.Integral, 1, None, closed="left")],
         "damping": [Interval(numbers.Real, 0, None, closed="left")],
+        "target": [StrOptions(set(TARGETS)), callable],
+        "normalize": [StrOptions({"relatif"}), None],
         "feature_dtype": [StrOptions({"float32", "float16"})],
         "features_dir": [str, os.PathLike, None],
         "score_n_subsets": [Interval(numbers.Integral, 3, None, closed="left")],
@@ -210,6 +232,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         projection="gaussian",
         gradient_path="auto",
         damping=1.0,
+        target="auto",
+        normalize=None,
         layers=None,
         batch_size=256,
         feature_dtype="float32",
@@ -237,6 +261,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self.projection = projection
         self.gradient_path = gradient_path
         self.damping = damping
+        self.target = target
+        self.normalize = normalize
         self.layers = layers
         self.batch_size = batch_size
         self.feature_dtype = feature_dtype
@@ -278,6 +304,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             "lora_epochs": self.lora_epochs,
         }
 
+    def _target(self):
+        return self.target
+
     def _n_checkpoints(self):
         return self.n_checkpoints if METHODS[self.method].needs_checkpoints else None
 
@@ -306,10 +335,13 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             )
             for m, f, phi in zip(members, features, self.train_features_)
         ]
+        self._column_scale = None
+        if self.normalize == "relatif":
+            self._column_scale = _relatif_scale(self_attribution(method, self._members, device))
         self.n_members_ = self.n_models * self.ensemble_.strategy.members_per_model
         self._n_features_out = X.shape[0]
         # a copy: the fitted estimator must not change when the caller's arrays do
-        self._X_fit, self._y_fit = np.array(X), np.array(y)
+        self._X_fit, self._y_fit = copy_inputs(X), np.array(y)
         return {
             "featurize_seconds": time.perf_counter() - start,
             "feature_bytes": int(self.train_features_.nbytes + self.train_residuals_.nbytes),
@@ -339,8 +371,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         check_is_fitted(self)
         _check_dense_fits(_num_samples(X), self.train_features_.shape[1])
         test_phis, device = self._test_features(X, y)
-        A = attribution_columns(METHODS[self.method](), self._members, test_phis, slice(None), device)
-        return _finite(A, "attribution scores").cpu().numpy().astype(np.float64)
+        A = self._columns(METHODS[self.method](), test_phis, slice(None), device)
+        return A.cpu().numpy().astype(np.float64)
 
     def transform(self, X) -> np.ndarray:
         """Attributions for the ensemble's own predictions on ``X``.
@@ -403,9 +435,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         chunk = max(k, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_train))
         top = bottom = None
         for columns in gen_batches(n_train, chunk):
-            scores = _finite(
-                attribution_columns(method, self._members, test_phis, columns, device), "attribution scores"
-            )
+            scores = self._columns(method, test_phis, columns, device)
             index = torch.arange(columns.start, columns.stop, device=device).expand(n_test, -1)
             top = _merge_topk(top, scores, index, k, largest=True)
             bottom = _merge_topk(bottom, scores, index, k, largest=False)
@@ -440,7 +470,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         check_is_fitted(self)
         if y is None:
             raise ValueError("score needs the test targets y: the LDS measures how y's prediction moves.")
-        X_valid, _ = validate_predict_data(self, X, y, check_net(self.estimator))
+        X_valid, _ = validate_predict_data(self, X, y, self._task)
         seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
         truth = subset_retraining(
             self.estimator,
@@ -453,6 +483,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             random_state=seed,
             n_jobs=self.n_jobs,
             device=self.device,
+            target=self.target,
         )
         return linear_datamodeling_score(self.attribute(X, y), truth.subsets, truth.outputs)
 
@@ -475,10 +506,19 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self._release_features = weakref.finalize(self, _remove, path, temporary)
         return path
 
+    def _columns(self, method, test_phis, columns: slice, device) -> torch.Tensor:
+        """Checked scores ``A[:, columns]``, RelatIF-normalised when asked."""
+        scores = _finite(
+            attribution_columns(method, self._members, test_phis, columns, device), "attribution scores"
+        )
+        if self._column_scale is not None:
+            scores = scores * torch.as_tensor(self._column_scale[columns], device=device)
+        return scores
+
     def _test_features(self, X, y):
         task, X, y, device = self._prepare_predict(X, y)
         members = self.ensemble_.members(checkpoints=METHODS[self.method].needs_checkpoints)
-        features = self._featurize(members, X, y, task=task, device=device)
+        features = self._featurize(members, X, y, task=task.as_test(), device=device)
         return [to_tensor(f.phi).to(device) for f in features], device
 
     def _decode(self, y: np.ndarray) -> np.ndarray:
@@ -512,6 +552,17 @@ def _remove(path: str, temporary: str | None) -> None:
         pass
     if temporary is not None:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _relatif_scale(self_influence: torch.Tensor) -> np.ndarray:
+    """``1 / sqrt(|self-influence|)`` per training sample (RelatIF, Barshan et al.,
+    2020): a sample whose own loss it moves a lot is an outlier of the training set,
+    and its raw scores would dominate every test sample's ranking. Floored at a
+    millionth of the largest root, so a sample with no self-influence stays finite."""
+    root = np.sqrt(np.abs(_finite(self_influence, "self-attribution scores").cpu().numpy()))
+    return (1.0 / np.maximum(root, 1e-6 * max(float(root.max()), np.finfo(np.float32).tiny))).astype(
+        np.float32
+    )
 
 
 def _finite(scores: torch.Tensor, what: str) -> torch.Tensor:

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from sklearn.base import clone
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import HasMethods, Interval, validate_params
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 from sklearn.utils.parallel import Parallel
 
-from ._data import as_array_like, encode_labels, to_tensor
-from ._nets import check_net, fit_net, resolve_device
+from ._data import as_array_like, check_inputs, check_y, encode_labels, input_spec, n_samples, take, to_tensor
+from ._nets import TARGETS, check_net, fit_net, initialized_module, resolve_device, takes_token_ids
 from ._parallel import delayed_tasks
 
 __all__ = ["SubsetRetraining", "best_under_budget", "cost_scorer", "lds_scorer", "subset_retraining"]
@@ -41,7 +41,7 @@ def _target_outputs(net, task, X, y) -> np.ndarray:
 
 
 def _subset_outputs(estimator, task, X, y, mask, X_test, y_test, seed, device):
-    net = fit_net(estimator, X[mask], y[mask], seed=seed, device=device, task=task)
+    net = fit_net(estimator, take(X, mask), y[mask], seed=seed, device=device, task=task)
     return _target_outputs(net, task, X_test, y_test)
 
 
@@ -64,31 +64,35 @@ def _retrain(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jo
     return outputs
 
 
-def _prepare(estimator, X, y, X_test, y_test):
-    task = check_net(estimator)
-    X = np.ascontiguousarray(as_array_like(X), dtype=np.float32)
-    X_test = np.ascontiguousarray(as_array_like(X_test), dtype=np.float32)
-    y, y_test = _one_target_per_sample(y, "y"), _one_target_per_sample(y_test, "y_test")
-    if X.ndim != 2 or X_test.ndim != 2 or X.shape[1] != X_test.shape[1]:
+def _prepare(estimator, X, y, X_test, y_test, target):
+    """Validated inputs and encoded targets, and the task measured on the test set."""
+    task = check_net(estimator, target, as_array_like(y))
+    integers = takes_token_ids(initialized_module(estimator))
+    X, X_test = (
+        check_inputs(X, "X", keep_integers=integers),
+        check_inputs(X_test, "X_test", keep_integers=integers),
+    )
+    if input_spec(X) != input_spec(X_test):
         raise ValueError(
-            f"X and X_test must be 2-D with the same number of features; got {X.shape} and {X_test.shape}."
+            f"X and X_test must have the same per-sample shape and kind; got {input_spec(X)} "
+            f"and {input_spec(X_test)}."
         )
-    if X.shape[0] != y.shape[0] or X_test.shape[0] != y_test.shape[0]:
+    y, y_test = check_y(as_array_like(y), task), check_y(as_array_like(y_test), task)
+    if n_samples(X) != len(y) or n_samples(X_test) != len(y_test):
         raise ValueError(
-            f"X has {X.shape[0]} samples and y {y.shape[0]}; X_test has {X_test.shape[0]} "
-            f"and y_test {y_test.shape[0]}. Pass one target per sample."
+            f"X has {n_samples(X)} samples and y {len(y)}; X_test has {n_samples(X_test)} "
+            f"and y_test {len(y_test)}. Pass one target per sample."
         )
+    if task.is_sequence:
+        return task.as_test(), X, y, X_test, y_test
     if task.is_classifier:
         classes = np.unique(y)
-        return task, X, encode_labels(classes, y), X_test, encode_labels(classes, y_test)
-    return task, X, y.astype(np.float32).reshape(-1, 1), X_test, y_test.astype(np.float32).reshape(-1, 1)
+        return task.as_test(), X, encode_labels(classes, y), X_test, encode_labels(classes, y_test)
+    return task.as_test(), X, _column(y), X_test, _column(y_test)
 
 
-def _one_target_per_sample(y, name: str) -> np.ndarray:
-    y = np.asarray(as_array_like(y))
-    if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
-        raise ValueError(f"{name} must hold one target per sample, a 1-D array, but has shape {y.shape}.")
-    return y.reshape(-1)
+def _column(y: np.ndarray) -> np.ndarray:
+    return y.astype(np.float32).reshape(-1, 1)
 
 
 @validate_params(
@@ -99,6 +103,7 @@ def _one_target_per_sample(y, name: str) -> np.ndarray:
         "n_jobs": [numbers.Integral, None],
         "device": [str, torch.device],
         "memory": [str, HasMethods(["cache"]), None],
+        "target": [StrOptions(set(TARGETS)), callable],
     },
     prefer_skip_nested_validation=True,
 )
@@ -115,6 +120,7 @@ def subset_retraining(
     n_jobs: int | None = None,
     device: str = "auto",
     memory=None,
+    target="auto",
 ) -> SubsetRetraining:
     """Retrain ``estimator`` on random subsets of ``(X, y)`` and record its outputs
     on ``(X_test, y_test)``: the ground truth of the linear datamodeling score.
@@ -128,9 +134,9 @@ def subset_retraining(
     ----------
     estimator : skorch.NeuralNet
         Unfitted skorch net; cloned and trained once per subset.
-    X, y : array-like
-        Training data the subsets are drawn from.
-    X_test, y_test : array-like
+    X, y : array-like, torch.Tensor or dict of arrays
+        Training data the subsets are drawn from (any input the net accepts).
+    X_test, y_test : array-like, torch.Tensor or dict of arrays
         Where the retrained models are evaluated.
     n_subsets : int, default=50
         Number of subsets (and retrained models); at least 3.
@@ -144,6 +150,8 @@ def subset_retraining(
         Torch device; ``"auto"`` is CUDA when available.
     memory : str, joblib.Memory or None, default=None
         Persistent cache in addition to the in-process one.
+    target : {"auto", "log_prob", "loss", "sequence_log_likelihood"} or callable, default="auto"
+        The output measured on the test set, as in ``EnsembleAttributor``.
 
     Returns
     -------
@@ -152,8 +160,8 @@ def subset_retraining(
         (n_subsets, n_test): the correct-class margin for classifiers, the
         prediction for regressors.
     """
-    task, X, y, X_test, y_test = _prepare(estimator, X, y, X_test, y_test)
-    n = X.shape[0]
+    task, X, y, X_test, y_test = _prepare(estimator, X, y, X_test, y_test, target)
+    n = len(y)
     size = int(round(subset_fraction * n))
     if size < 2 or size >= n:
         raise ValueError(
@@ -168,7 +176,9 @@ def subset_retraining(
     seeds = rng.randint(0, 2**31 - 1, size=n_subsets)
     device = resolve_device(device)
 
-    key = joblib.hash((joblib.hash(clone(estimator)), X, y, X_test, y_test, subsets, seeds, str(device)))
+    key = joblib.hash(
+        (joblib.hash(clone(estimator)), X, y, X_test, y_test, subsets, seeds, str(device), task.target)
+    )
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]

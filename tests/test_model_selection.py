@@ -103,7 +103,7 @@ def test_bad_input(digits):
         subset_retraining(net, X_train, y_train, X_test, y_test, subset_fraction=1.0)
     with pytest.raises(ValueError, match="at least 2 samples"):
         subset_retraining(net, X_train[:3], y_train[:3], X_train[:3], y_train[:3], subset_fraction=0.2)
-    with pytest.raises(ValueError, match="same number of features"):
+    with pytest.raises(ValueError, match="same per-sample shape"):
         subset_retraining(net, X_train, y_train, X_test[:, :5], y_test)
     with pytest.raises(ValueError, match="one target per sample"):
         subset_retraining(net, X_train, y_train[:-1], X_test, y_test)
