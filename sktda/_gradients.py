@@ -21,6 +21,7 @@ through :class:`Features`:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,7 +122,9 @@ class VmapEngine(GradientEngine):
         self._grad = vmap(grad(target, has_aux=True), in_dims=(None, 0, 0))
 
     def _chunk(self, x, y):
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch's fallback for ops without a batching rule (attention) is exact, only slower
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             grads, (f, r) = self._grad(self.member.params, x, y)
             return self.projector(grads), f, r
 

@@ -339,7 +339,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         if self.normalize == "relatif":
             self._column_scale = _relatif_scale(self_attribution(method, self._members, device))
         self.n_members_ = self.n_models * self.ensemble_.strategy.members_per_model
-        self._n_features_out = X.shape[0]
+        self._n_features_out = len(y)
         # a copy: the fitted estimator must not change when the caller's arrays do
         self._X_fit, self._y_fit = copy_inputs(X), np.array(y)
         return {
