@@ -73,12 +73,17 @@ def emit(name: str, title: str, table: str, readme: bool = False) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(f"### {title}\n\n{text}")
     if readme:
-        start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-        content = README.read_text()
-        if start not in content or end not in content:
-            raise SystemExit(f"README.md has no {start} ... {end} block to replace.")
-        head, rest = content.split(start, 1)
-        README.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
+        write_block(name, text)
+
+
+def write_block(name: str, text: str) -> None:
+    """Replace README.md's ``<!-- bench:NAME -->`` block with ``text``."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    content = README.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"README.md has no {start} ... {end} block to replace.")
+    head, rest = content.split(start, 1)
+    README.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -90,3 +95,40 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cnn_net(max_epochs: int = 30, **kwargs) -> NeuralNetClassifier:
+    """ConvNet on 8x8 digits: two 3x3 conv blocks (32, 64 channels) with max pooling,
+    dropout 0.1, linear output; SGD momentum 0.9, lr 0.05, batch 64."""
+    from sktda.models import ConvNet
+
+    params = dict(
+        module__channels=(32, 64),
+        module__dropout=0.1,
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        lr=0.05,
+        max_epochs=max_epochs,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
+    )
+    params.update(kwargs)
+    return NeuralNetClassifier(ConvNet, **params)
+
+
+def identical_class_rate(A, y_train, predicted) -> float:
+    """Hanawa et al. (ICLR 2021)'s identical-class test: how often the top proponent
+    of a test sample has the class the model predicts for it."""
+    import numpy as np
+
+    return float(np.mean(np.asarray(y_train)[np.argmax(A, axis=1)] == np.asarray(predicted)))
+
+
+def relatif(A, self_influence):
+    """RelatIF-normalised scores, as ``normalize="relatif"`` computes them."""
+    import numpy as np
+
+    root = np.sqrt(np.abs(self_influence))
+    return A / np.maximum(root, 1e-6 * root.max())[None, :]
