@@ -37,7 +37,9 @@ def cnn_net(**kwargs):
 
 
 def transformer_net(**kwargs):
-    params = dict(module__vocab_size=8, module__n_outputs=2, module__d_model=16, module__n_heads=2, max_epochs=2)
+    params = dict(
+        module__vocab_size=8, module__n_outputs=2, module__d_model=16, module__n_heads=2, max_epochs=2
+    )
     return NeuralNetClassifier(TokenTransformer, **{**COMMON, **params, **kwargs})
 
 
