@@ -15,7 +15,9 @@ test target (the correct-class margin, or the regression output): a proponent.
 Because ``U`` is computed from stored features on the fly, attributions against any
 slice of the training set's columns cost only that slice, which is what lets
 ``most_influential`` stream over huge training sets. Row chunks follow
-``sklearn.set_config(working_memory=...)``.
+``sklearn.set_config(working_memory=...)``. Scores are computed in float64, so that a
+test sample's scores do not depend on which other test samples share its batch
+(float32 products round differently for different batch shapes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sklearn.utils import gen_batches
 from sklearn.utils._chunking import get_chunk_n_rows
 
 _EPS = 1e-12
+SCORE_DTYPE = torch.float64
 
 
 @dataclass
@@ -72,8 +75,8 @@ def _damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
     gram = gram + lam * torch.eye(k, dtype=gram.dtype, device=gram.device)
     chol, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
-        return torch.cholesky_inverse(chol).float()
-    return torch.linalg.pinv(gram, hermitian=True).float()
+        return torch.cholesky_inverse(chol)
+    return torch.linalg.pinv(gram, hermitian=True)
 
 
 class AttributionMethod:
@@ -167,8 +170,8 @@ def _reduce_members(method, members: list[FittedMember], rows, device, score) ->
     training features; ``s`` is TRAK's coefficient-weighted mean residual."""
     out = scale = None
     for m, member in enumerate(members):
-        phi = torch.as_tensor(member.phi[rows], device=device, dtype=torch.float32)
-        residual = torch.as_tensor(member.residual[rows], device=device, dtype=torch.float32)
+        phi = torch.as_tensor(member.phi[rows], device=device, dtype=SCORE_DTYPE)
+        residual = torch.as_tensor(member.residual[rows], device=device, dtype=SCORE_DTYPE)
         part = score(m, member.state, phi, method.train_side(member.state, phi, residual)).mul_(member.coef)
         out = part if out is None else out.add_(part)
         if method.scales_by_residual:
@@ -197,6 +200,6 @@ def self_attribution(method, members, device) -> torch.Tensor:
                 device,
                 lambda m, state, phi, u: (method.test_side(state, phi) * u).sum(1),
             )
-            for rows in _row_batches(n, 4 * 3 * k * len(members))
+            for rows in _row_batches(n, 8 * 3 * k * len(members))
         ]
     )

@@ -81,6 +81,6 @@ def fitted_trak(digits):
     from sktda import EnsembleAttributor
 
     X_train, _, y_train, _ = digits
-    return EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=256, random_state=0).fit(
-        X_train, y_train
-    )
+    return EnsembleAttributor(
+        make_classifier_net(), n_models=2, proj_dim=256, normalize=None, random_state=0
+    ).fit(X_train, y_train)

@@ -54,7 +54,9 @@ def test_fit_attribute_shapes_and_attributes(digits, method):
 
 def test_grad_dot_matches_autograd(digits):
     X_train, X_test, y_train, y_test = digits
-    attr = EnsembleAttributor(make_classifier_net(), method="grad_dot", proj_dim=None, random_state=0)
+    attr = EnsembleAttributor(
+        make_classifier_net(), method="grad_dot", proj_dim=None, normalize=None, random_state=0
+    )
     A = attr.fit(X_train, y_train).attribute(X_test, y_test)
     module = attr.estimators_[0].module_
     g_train, w_train = _exact_gradients(module, X_train, y_train)
@@ -66,7 +68,7 @@ def test_grad_dot_matches_autograd(digits):
 def test_trak_and_if_match_their_formulas(digits):
     X_train, X_test, y_train, y_test = digits
     net = make_classifier_net()
-    common = dict(proj_dim=None, layers="last", damping=0.1, random_state=0)
+    common = dict(proj_dim=None, layers="last", damping=0.1, normalize=None, random_state=0)
     trak = EnsembleAttributor(net, method="trak", **common).fit(X_train, y_train)
     module = trak.estimators_[0].module_
     last = list(module.parameters())[-2:]
@@ -139,7 +141,7 @@ def test_most_influential_streams_to_the_dense_top_k(digits, method):
     A = attr.attribute(X_test, y_test)
     from sklearn import config_context
 
-    row_bytes = 4 * (2 * len(X_test) + 64)
+    row_bytes = 8 * (2 * len(X_test) + 64)
     with config_context(working_memory=16 * row_bytes / 2**20):  # 16 training samples a chunk
         top = attr.most_influential(X_test, y_test, k=5)
     assert top.proponents.shape == top.opponents.shape == (len(X_test), 5)
@@ -322,10 +324,10 @@ def test_bad_data(digits):
 def test_dense_matrix_that_cannot_fit_is_refused(fitted_trak, digits, monkeypatch):
     _, X_test, _, y_test = digits
     n_train = fitted_trak.train_features_.shape[1]
-    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 12 * len(X_test) * n_train - 1)
+    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 16 * len(X_test) * n_train - 1)
     with pytest.raises(ValueError, match="most_influential"):
         fitted_trak.attribute(X_test, y_test)
-    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 2 * 12 * len(X_test) * n_train)
+    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 2 * 16 * len(X_test) * n_train)
     with pytest.warns(ResourceWarning, match="most_influential"):
         fitted_trak.attribute(X_test, y_test)
     assert fitted_trak.most_influential(X_test, y_test, k=3).proponents.shape == (len(X_test), 3)
@@ -369,7 +371,7 @@ def _damped_inv(gram, damping):
 
 def test_two_member_trak_and_if_match_numpy(digits):
     X_train, X_test, y_train, y_test = digits
-    common = dict(n_models=2, proj_dim=None, layers="last", damping=0.1, random_state=0)
+    common = dict(n_models=2, proj_dim=None, layers="last", damping=0.1, normalize=None, random_state=0)
     trak = EnsembleAttributor(make_classifier_net(), method="trak", **common).fit(X_train, y_train)
     inf = EnsembleAttributor(make_classifier_net(), method="if", **common).fit(X_train, y_train)
     kernels, residuals, influences = [], [], []
@@ -388,7 +390,15 @@ def test_two_member_trak_and_if_match_numpy(digits):
 
 def test_unmasked_dropout_trak_matches_numpy(digits):
     X_train, X_test, y_train, y_test = digits
-    common = dict(ensemble="dropout", n_masks=3, proj_dim=None, layers="last", damping=0.1, random_state=0)
+    common = dict(
+        ensemble="dropout",
+        n_masks=3,
+        proj_dim=None,
+        layers="last",
+        damping=0.1,
+        normalize=None,
+        random_state=0,
+    )
     net = make_classifier_net(module__dropout=0.5)
     fast = EnsembleAttributor(net, mask_gradients=False, **common).fit(X_train, y_train)
     masked = EnsembleAttributor(net, mask_gradients=True, **common).fit(X_train, y_train)
@@ -430,7 +440,7 @@ def test_tracin_under_a_learning_rate_schedule(digits):
     X_train, X_test, y_train, y_test = digits
     net = make_classifier_net(max_epochs=4, callbacks=[LRScheduler(StepLR, step_size=1, gamma=0.5)])
     attr = EnsembleAttributor(
-        net, method="tracin", n_checkpoints=2, proj_dim=None, layers="last", random_state=0
+        net, method="tracin", n_checkpoints=2, proj_dim=None, layers="last", normalize=None, random_state=0
     )
     A = attr.fit(X_train, y_train).attribute(X_test, y_test)
     recorder = dict(attr.estimators_[0].callbacks_)["sktda_checkpoints"]
@@ -483,11 +493,11 @@ def test_chunked_gram_and_self_attribution_equal_the_unchunked(digits):
     X_train, X_test, y_train, y_test = digits
     for method in ("trak", "if"):
         base = EnsembleAttributor(
-            make_classifier_net(), method=method, n_models=2, proj_dim=64, random_state=0
+            make_classifier_net(), method=method, n_models=2, proj_dim=64, normalize=None, random_state=0
         )
         whole = clone(base).fit(X_train, y_train)
-        with config_context(working_memory=4 * 64 * 8 / 2**20):
-            chunked = clone(base).fit(X_train, y_train)  # Gram in row chunks of a few samples
+        with config_context(working_memory=4 * 8 * 3 * 64 * 2 / 2**20):
+            chunked = clone(base).fit(X_train, y_train)  # row chunks of a few samples
             self_chunked = chunked.self_attribute()
         A = whole.attribute(X_test, y_test)
         np.testing.assert_allclose(

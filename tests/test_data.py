@@ -58,7 +58,9 @@ def _log_prob(out, y):
 # ------------------------------------------------------------------ images
 def test_cnn_on_images_matches_autograd(images):
     X_train, X_test, y_train, y_test = images
-    attr = EnsembleAttributor(cnn_net(), method="grad_dot", target="log_prob", proj_dim=None, random_state=0)
+    attr = EnsembleAttributor(
+        cnn_net(), method="grad_dot", target="log_prob", proj_dim=None, normalize=None, random_state=0
+    )
     A = attr.fit(X_train, y_train).attribute(X_test, y_test)
     assert not hasattr(attr, "n_features_in_")
     module = attr.estimators_[0].module_.eval()
@@ -140,7 +142,9 @@ def test_callable_target_on_test_samples_loss_gradient_on_training_samples(digit
     def first_logit(out, y):
         return out[:, 0]
 
-    attr = EnsembleAttributor(make_classifier_net(), method="grad_dot", target=first_logit, proj_dim=None)
+    attr = EnsembleAttributor(
+        make_classifier_net(), method="grad_dot", target=first_logit, proj_dim=None, normalize=None
+    )
     A = attr.fit(X_train, y_train).attribute(X_test, y_test)
     module = attr.estimators_[0].module_.eval()
     expected = _grads(module, X_test, y_test, first_logit) @ _grads(module, X_train, y_train, _log_prob).T
@@ -154,7 +158,9 @@ def test_callable_target_on_test_samples_loss_gradient_on_training_samples(digit
 
 def test_loss_target_for_a_regressor(regression_data):
     X_train, X_test, y_train, y_test = regression_data
-    attr = EnsembleAttributor(make_regressor_net(), method="grad_dot", target="loss", proj_dim=None)
+    attr = EnsembleAttributor(
+        make_regressor_net(), method="grad_dot", target="loss", proj_dim=None, normalize=None
+    )
     A = attr.fit(X_train, y_train).attribute(X_test, y_test)
     module = attr.estimators_[0].module_.eval()
 
@@ -207,7 +213,7 @@ def test_language_model_sequence_log_likelihood():
 def test_relatif_divides_columns_by_root_self_influence(digits):
     X_train, X_test, y_train, y_test = digits
     base = dict(n_models=2, proj_dim=64, random_state=0)
-    raw = EnsembleAttributor(make_classifier_net(), **base).fit(X_train, y_train)
+    raw = EnsembleAttributor(make_classifier_net(), normalize=None, **base).fit(X_train, y_train)
     rel = EnsembleAttributor(make_classifier_net(), normalize="relatif", **base).fit(X_train, y_train)
     expected = raw.attribute(X_test, y_test) / np.sqrt(np.abs(raw.self_attribute()))[None, :]
     np.testing.assert_allclose(rel.attribute(X_test, y_test), expected, rtol=1e-4)
