@@ -132,3 +132,106 @@ def relatif(A, self_influence):
 
     root = np.sqrt(np.abs(self_influence))
     return A / np.maximum(root, 1e-6 * root.max())[None, :]
+
+
+def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=()):
+    """LDS, identical-class rate and time of sktda's methods (default RelatIF
+    normalisation and raw scores, from one fit) and of the installed peers on the
+    same trained models. ``variants``: extra ``(label, params)`` sktda rows.
+    Returns the table's rows and the ground truth's seconds."""
+    import numpy as np
+    from _peers import check_kronfluence_sign, dattri_trak, kronfluence_ekfac
+
+    from sktda import EnsembleAttributor
+    from sktda.metrics import linear_datamodeling_score
+    from sktda.model_selection import subset_retraining
+
+    X_train, X_test, y_train, y_test = data
+    start = time.perf_counter()
+    truth = subset_retraining(
+        net, X_train, y_train, X_test, y_test, n_subsets=n_subsets, random_state=0, n_jobs=n_jobs
+    )
+    truth_seconds = time.perf_counter() - start
+
+    def row(label, n, A, predicted, seconds, train_seconds):
+        lds = linear_datamodeling_score(A, truth.subsets, truth.outputs)
+        rows.append([label, n, lds, identical_class_rate(A, y_train, predicted), seconds, train_seconds])
+        print(rows[-1], flush=True)
+
+    rows, trained = [], {}
+    runs = [(m, {"method": m}) for m in methods] + list(variants)
+    for label, params in runs:
+        for n in sizes:
+            attr = EnsembleAttributor(
+                net, n_models=n, proj_dim=proj_dim, normalize=None, random_state=0, **params
+            ).fit(X_train, y_train)
+            start = time.perf_counter()
+            A = attr.attribute(X_test, y_test)
+            self_influence = attr.self_attribute()
+            seconds = attr.costs_["featurize_seconds"] + time.perf_counter() - start
+            predicted = attr.classes_[np.argmax(sum(e.predict_proba(X_test) for e in attr.estimators_), 1)]
+            row(
+                f"sktda {label}",
+                n,
+                relatif(A, self_influence),
+                predicted,
+                seconds,
+                attr.costs_["train_seconds"],
+            )
+            row(f"sktda {label}, raw", n, A, predicted, seconds, attr.costs_["train_seconds"])
+            if label == "trak":
+                trained[n] = (attr, predicted)
+
+    def modules(n):
+        return [e.module_.eval() for e in trained[n][0].estimators_]
+
+    try:
+        import dattri  # noqa: F401
+    except ImportError:
+        print("dattri is not installed: its rows are skipped.")
+    else:
+        grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+        largest = max(sizes)
+        best = max(
+            grid,
+            key=lambda reg: linear_datamodeling_score(
+                dattri_trak(modules(largest), X_train, y_train, X_test, y_test, proj_dim, reg)[0], *truth
+            ),
+        )
+        for n in sizes:
+            A, seconds = dattri_trak(modules(n), X_train, y_train, X_test, y_test, proj_dim, best)
+            row(
+                f"dattri 0.3.0 trak (reg={best:g})",
+                n,
+                A,
+                trained[n][1],
+                seconds,
+                trained[n][0].costs_["train_seconds"],
+            )
+    try:
+        import kronfluence  # noqa: F401
+    except ImportError:
+        print("kronfluence is not installed: its rows are skipped.")
+    else:
+        check_kronfluence_sign(modules(min(sizes))[0], X_train, y_train)
+        for n in sizes:
+            A, seconds = kronfluence_ekfac(modules(n), X_train, y_train, X_test, y_test)
+            row(
+                "kronfluence 1.0.1 ek-fac",
+                n,
+                A,
+                trained[n][1],
+                seconds,
+                trained[n][0].costs_["train_seconds"],
+            )
+    return rows, truth_seconds
+
+
+HEADER = ["method", "models", "LDS", "identical class", "attribution s", "train s"]
+NOTES = (
+    "'attribution s' = featurizing the training set + attributing the 200 test samples (training "
+    "excluded); peers run on sktda TRAK's trained models, dattri at its best regularization of a grid chosen "
+    "on the same ground truth. sktda rows use the default normalize='relatif'; ', raw' rows are the same "
+    "fit's raw scores (normalize=None). 'identical class' = how often the top proponent has the ensemble's "
+    "predicted class (Hanawa et al., 2021)."
+)

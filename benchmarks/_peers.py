@@ -1,0 +1,119 @@
+"""Peers run on sktda's trained models, their scores turned to sktda's convention
+(positive = up-weighting the training sample raises the test target, the
+correct-class margin). Benchmark extras, never library dependencies:
+
+    pip install dattri==0.3.0
+    pip install --no-deps kronfluence==1.0.1 && pip install einconv einops opt-einsum accelerate safetensors
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def _margin(logits, labels):
+    z_y = logits.gather(-1, labels[:, None])[:, 0]
+    others = logits.scatter(-1, labels[:, None], -torch.inf)
+    return z_y - others.logsumexp(-1)
+
+
+def dattri_trak(modules, X_train, y_train, X_test, y_test, proj_dim, regularization):
+    """dattri's TRAK on the given trained modules; (n_test, n_train) scores, seconds."""
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    model = modules[0]
+
+    def margin(params, data):
+        x, label = data
+        logp = -torch.nn.functional.cross_entropy(
+            torch.func.functional_call(model, params, x.unsqueeze(0)), label.unsqueeze(0)
+        )
+        return logp - torch.log(1 - torch.exp(logp))
+
+    def correct_probability(params, data):
+        x, label = data
+        logits = torch.func.functional_call(model, params, x.unsqueeze(0))
+        return torch.exp(-torch.nn.functional.cross_entropy(logits, label.unsqueeze(0)))
+
+    task = AttributionTask(loss_func=margin, model=model, checkpoints=[m.state_dict() for m in modules])
+    attributor = TRAKAttributor(
+        task=task,
+        correct_probability_func=correct_probability,
+        projector_kwargs={"proj_dim": proj_dim, "device": "cpu", "proj_seed": 0},
+        device="cpu",
+        regularization=regularization,
+    )
+    train = DataLoader(TensorDataset(torch.from_numpy(X_train), torch.from_numpy(y_train)), batch_size=64)
+    test = DataLoader(TensorDataset(torch.from_numpy(X_test), torch.from_numpy(y_test)), batch_size=64)
+    start = time.perf_counter()
+    with torch.no_grad():
+        attributor.cache(train)
+        scores = attributor.attribute(test)
+    return scores.T.numpy(), time.perf_counter() - start
+
+
+def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test):
+    """kronfluence's EK-FAC influence of the training loss on the test margin, averaged
+    over the modules; (n_test, n_train) scores in sktda's sign convention, seconds.
+
+    kronfluence scores ``grad f(test)^T H^-1 grad L(train)``; up-weighting a
+    training sample moves the parameters by ``-H^-1 grad L(train)``, so its effect
+    on ``f`` is minus that score: sktda's convention is kronfluence's negated
+    (checked on a known case by :func:`check_kronfluence_sign`).
+    """
+    import copy
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, labels = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1)[:, 0]
+            return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, labels = batch
+            return _margin(model(x), labels).sum()
+
+    train = TensorDataset(torch.from_numpy(X_train), torch.from_numpy(y_train))
+    test = TensorDataset(torch.from_numpy(X_test), torch.from_numpy(y_test))
+    start = time.perf_counter()
+    total = 0
+    with tempfile.TemporaryDirectory() as out:
+        for i, module in enumerate(modules):
+            task = Classification()
+            model = prepare_model(copy.deepcopy(module).eval(), task)
+            analyzer = Analyzer(f"m{i}", model, task, cpu=True, disable_tqdm=True, output_dir=out)
+            analyzer.fit_all_factors(
+                "ekfac", train, per_device_batch_size=256, factor_args=FactorArguments(strategy="ekfac")
+            )
+            analyzer.compute_pairwise_scores(
+                "scores",
+                "ekfac",
+                query_dataset=test,
+                train_dataset=train,
+                per_device_query_batch_size=len(test),
+                per_device_train_batch_size=256,
+            )
+            total = total + analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
+    return -total / len(modules), time.perf_counter() - start
+
+
+def check_kronfluence_sign(module, X_train, y_train) -> None:
+    """A known case: a training sample, queried on itself, must be its own proponent
+    (up-weighting it raises its own margin) in sktda's convention."""
+    scores, _ = kronfluence_ekfac([module], X_train, y_train, X_train[:8], y_train[:8])
+    self_scores = np.diag(scores[:, :8])
+    if not np.all(self_scores > 0):
+        raise SystemExit(f"kronfluence's sign convention is not the one assumed: self-scores {self_scores}")
