@@ -165,14 +165,17 @@ METHODS: dict[str, type[AttributionMethod]] = {
 }
 
 
-def _reduce_members(method, members: list[FittedMember], rows, device, score) -> torch.Tensor:
+def _reduce_members(
+    method, members: list[FittedMember], rows, device, score, dtype=SCORE_DTYPE
+) -> torch.Tensor:
     """``s * sum_m c_m score(m, state_m, phi_m[rows], U_m[rows])`` over the members'
     training features; ``s`` is TRAK's coefficient-weighted mean residual."""
     out = scale = None
     for m, member in enumerate(members):
-        phi = torch.as_tensor(member.phi[rows], device=device, dtype=SCORE_DTYPE)
-        residual = torch.as_tensor(member.residual[rows], device=device, dtype=SCORE_DTYPE)
-        part = score(m, member.state, phi, method.train_side(member.state, phi, residual)).mul_(member.coef)
+        phi = torch.as_tensor(member.phi[rows], device=device, dtype=dtype)
+        residual = torch.as_tensor(member.residual[rows], device=device, dtype=dtype)
+        state = member.state.to(dtype) if isinstance(member.state, torch.Tensor) else member.state
+        part = score(m, state, phi, method.train_side(state, phi, residual)).mul_(member.coef)
         out = part if out is None else out.add_(part)
         if method.scales_by_residual:
             scale = member.coef * residual if scale is None else scale.add_(member.coef * residual)
@@ -188,8 +191,9 @@ def attribution_columns(method, members, test_phis, columns: slice, device) -> t
     )
 
 
-def self_attribution(method, members, device) -> torch.Tensor:
-    """The diagonal of the training set's attribution to itself, in row chunks."""
+def self_attribution(method, members, device, dtype=SCORE_DTYPE) -> torch.Tensor:
+    """The diagonal of the training set's attribution to itself, in row chunks
+    (``dtype`` float32 where speed matters more than the last digits)."""
     n, k = members[0].phi.shape
     return torch.cat(
         [
@@ -199,7 +203,8 @@ def self_attribution(method, members, device) -> torch.Tensor:
                 rows,
                 device,
                 lambda m, state, phi, u: (method.test_side(state, phi) * u).sum(1),
+                dtype,
             )
-            for rows in _row_batches(n, 8 * 3 * k * len(members))
+            for rows in _row_batches(n, torch.finfo(dtype).bits // 8 * 3 * k * len(members))
         ]
     )
