@@ -61,7 +61,7 @@ def measure(kind: str, n: int, path: str = "auto") -> dict:
         attr.fit(X, y)
         return {"seconds": attr.costs_["featurize_seconds"], "peak_mib": peak_mib()}
     if kind == "dattri":
-        from lds_digits import dattri_trak
+        from _peers import dattri_trak
 
         model = net().fit(X, y).module_.eval()
         _, seconds = dattri_trak([model], X, y, X[:1], y[:1], 2048, 0.01)
