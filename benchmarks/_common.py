@@ -134,11 +134,13 @@ def relatif(A, self_influence):
     return A / np.maximum(root, 1e-6 * root.max())[None, :]
 
 
-def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=()):
+def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=(), kind="margin"):
     """LDS, identical-class rate and time of sktda's methods (default RelatIF
     normalisation and raw scores, from one fit) and of the installed peers on the
-    same trained models. ``variants``: extra ``(label, params)`` sktda rows.
-    Returns the table's rows and the ground truth's seconds."""
+    same trained models. ``variants``: extra ``(label, params)`` sktda rows;
+    ``kind``: "margin" (classifiers) or "sequence" (language models, whose rows
+    have no identical-class rate). Returns the table's rows and the ground truth's
+    seconds."""
     import numpy as np
     from _peers import check_kronfluence_sign, dattri_trak, kronfluence_ekfac
 
@@ -155,7 +157,8 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
 
     def row(label, n, A, predicted, seconds, train_seconds):
         lds = linear_datamodeling_score(A, truth.subsets, truth.outputs)
-        rows.append([label, n, lds, identical_class_rate(A, y_train, predicted), seconds, train_seconds])
+        identical = "n/a" if predicted is None else identical_class_rate(A, y_train, predicted)
+        rows.append([label, n, lds, identical, seconds, train_seconds])
         print(rows[-1], flush=True)
 
     rows, trained = [], {}
@@ -169,7 +172,11 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
             A = attr.attribute(X_test, y_test)
             self_influence = attr.self_attribute()
             seconds = attr.costs_["featurize_seconds"] + time.perf_counter() - start
-            predicted = attr.classes_[np.argmax(sum(e.predict_proba(X_test) for e in attr.estimators_), 1)]
+            predicted = None
+            if kind == "margin":
+                predicted = attr.classes_[
+                    np.argmax(sum(e.predict_proba(X_test) for e in attr.estimators_), 1)
+                ]
             row(
                 f"sktda {label}",
                 n,
@@ -195,11 +202,12 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
         best = max(
             grid,
             key=lambda reg: linear_datamodeling_score(
-                dattri_trak(modules(largest), X_train, y_train, X_test, y_test, proj_dim, reg)[0], *truth
+                dattri_trak(modules(largest), X_train, y_train, X_test, y_test, proj_dim, reg, kind)[0],
+                *truth,
             ),
         )
         for n in sizes:
-            A, seconds = dattri_trak(modules(n), X_train, y_train, X_test, y_test, proj_dim, best)
+            A, seconds = dattri_trak(modules(n), X_train, y_train, X_test, y_test, proj_dim, best, kind)
             row(
                 f"dattri 0.3.0 trak (reg={best:g})",
                 n,
@@ -213,9 +221,9 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
     except ImportError:
         print("kronfluence is not installed: its rows are skipped.")
     else:
-        check_kronfluence_sign(modules(min(sizes))[0], X_train, y_train)
+        check_kronfluence_sign(modules(min(sizes))[0], X_train, y_train, kind)
         for n in sizes:
-            A, seconds = kronfluence_ekfac(modules(n), X_train, y_train, X_test, y_test)
+            A, seconds = kronfluence_ekfac(modules(n), X_train, y_train, X_test, y_test, kind)
             row(
                 "kronfluence 1.0.1 ek-fac",
                 n,
@@ -235,3 +243,47 @@ NOTES = (
     "fit's raw scores (normalize=None). 'identical class' = how often the top proponent has the ensemble's "
     "predicted class (Hanawa et al., 2021)."
 )
+
+
+def pydoc_passages(n: int, length: int, seed: int = 0):
+    """``n`` random passages of ``length + 1`` characters of the Python documentation
+    that ships with Python (``pydoc_data.topics``), as int64 character ids: inputs
+    ``(n, length)`` and next tokens ``(n, length)``, and the alphabet."""
+    import string
+    from pydoc_data.topics import topics
+
+    import numpy as np
+
+    alphabet = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    index = {c: i for i, c in enumerate(alphabet)}
+    text = " ".join(" ".join(topics[key].split()) for key in sorted(topics))
+    text = "".join(c for c in text if c in index)
+    starts = np.random.default_rng(seed).choice(len(text) // (length + 1), n, replace=False)
+    ids = np.array([[index[c] for c in text[s * (length + 1) : (s + 1) * (length + 1)]] for s in starts])
+    return ids[:, :-1], ids[:, 1:], alphabet
+
+
+def lm_net(vocab_size: int, length: int, max_epochs: int = 10, **kwargs):
+    """A one-layer causal transformer (d_model 32, 2 heads) trained with Adam, lr 3e-3,
+    batch 32, on the token-level cross-entropy: a skorch NeuralNet language model."""
+    from skorch import NeuralNet
+
+    from sktda.models import TokenCrossEntropy, TokenTransformer
+
+    params = dict(
+        module__vocab_size=vocab_size,
+        module__d_model=32,
+        module__n_heads=2,
+        module__n_layers=1,
+        module__max_len=length,
+        module__dropout=0.1,
+        criterion=TokenCrossEntropy,
+        optimizer=torch.optim.Adam,
+        lr=3e-3,
+        max_epochs=max_epochs,
+        batch_size=32,
+        train_split=None,
+        verbose=0,
+    )
+    params.update(kwargs)
+    return NeuralNet(TokenTransformer, **params)

@@ -22,24 +22,37 @@ def _margin(logits, labels):
     return z_y - others.logsumexp(-1)
 
 
-def dattri_trak(modules, X_train, y_train, X_test, y_test, proj_dim, regularization):
+def _sequence_log_likelihood(logits, labels):
+    """Per sample: the summed log-probabilities of the next tokens (-100 ignored)."""
+    keep = labels != -100
+    log_p = torch.log_softmax(logits, -1).gather(-1, torch.where(keep, labels, 0)[..., None])[..., 0]
+    return (log_p * keep).reshape(len(labels), -1).sum(1)
+
+
+# What each peer attributes: the target f (sktda's), and the probability p whose
+# 1 - p is TRAK's Q (p = 0, Q = 1, for the sequence target, as sktda does).
+TARGETS = {
+    "margin": (_margin, lambda logits, labels: torch.softmax(logits, -1).gather(-1, labels[:, None])[:, 0]),
+    "sequence": (_sequence_log_likelihood, lambda logits, labels: torch.zeros(len(labels))),
+}
+
+
+def dattri_trak(modules, X_train, y_train, X_test, y_test, proj_dim, regularization, kind="margin"):
     """dattri's TRAK on the given trained modules; (n_test, n_train) scores, seconds."""
     from dattri.algorithm.trak import TRAKAttributor
     from dattri.task import AttributionTask
 
     model = modules[0]
+    target, probability = TARGETS[kind]
 
     def margin(params, data):
         x, label = data
-        logp = -torch.nn.functional.cross_entropy(
-            torch.func.functional_call(model, params, x.unsqueeze(0)), label.unsqueeze(0)
-        )
-        return logp - torch.log(1 - torch.exp(logp))
+        return target(torch.func.functional_call(model, params, x.unsqueeze(0)), label.unsqueeze(0))[0]
 
     def correct_probability(params, data):
         x, label = data
         logits = torch.func.functional_call(model, params, x.unsqueeze(0))
-        return torch.exp(-torch.nn.functional.cross_entropy(logits, label.unsqueeze(0)))
+        return probability(logits, label.unsqueeze(0))[0]
 
     task = AttributionTask(loss_func=margin, model=model, checkpoints=[m.state_dict() for m in modules])
     attributor = TRAKAttributor(
@@ -58,9 +71,10 @@ def dattri_trak(modules, X_train, y_train, X_test, y_test, proj_dim, regularizat
     return scores.T.numpy(), time.perf_counter() - start
 
 
-def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test):
-    """kronfluence's EK-FAC influence of the training loss on the test margin, averaged
-    over the modules; (n_test, n_train) scores in sktda's sign convention, seconds.
+def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
+    """kronfluence's EK-FAC influence of the training loss on the test target, averaged
+    over the modules, on the layers it supports (``nn.Linear``, ``nn.Conv2d``);
+    (n_test, n_train) scores in sktda's sign convention, seconds.
 
     kronfluence scores ``grad f(test)^T H^-1 grad L(train)``; up-weighting a
     training sample moves the parameters by ``-H^-1 grad L(train)``, so its effect
@@ -73,18 +87,28 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test):
     from kronfluence.arguments import FactorArguments
     from kronfluence.task import Task
 
+    target = TARGETS[kind][0]
+
     class Classification(Task):
         def compute_train_loss(self, batch, model, sample=False):
             x, labels = batch
             logits = model(x)
             if sample:
                 with torch.no_grad():
-                    labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1)[:, 0]
-            return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+                    flat = torch.softmax(logits.detach().reshape(-1, logits.shape[-1]), -1)
+                    labels = torch.multinomial(flat, 1).reshape(labels.shape)
+            flat_logits = logits.reshape(-1, logits.shape[-1])
+            return torch.nn.functional.cross_entropy(flat_logits, labels.reshape(-1), reduction="sum")
 
         def compute_measurement(self, batch, model):
             x, labels = batch
-            return _margin(model(x), labels).sum()
+            return target(model(x), labels).sum()
+
+        def get_influence_tracked_modules(self):
+            return tracked
+
+    # the layer types kronfluence supports (not MultiheadAttention's out_proj subclass)
+    tracked = [name for name, m in modules[0].named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
 
     train = TensorDataset(torch.from_numpy(X_train), torch.from_numpy(y_train))
     test = TensorDataset(torch.from_numpy(X_test), torch.from_numpy(y_test))
@@ -110,10 +134,10 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test):
     return -total / len(modules), time.perf_counter() - start
 
 
-def check_kronfluence_sign(module, X_train, y_train) -> None:
+def check_kronfluence_sign(module, X_train, y_train, kind="margin") -> None:
     """A known case: a training sample, queried on itself, must be its own proponent
-    (up-weighting it raises its own margin) in sktda's convention."""
-    scores, _ = kronfluence_ekfac([module], X_train, y_train, X_train[:8], y_train[:8])
+    (up-weighting it raises its own target) in sktda's convention."""
+    scores, _ = kronfluence_ekfac([module], X_train, y_train, X_train[:8], y_train[:8], kind)
     self_scores = np.diag(scores[:, :8])
     if not np.all(self_scores > 0):
         raise SystemExit(f"kronfluence's sign convention is not the one assumed: self-scores {self_scores}")
