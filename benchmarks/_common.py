@@ -17,13 +17,9 @@ from sktda.models import MLP
 RESULTS = Path(__file__).parent / "results"
 
 
-def digits_net(max_epochs: int = 30, **kwargs) -> NeuralNetClassifier:
-    """MLP 64-128-10 with dropout 0.1, SGD momentum 0.9, lr 0.05, batch 64."""
-    params = dict(
-        module__n_features=64,
-        module__n_outputs=10,
-        module__hidden=(128,),
-        module__dropout=0.1,
+def _sgd(max_epochs: int) -> dict:
+    """The training recipe of the digits settings: SGD momentum 0.9, lr 0.05, batch 64."""
+    return dict(
         criterion=torch.nn.CrossEntropyLoss,
         optimizer=torch.optim.SGD,
         optimizer__momentum=0.9,
@@ -33,8 +29,12 @@ def digits_net(max_epochs: int = 30, **kwargs) -> NeuralNetClassifier:
         train_split=None,
         verbose=0,
     )
-    params.update(kwargs)
-    return NeuralNetClassifier(MLP, **params)
+
+
+def digits_net(max_epochs: int = 30, **kwargs) -> NeuralNetClassifier:
+    """MLP 64-128-10 with dropout 0.1, SGD momentum 0.9, lr 0.05, batch 64."""
+    params = dict(module__n_features=64, module__n_outputs=10, module__hidden=(128,), module__dropout=0.1)
+    return NeuralNetClassifier(MLP, **{**params, **_sgd(max_epochs), **kwargs})
 
 
 def digits_data():
@@ -102,20 +102,18 @@ def cnn_net(max_epochs: int = 30, **kwargs) -> NeuralNetClassifier:
     dropout 0.1, linear output; SGD momentum 0.9, lr 0.05, batch 64."""
     from sktda.models import ConvNet
 
-    params = dict(
-        module__channels=(32, 64),
-        module__dropout=0.1,
-        criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.SGD,
-        optimizer__momentum=0.9,
-        lr=0.05,
-        max_epochs=max_epochs,
-        batch_size=64,
-        train_split=None,
-        verbose=0,
-    )
-    params.update(kwargs)
-    return NeuralNetClassifier(ConvNet, **params)
+    params = dict(module__channels=(32, 64), module__dropout=0.1)
+    return NeuralNetClassifier(ConvNet, **{**params, **_sgd(max_epochs), **kwargs})
+
+
+def compare_parser(description: str, n_subsets: int = 100):
+    """The command line of the benchmarks built on :func:`compare`."""
+    p = parser(description)
+    p.add_argument("--n-subsets", type=int, default=n_subsets)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 5, 10])
+    p.add_argument("--proj-dim", type=int, default=2048)
+    p.add_argument("--n-jobs", type=int, default=2)
+    return p
 
 
 def identical_class_rate(A, y_train, predicted) -> float:

@@ -108,7 +108,9 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
             return tracked
 
     # the layer types kronfluence supports (not MultiheadAttention's out_proj subclass)
-    tracked = [name for name, m in modules[0].named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
+    tracked = [
+        name for name, m in modules[0].named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
+    ]
 
     train = TensorDataset(torch.from_numpy(X_train), torch.from_numpy(y_train))
     test = TensorDataset(torch.from_numpy(X_test), torch.from_numpy(y_test))

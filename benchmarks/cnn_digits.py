@@ -8,15 +8,11 @@ trained models (when installed, see benchmarks/_peers.py).
 
 from __future__ import annotations
 
-from _common import HEADER, NOTES, cnn_net, compare, digits_data, emit, markdown_table, parser
+from _common import HEADER, NOTES, cnn_net, compare, compare_parser, digits_data, emit, markdown_table
 
 
 def main():
-    p = parser(__doc__)
-    p.add_argument("--n-subsets", type=int, default=100)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--proj-dim", type=int, default=2048)
-    p.add_argument("--n-jobs", type=int, default=2)
+    p = compare_parser(__doc__)
     args = p.parse_args()
 
     X_train, X_test, y_train, y_test = digits_data()

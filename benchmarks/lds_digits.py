@@ -13,15 +13,11 @@ sktda's default damping, chosen once on this benchmark).
 
 from __future__ import annotations
 
-from _common import HEADER, NOTES, compare, digits_data, digits_net, emit, markdown_table, parser
+from _common import HEADER, NOTES, compare, compare_parser, digits_data, digits_net, emit, markdown_table
 
 
 def main():
-    p = parser(__doc__)
-    p.add_argument("--n-subsets", type=int, default=100)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--proj-dim", type=int, default=2048)
-    p.add_argument("--n-jobs", type=int, default=2)
+    p = compare_parser(__doc__)
     args = p.parse_args()
 
     rows, truth_seconds = compare(

@@ -9,18 +9,14 @@ and dattri 0.3.0's TRAK and kronfluence 1.0.1's EK-FAC on the same trained model
 
 from __future__ import annotations
 
-from _common import HEADER, NOTES, compare, emit, lm_net, markdown_table, parser, pydoc_passages
+from _common import HEADER, NOTES, compare, compare_parser, emit, lm_net, markdown_table, pydoc_passages
 
 
 def main():
-    p = parser(__doc__)
+    p = compare_parser(__doc__, n_subsets=50)
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-test", type=int, default=40)
     p.add_argument("--length", type=int, default=32)
-    p.add_argument("--n-subsets", type=int, default=50)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--proj-dim", type=int, default=2048)
-    p.add_argument("--n-jobs", type=int, default=2)
     args = p.parse_args()
 
     X, y, alphabet = pydoc_passages(args.n_train + args.n_test, args.length)
