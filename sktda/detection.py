@@ -192,8 +192,11 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
 
     # ------------------------------------------------------------------ fit
     def _check_fit(self, task):
-        if self.per_class and not task.is_classifier:
-            raise ValueError("per_class=True needs a classifier; the net is a regressor.")
+        if self.per_class and (not task.is_classifier or task.is_sequence):
+            raise ValueError(
+                "per_class=True needs a classifier with one label per sample; the net is a "
+                f"{'language model' if task.is_sequence else 'regressor'}."
+            )
 
     def _n_checkpoints(self):
         return self.n_checkpoints
