@@ -235,7 +235,7 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
 
 HEADER = ["method", "models", "LDS", "identical class", "attribution s", "train s"]
 NOTES = (
-    "'attribution s' = featurizing the training set + attributing the 200 test samples (training "
+    "'attribution s' = featurizing the training set + attributing the test samples (training "
     "excluded); peers run on sktda TRAK's trained models, dattri at its best regularization of a grid chosen "
     "on the same ground truth. sktda rows use the default normalize='relatif'; ', raw' rows are the same "
     "fit's raw scores (normalize=None). 'identical class' = how often the top proponent has the ensemble's "
