@@ -125,7 +125,8 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             The fitted estimator.
         """
         task = check_net(self.estimator, self._target(), y)
-        X, y = validate_fit_data(self, X, y, task, takes_token_ids(initialized_module(self.estimator)))
+        module = initialized_module(self.estimator)
+        X, y = validate_fit_data(self, X, y, task, takes_token_ids(module))
         self._task = task
         self._check_fit(task)
         device = resolve_device(self.device)
@@ -136,6 +137,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             self.estimator,
             X,
             y,
+            module=module,
             task=task,
             n_models=self.n_models,
             random_state=self.random_state,

@@ -76,7 +76,7 @@ def copy_inputs(X):
 
 
 # ----------------------------------------------------------------- validation
-def _is_dict(X) -> bool:
+def is_dict(X) -> bool:
     return isinstance(X, Mapping) and not issparse(X)  # a DOK sparse matrix is a dict
 
 
@@ -135,9 +135,9 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
     names); N-d arrays and dicts are checked against the shapes seen in fit, and
     ``n_features_in_`` is not set for them."""
     X = as_array_like(X)
-    if not (_is_dict(X) or hasattr(X, "iloc") or issparse(X)):
+    if not (is_dict(X) or hasattr(X, "iloc") or issparse(X)):
         X = np.asarray(X)  # lists and other array-likes
-    tabular = not _is_dict(X) and (hasattr(X, "iloc") or issparse(X) or X.ndim <= 2)
+    tabular = not is_dict(X) and (hasattr(X, "iloc") or issparse(X) or X.ndim <= 2)
     if tabular:
         integer = keep_integers and not hasattr(X, "iloc") and np.asarray(X).dtype.kind in "iu"
         X = validate_data(
@@ -177,7 +177,7 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
         raise ValueError(f"{type(estimator).__name__} requires y to be passed, but the target y is None.")
     y = check_y(as_array_like(y), task)
     X = as_array_like(X)
-    first = as_array_like(next(iter(X.values()))) if _is_dict(X) and X else X
+    first = as_array_like(next(iter(X.values()))) if is_dict(X) and X else X
     check_consistent_length(first, y)  # before X's bookkeeping: a failed fit leaves nothing fitted
     X = _validate_X(estimator, X, reset=True, keep_integers=keep_integers)
     estimator._keep_integers = keep_integers
@@ -195,8 +195,7 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
                 UserWarning,
                 stacklevel=4,
             )
-        return X, encoder.transform(y).astype(np.int64)
-    return X, np.asarray(y, dtype=np.float32).reshape(-1, 1)
+    return X, encode_targets(y, task, getattr(estimator, "classes_", None))
 
 
 def check_y(y, task: NetTask) -> np.ndarray:
@@ -227,11 +226,17 @@ def validate_predict_data(estimator, X, y, task: NetTask):
     y = check_y(as_array_like(y), task)
     if len(y) != n_samples(X):
         raise ValueError(f"X has {n_samples(X)} samples but y has {len(y)}; pass one target per sample.")
+    return X, encode_targets(y, task, getattr(estimator, "classes_", None))
+
+
+def encode_targets(y: np.ndarray, task: NetTask, classes) -> np.ndarray:
+    """The targets a checked ``y`` gives the net: token ids as they are, indices
+    into ``classes`` for classifiers, a float32 column for regressors."""
     if task.is_sequence:
-        return X, y
-    if not task.is_classifier:
-        return X, y.astype(np.float32).reshape(-1, 1)
-    return X, encode_labels(estimator.classes_, y)
+        return y
+    if task.is_classifier:
+        return encode_labels(classes, y)
+    return np.asarray(y, dtype=np.float32).reshape(-1, 1)
 
 
 def encode_labels(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -244,7 +249,3 @@ def encode_labels(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
             f"(classes {classes.tolist()}); the net has no output for them."
         )
     return np.searchsorted(classes, y).astype(np.int64)
-
-
-def to_tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a))

@@ -27,7 +27,6 @@ from ._nets import (
     checkpoint_epochs,
     fine_tune,
     fit_net,
-    initialized_module,
     module_bytes,
     parameter_names,
     trained_module,
@@ -366,6 +365,7 @@ class TrainedEnsemble:
         X,
         y,
         *,
+        module: torch.nn.Module,
         task: NetTask,
         n_models: int,
         random_state,
@@ -374,11 +374,12 @@ class TrainedEnsemble:
         verbose=0,
         n_checkpoints: int | None = None,
     ) -> TrainedEnsemble:
-        """Check that the strategy can use the net's module, then train
+        """Check that the strategy can use the net's module (``module``, as
+        :func:`~sktda._nets.initialized_module` builds it), then train
         ``n_models`` models (seeded from ``random_state``) in parallel, recording
         ``n_checkpoints`` checkpoints along training when asked. Every model's
         training is guarded (see :class:`~sktda._nets.TrainingGuard`)."""
-        strategy.check(initialized_module(estimator))
+        strategy.check(module)
         seeds = [int(s) for s in check_random_state(random_state).randint(0, 2**31 - 1, size=n_models)]
         callbacks = ()
         if n_checkpoints:

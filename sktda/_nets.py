@@ -77,16 +77,14 @@ class NetTask:
         """
         if self.target == "auto" and not self.is_sequence:
             return self._auto(out, y)
-        if self.role == "train" or self.target == "loss":
-            f = -self.per_sample_loss(out, y)
-        elif callable(self.target):
+        if self.role == "test" and callable(self.target):
             f = self.target(out, y)
             if not isinstance(f, torch.Tensor) or f.shape != (out.shape[0],):
                 raise ValueError(
                     "A callable target must return a tensor of shape (n_samples,) = "
                     f"({out.shape[0]},), got {getattr(f, 'shape', type(f).__name__)}."
                 )
-        else:  # log_prob, sequence_log_likelihood: minus the cross-entropy
+        else:  # training samples; "loss", "log_prob", "sequence_log_likelihood": minus the loss
             f = -self.per_sample_loss(out, y)
         return f, torch.ones_like(f)
 

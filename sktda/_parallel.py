@@ -4,7 +4,7 @@
 Results must not depend on ``n_jobs``. Training reduces over the batch in its
 weight gradients, and torch's CPU kernels round those reductions differently with
 different thread counts, so every training task runs with a thread count fixed by
-the number of tasks, never by ``n_jobs`` (:func:`call_with_threads`).
+the number of tasks, never by ``n_jobs`` (:func:`delayed_tasks`).
 Featurization reduces only within samples, so its row ranges may split the cores
 by ``n_jobs`` (:func:`torch_threads`).
 """

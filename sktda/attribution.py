@@ -21,7 +21,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _num_samples, check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
-from ._data import copy_inputs, to_tensor, validate_predict_data
+from ._data import copy_inputs, to_torch, validate_predict_data
 from ._gradients import feature_dim
 from ._methods import METHODS, SCORE_DTYPE, FittedMember, attribution_columns, self_attribution
 from ._nets import TARGETS, resolve_device
@@ -524,7 +524,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         task, X, y, device = self._prepare_predict(X, y)
         members = self.ensemble_.members(checkpoints=METHODS[self.method].needs_checkpoints)
         features = self._featurize(members, X, y, task=task.as_test(), device=device)
-        return [to_tensor(f.phi).to(device, SCORE_DTYPE) for f in features], device
+        return [to_torch(f.phi).to(device, SCORE_DTYPE) for f in features], device
 
     def _decode(self, y: np.ndarray) -> np.ndarray:
         return self.classes_[y] if hasattr(self, "classes_") else y

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Mapping
 
 import numpy as np
-from scipy.sparse import issparse
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, OutlierMixin, _fit_context, clone
 from sklearn.utils import _safe_indexing, check_random_state, indexable
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import _check_method_params, _estimator_has, _num_samples, check_is_fitted
-from skorch.helper import SliceDict
 
 from ._base import GradientEstimator, fill_doc
+from ._data import is_dict
 
 __all__ = ["FilteredEstimator", "OutlierGradientDetector"]
 
@@ -311,10 +309,10 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
 
     def _fit_resample(self, X, y):
         keep = np.flatnonzero(self.labels_ == 1)
-        if isinstance(X, SliceDict):
-            return X[keep], _safe_indexing(indexable(y)[0], keep)
-        if isinstance(X, Mapping) and not issparse(X):
-            return type(X)({k: _safe_indexing(v, keep) for k, v in X.items()}), _safe_indexing(y, keep)
+        if is_dict(X):  # a dict of inputs, or skorch's SliceDict, keeps its type
+            return type(X)(**{k: _safe_indexing(v, keep) for k, v in X.items()}), _safe_indexing(
+                indexable(y)[0], keep
+            )
         X, y = indexable(X, y)
         return _safe_indexing(X, keep), _safe_indexing(y, keep)
 

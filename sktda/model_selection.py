@@ -14,7 +14,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 from sklearn.utils.parallel import Parallel
 
-from ._data import as_array_like, check_inputs, check_y, encode_labels, input_spec, n_samples, take, to_tensor
+from ._data import as_array_like, check_inputs, check_y, encode_targets, input_spec, n_samples, take, to_torch
 from ._nets import TARGETS, check_net, fit_net, initialized_module, resolve_device, takes_token_ids
 from ._parallel import delayed_tasks
 
@@ -37,7 +37,7 @@ def _target_outputs(net, task, X, y) -> np.ndarray:
     batched forward (eval mode, no gradients)."""
     with torch.no_grad():
         out = net.forward(X, training=False)
-        return task.target_and_residual(out, to_tensor(y))[0].numpy()
+        return task.target_and_residual(out, to_torch(y))[0].numpy()
 
 
 def _subset_outputs(estimator, task, X, y, mask, X_test, y_test, seed, device):
@@ -83,16 +83,8 @@ def _prepare(estimator, X, y, X_test, y_test, target):
             f"X has {n_samples(X)} samples and y {len(y)}; X_test has {n_samples(X_test)} "
             f"and y_test {len(y_test)}. Pass one target per sample."
         )
-    if task.is_sequence:
-        return task.as_test(), X, y, X_test, y_test
-    if task.is_classifier:
-        classes = np.unique(y)
-        return task.as_test(), X, encode_labels(classes, y), X_test, encode_labels(classes, y_test)
-    return task.as_test(), X, _column(y), X_test, _column(y_test)
-
-
-def _column(y: np.ndarray) -> np.ndarray:
-    return y.astype(np.float32).reshape(-1, 1)
+    classes = np.unique(y) if task.is_classifier and not task.is_sequence else None
+    return task.as_test(), X, encode_targets(y, task, classes), X_test, encode_targets(y_test, task, classes)
 
 
 @validate_params(
