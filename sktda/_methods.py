@@ -64,12 +64,14 @@ def _gram(phi, residual, device, scale_by_residual: bool) -> torch.Tensor:
     return gram
 
 
-def _damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """``(gram + lambda I)^-1`` with ``lambda = damping * mean eigenvalue``, in
-    float64 for stability; a relative damping is blind to the gradients' scale."""
+def _damped_inverse(gram: torch.Tensor, damping: float, n_rows: int) -> torch.Tensor:
+    """``(gram + lambda I)^-1`` in float64 for stability, with ``lambda = damping *``
+    the mean of the nonzero eigenvalues, ``trace / min(n_rows, k)``: a gram of
+    ``n_rows`` gradients has at most that many, so lambda is blind both to the
+    gradients' scale and to how far ``k`` exceeds the training set."""
     gram = gram.double()
     k = gram.shape[0]
-    lam = damping * float(torch.diagonal(gram).sum()) / k
+    lam = damping * float(torch.diagonal(gram).sum()) / min(n_rows, k)
     if lam <= 0:
         lam = _EPS
     gram = gram + lam * torch.eye(k, dtype=gram.dtype, device=gram.device)
@@ -134,7 +136,7 @@ class InfluenceFunction(AttributionMethod):
     inverts = True
 
     def fit(self, phi, residual, damping, device):
-        return _damped_inverse(_gram(phi, residual, device, True) / phi.shape[0], damping)
+        return _damped_inverse(_gram(phi, residual, device, True) / phi.shape[0], damping, phi.shape[0])
 
     def test_side(self, state, phi):
         return phi @ state
@@ -151,7 +153,7 @@ class TRAK(AttributionMethod):
     scales_by_residual = True
 
     def fit(self, phi, residual, damping, device):
-        return _damped_inverse(_gram(phi, residual, device, False), damping)
+        return _damped_inverse(_gram(phi, residual, device, False), damping, phi.shape[0])
 
     def train_side(self, state, phi, residual):
         return phi

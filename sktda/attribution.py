@@ -94,10 +94,12 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     %(gradient_path)s
     damping : float, default=1.0
         Damping of the inverses of TRAK and the influence function, relative to
-        the mean eigenvalue of the matrix inverted (so it is blind to the scale of
-        the gradients). Heavy damping measured best on digits (see the README's
-        LDS benchmark): it keeps the inverse from amplifying the many directions
-        that the projected training gradients barely span. 0 (no damping) warns:
+        the mean nonzero eigenvalue of the matrix inverted, ``trace / min(n_train,
+        proj_dim)``: blind to the scale of the gradients, and to how far
+        ``proj_dim`` exceeds the training set. 1.0 was at or near the best LDS for
+        both methods on an MLP and a CNN on images and a transformer language
+        model (0.25 to 8 tried; see the README): it keeps the inverse from
+        amplifying directions the training gradients barely span. 0 (no damping) warns:
         the matrix is then singular whenever ``proj_dim`` exceeds what the
         training gradients span.
     target : {"auto", "log_prob", "loss", "sequence_log_likelihood"} or callable, default="auto"

@@ -77,15 +77,12 @@ def test_trak_and_if_match_their_formulas(digits):
     g_test, _ = _exact_gradients(module, X_test, y_test)
     phi, phi_test = g_train[:, -n_last:], g_test[:, -n_last:]
 
-    gram = phi.T @ phi
-    inv = np.linalg.inv(gram + 0.1 * np.trace(gram) / n_last * np.eye(n_last))
-    expected = phi_test @ inv @ phi.T * w[None, :]
+    expected = phi_test @ _damped_inv(phi.T @ phi, 0.1, len(phi)) @ phi.T * w[None, :]
     np.testing.assert_allclose(trak.attribute(X_test, y_test), expected, rtol=2e-3, atol=1e-4)
 
     inf = EnsembleAttributor(net, method="if", **common).fit(X_train, y_train)
     g = w[:, None] * phi
-    fisher = g.T @ g / len(g)
-    inv = np.linalg.inv(fisher + 0.1 * np.trace(fisher) / n_last * np.eye(n_last))
+    inv = _damped_inv(g.T @ g / len(g), 0.1, len(g))
     np.testing.assert_allclose(inf.attribute(X_test, y_test), phi_test @ inv @ g.T, rtol=2e-3, atol=1e-4)
 
 
@@ -364,9 +361,10 @@ def _last_layer(module, X, y):
     return g[:, -n_last:], w
 
 
-def _damped_inv(gram, damping):
+def _damped_inv(gram, damping, n_rows):
+    """The inverse with damping relative to the mean nonzero eigenvalue."""
     k = gram.shape[0]
-    return np.linalg.inv(gram + damping * np.trace(gram) / k * np.eye(k))
+    return np.linalg.inv(gram + damping * np.trace(gram) / min(n_rows, k) * np.eye(k))
 
 
 def test_two_member_trak_and_if_match_numpy(digits):
@@ -378,10 +376,10 @@ def test_two_member_trak_and_if_match_numpy(digits):
     for net in trak.estimators_:
         phi, w = _last_layer(net.module_, X_train, y_train)
         phi_test, _ = _last_layer(net.module_, X_test, y_test)
-        kernels.append(phi_test @ _damped_inv(phi.T @ phi, 0.1) @ phi.T)
+        kernels.append(phi_test @ _damped_inv(phi.T @ phi, 0.1, len(phi)) @ phi.T)
         residuals.append(w)
         g = w[:, None] * phi
-        influences.append(phi_test @ _damped_inv(g.T @ g / len(g), 0.1) @ g.T)
+        influences.append(phi_test @ _damped_inv(g.T @ g / len(g), 0.1, len(g)) @ g.T)
     # TRAK: the kernel averaged over members, times the ensemble-mean 1 - p
     expected = np.mean(kernels, 0) * np.mean(residuals, 0)[None, :]
     np.testing.assert_allclose(trak.attribute(X_test, y_test), expected, rtol=2e-3, atol=1e-4)
@@ -408,7 +406,7 @@ def test_unmasked_dropout_trak_matches_numpy(digits):
     # the gradients come from the unmasked model
     phi, _ = _last_layer(fast.estimators_[0].module_, X_train, y_train)
     phi_test, _ = _last_layer(fast.estimators_[0].module_, X_test, y_test)
-    expected = phi_test @ _damped_inv(phi.T @ phi, 0.1) @ phi.T * fast.train_residuals_[0][None, :]
+    expected = phi_test @ _damped_inv(phi.T @ phi, 0.1, len(phi)) @ phi.T * fast.train_residuals_[0][None, :]
     np.testing.assert_allclose(fast.attribute(X_test, y_test), expected, rtol=2e-3, atol=1e-4)
 
 
