@@ -40,14 +40,16 @@ _PARAMETER_DOCS = {
         Dropout rate of the masks; None keeps each dropout layer's own rate.""",
     "projection": """projection : {"gaussian", "rademacher"}, default="gaussian"
         Distribution of the random projection's entries.""",
-    "gradient_path": """gradient_path : {"auto", "linear", "vmap"}, default="auto"
-        How per-sample gradients are computed. ``"linear"``: when every
-        differentiated parameter belongs to an ``nn.Linear``, one forward and
-        backward pass per chunk and a Kronecker-structured projection of each
-        layer's input and output gradient (the full gradient is never formed);
-        ``"vmap"``: ``torch.func.vmap(grad)`` and a dense projection, for any
-        module. ``"auto"`` takes the linear path when it applies and a projection
-        is needed.""",
+    "gradient_path": """gradient_path : {"auto", "layers", "vmap"}, default="auto"
+        How per-sample gradients are computed. ``"layers"``: one forward and
+        backward pass per chunk, each layer projected from its inputs and output
+        gradients by a structured random projection, the per-sample gradient
+        never formed (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
+        ``nn.MultiheadAttention`` and normalisation layers; any other layer is
+        differentiated with vmap, alone, with a warning). ``"vmap"``:
+        ``torch.func.vmap(grad)`` and a dense projection of the whole gradient.
+        ``"auto"``: ``"layers"`` when a projection is needed, exact gradients
+        through vmap otherwise.""",
     "batch_size": """batch_size : int, default=256
         Samples per chunk of per-sample gradients (bounds memory, not results).""",
     "device": """device : str or torch.device, default="auto"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -61,7 +62,8 @@ class Member:
         with ``params`` and the member's frozen tensors (or ``frozen``)."""
         frozen = self.frozen if frozen is None else frozen
         args, kwargs = ((), x) if isinstance(x, Mapping) else ((x,), {})
-        return functional_call(self.module, (params, frozen), args, kwargs)
+        with _transformer_fastpath_off():
+            return functional_call(self.module, (params, frozen), args, kwargs)
 
     def to(self, device: torch.device) -> Member:
         def move(tensors):
@@ -84,6 +86,20 @@ class Member:
             frozen={k: state.get(k, v).to(v.device) for k, v in self.frozen.items()},
             coef=self.coef * lr,
         )
+
+
+@contextmanager
+def _transformer_fastpath_off():
+    """Without torch's fused inference path for ``nn.TransformerEncoderLayer`` and
+    ``nn.MultiheadAttention``: it reads the layers' weights directly, so it would
+    skip LoRA adapters wrapped around them, and hide the layers from the gradient
+    engine's hooks."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def member_from_module(module: torch.nn.Module, layers, seed: int, names=None) -> Member:

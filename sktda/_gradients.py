@@ -9,35 +9,40 @@ loss gradient is ``-residual * phi`` without a second backward pass.
 Two engines, chosen by :func:`make_engine`, meet the rest of the library only
 through :class:`Features`:
 
+- :class:`LayerEngine` (whenever a projection is needed): one ordinary forward
+  and backward pass per chunk, and each differentiated layer projected by its own
+  route from its inputs and output gradients (``_layers``: Linear, Conv2d,
+  Embedding, attention, normalisation layers), without forming the per-sample
+  gradient: near the cost of a training step. Layers without a route are
+  differentiated with ``vmap``, alone.
 - :class:`VmapEngine`: any module. ``torch.func.vmap(grad(...))`` per chunk of
-  samples, then a dense (or identity) projection of the full gradients.
-- :class:`LinearEngine`: every differentiated parameter belongs to an
-  ``nn.Linear`` (MLPs, LoRA adapters, transformer projections). One ordinary
-  forward and backward pass per chunk records each layer's input and output
-  gradient, and a Kronecker-structured projection maps them to features without
-  forming the per-sample gradient: near the cost of a training step.
+  samples, then a dense (or identity) projection of the full gradients: exact
+  gradients of small models, and the reference the routes are tested against.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
 from joblib import effective_n_jobs
 from sklearn.utils import gen_batches
 from sklearn.utils.parallel import delayed
-from torch import nn
 from torch.func import grad, vmap
 
 from ._data import map_tensors, n_samples, take, to_torch
+from ._layers import LayerProjector, assign_routes
 from ._nets import NetTask
 from ._parallel import run, torch_threads
-from ._projection import KroneckerProjector, make_projector
+from ._projection import make_projector
 
-GRADIENT_PATHS = ("auto", "linear", "vmap")
+GRADIENT_PATHS = ("auto", "layers", "vmap")
+# samples on which every layer route is checked against vmap before featurizing
+_PROBE_ROWS = 3
 _CPU = torch.device("cpu")
 
 
@@ -121,100 +126,143 @@ class VmapEngine(GradientEngine):
 
         self._grad = vmap(grad(target, has_aux=True), in_dims=(None, 0, 0))
 
-    def _chunk(self, x, y):
+    def gradients(self, x, y):
+        """``{name: (batch, ...)}`` per-sample gradients, targets and residuals."""
         with torch.no_grad(), warnings.catch_warnings():
             # torch's fallback for ops without a batching rule (attention) is exact, only slower
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             grads, (f, r) = self._grad(self.member.params, x, y)
-            return self.projector(grads), f, r
-
-
-class LinearEngine(GradientEngine):
-    """Per-sample gradients of ``nn.Linear`` layers from one forward and backward
-    pass, projected from their factors by a :class:`KroneckerProjector`."""
-
-    def __init__(self, member, task, device, projector: KroneckerProjector):
-        super().__init__(member, task, device)
-        self.projector = projector
-        self.out_dim = projector.out_dim
-        modules = dict(self.member.module.named_modules())
-        self._modules = {name: modules[name] for name in projector.layers}
+        return grads, f, r
 
     def _chunk(self, x, y):
-        records = {name: [] for name in self._modules}
+        grads, f, r = self.gradients(x, y)
+        return self.projector(grads), f, r
+
+
+class LayerEngine(GradientEngine):
+    """Per-sample gradients from one ordinary forward and backward pass per chunk,
+    projected layer by layer by a :class:`LayerProjector` (see ``_layers``).
+    Parameters without a route, and those of ``vmap_layers``, are differentiated
+    with ``vmap``, alone."""
+
+    def __init__(self, member, task, device, proj_dim: int, kind: str, vmap_layers=frozenset()):
+        super().__init__(member, task, device)
+        self.out_dim = int(proj_dim)
+        m = self.member
+        routes, leftover = assign_routes(m.module, m.params, vmap_layers)
+        modules = dict(m.module.named_modules())
+        for layer in dict.fromkeys(leftover.values()):
+            if layer not in vmap_layers:
+                _warn_vmap(layer, f"{type(modules[layer]).__name__} has no fast gradient route")
+        numels = {name: m.params[name].numel() for name in leftover}
+        self.vmap_layers = set(leftover.values())
+        self.projector = LayerProjector(m.module, routes, numels, self.out_dim, m.seed, kind, self.device)
+        self._hooked = [(route, modules[route.name]) for route in routes]
+        self._vmap = None
+        if leftover:
+            others = {k: v for k, v in m.params.items() if k not in leftover}
+            alone = replace(m, params={k: m.params[k] for k in leftover}, frozen={**m.frozen, **others})
+            self._vmap = VmapEngine(alone, task, self.device, self.projector.leftover)
+
+    def _parts(self, x, y):
+        """Each route's features of the chunk (None when it has none), the targets
+        and the residuals."""
+        records = [[] for _ in self._hooked]
         hooks = [
-            module.register_forward_hook(
-                lambda mod, args, out, name=name: records[name].append((args[0], out))
-            )
-            for name, module in self._modules.items()
+            module.register_forward_hook(partial(route.record, rec), with_kwargs=True)
+            for (route, module), rec in zip(self._hooked, records)
         ]
         try:
             params = {k: v.detach().requires_grad_() for k, v in self.member.params.items()}
             with torch.enable_grad():
-                out = self.member.forward(params, x)
-                f, r = self.task.target_and_residual(out, y)
-                outputs = [o for calls in records.values() for _, o in calls]
+                f, r = self.task.target_and_residual(self.member.forward(params, x), y)
+                outputs = [o for rec in records for _, o in rec]
                 # samples are independent in eval mode, so d(sum f)/d out_i = df_i/d out_i
-                if f.requires_grad:
+                if f.requires_grad and outputs:
                     deltas = iter(torch.autograd.grad(f.sum(), outputs, allow_unused=True))
                 else:  # no differentiated parameter reaches the target
                     deltas = iter([None] * len(outputs))
         finally:
             for hook in hooks:
                 hook.remove()
-        phi = 0
+        parts = []
         with torch.no_grad():
-            for name, calls in records.items():
-                for a, _ in calls:
-                    delta = next(deltas)
-                    if delta is not None:  # None: this output does not reach the target
-                        phi = phi + self.projector.project_factors(name, a.detach(), delta)
+            for (route, _), rec in zip(self._hooked, records):
+                # None: this output does not reach the target
+                pieces = [route.project(context, d) for (context, _), d in zip(rec, deltas) if d is not None]
+                parts.append(sum(pieces) if pieces else None)
+        return parts, f.detach(), r.detach()
+
+    def _chunk(self, x, y):
+        parts, f, r = self._parts(x, y)
+        routes = self.projector.routes
+        products = sum(p for route, p in zip(routes, parts) if route.kronecker and p is not None)
+        dense = sum(p for route, p in zip(routes, parts) if not route.kronecker and p is not None)
+        phi = self.projector.finish(products, dense)
+        if self._vmap is not None:
+            phi = phi + self._vmap._chunk(x, y)[0]
         if isinstance(phi, int):
             phi = torch.zeros(n_samples(x), self.out_dim, device=self.device)
-        return phi, f.detach(), r.detach()
+        return phi, f, r
+
+    def failing_layers(self, x, y) -> set[str]:
+        """The layers whose route disagrees, on the samples ``(x, y)``, with the same
+        projection of their ``vmap`` gradients: those whose parameters are also
+        used outside their own forward (tied, or read by another module), or that
+        are called once for a whole batch (a positional embedding of
+        ``arange(T)``, broadcast)."""
+        parts = self._parts(x, y)[0]
+        grads = VmapEngine(self.member, self.task, self.device, self.projector).gradients(x, y)[0]
+        failed = set()
+        for route, part in zip(self.projector.routes, parts):
+            expected = route.project_full(grads)
+            got = torch.zeros_like(expected) if part is None else part
+            if (
+                got.shape != expected.shape
+                or float((got - expected).norm()) > 1e-3 * float(max(expected.norm(), got.norm())) + 1e-12
+            ):
+                failed.add(route.name)
+        return failed
 
 
-def linear_layers(member) -> dict | None:
-    """``{module: (weight, bias, out, in)}`` when every differentiated parameter is
-    the weight or bias of an ``nn.Linear``; None otherwise."""
-    modules = dict(member.module.named_modules())
-    layers = {}
-    for name in member.params:
-        owner, _, attr = name.rpartition(".")
-        module = modules.get(owner)
-        if not isinstance(module, nn.Linear) or attr not in ("weight", "bias"):
-            return None
-        layers.setdefault(owner, {})[attr] = name
-    out = {}
-    for owner, names in layers.items():
-        if "weight" not in names:
-            return None
-        module = modules[owner]
-        out[owner] = (names["weight"], names.get("bias"), module.out_features, module.in_features)
-    return out
-
-
-def make_engine(member, config: GradientConfig) -> GradientEngine:
-    """The engine for ``member``: the ``nn.Linear`` fast path when every
-    differentiated parameter allows it and a projection is needed, ``vmap``
-    otherwise; ``config.path`` forces either."""
+def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
+    """The engine for ``member``: the per-layer routes when a projection is needed
+    (``"auto"``) or asked for (``"layers"``, which projects to the gradient's own
+    size when ``proj_dim`` is None); ``vmap`` with a dense projection, or exact
+    gradients, otherwise. ``probe``: a few ``(x, y)`` samples on which every route
+    is checked against ``vmap``; a layer that fails is differentiated with
+    ``vmap``, with a warning. The same probe gives every engine of a member
+    (row ranges in parallel) the same routes."""
     path, proj_dim = config.path, config.proj_dim
     if path not in GRADIENT_PATHS:
         raise ValueError(f"gradient_path={path!r} is not one of {GRADIENT_PATHS}.")
     numels = {k: v.numel() for k, v in member.params.items()}
-    layers = linear_layers(member)
-    if path == "linear" and layers is None:
-        raise ValueError(
-            "gradient_path='linear' needs every differentiated parameter to be the weight or "
-            "bias of an nn.Linear; restrict `layers` to linear modules or use 'auto'."
-        )
     projects = proj_dim is not None and sum(numels.values()) > proj_dim
-    if layers is not None and (path == "linear" or (path == "auto" and projects)):
+    if path == "layers" or (path == "auto" and projects):
         k = proj_dim if proj_dim is not None else sum(numels.values())
-        projector = KroneckerProjector(layers, k, member.seed, config.projection, config.device)
-        return LinearEngine(member, config.task, config.device, projector)
+        engine = LayerEngine(member, config.task, config.device, k, config.projection)
+        failed = engine.failing_layers(*probe) if probe is not None else ()
+        if not failed:
+            return engine
+        for layer in sorted(failed):
+            _warn_vmap(
+                layer,
+                "its parameters are used outside its own forward (tied, or read by another "
+                "module), or it is called once for a whole batch",
+            )
+        return LayerEngine(member, config.task, config.device, k, config.projection, frozenset(failed))
     projector = make_projector(numels, proj_dim, member.seed, config.projection, config.device)
     return VmapEngine(member, config.task, config.device, projector)
+
+
+def _warn_vmap(layer: str, reason: str) -> None:
+    warnings.warn(
+        f"Layer {layer or '(the root module)'!r}: {reason}, so its per-sample gradients are taken with "
+        "torch.func.vmap, which is much slower than the fast routes (nn.Linear, "
+        "nn.Conv2d, nn.Embedding, nn.MultiheadAttention, normalisation layers).",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def featurize(engine: GradientEngine, X, y: torch.Tensor, batch_size: int, out=None) -> Features:
@@ -267,6 +315,7 @@ def featurize_members(
             m,
             take(X, slice(a, b)),
             y[a:b],
+            probe=(take(X, slice(0, _PROBE_ROWS)), y[:_PROBE_ROWS]),
             config=config,
             n_jobs=n_jobs,
             out_file=out_file,
@@ -295,9 +344,10 @@ def featurize_members(
     return features
 
 
-def _featurize_rows(member, X, y, *, config, n_jobs, out_file, member_index, start) -> Features:
+def _featurize_rows(member, X, y, *, probe, config, n_jobs, out_file, member_index, start) -> Features:
     with torch_threads(n_jobs):
-        engine = make_engine(member, config)
+        probe = (to_torch(probe[0], config.device), to_torch(probe[1], config.device))
+        engine = make_engine(member, config, probe)
         X, y = to_torch(X), to_torch(y)
         n = n_samples(X)
         if out_file is None:

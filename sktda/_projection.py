@@ -1,9 +1,9 @@
 """Seeded random projections of per-sample gradients.
 
 A projector maps a batch of per-sample gradients, given as one tensor per parameter
-(``{name: (batch, *shape)}``), to ``(batch, proj_dim)`` features. The Kronecker
-projector also projects ``nn.Linear`` gradients from their factors (layer input and
-output gradient) without ever forming them. The matrix is
+(``{name: (batch, *shape)}``), to ``(batch, proj_dim)`` features. A Kronecker block
+also projects a layer's gradient from its factors (see ``_layers``) without ever
+forming it. The matrix is
 generated on the CPU in fixed tiles of rows, each from its own seed, so it is the same
 on every device, whatever the batch size, and whether it is cached or regenerated:
 a ``p x k`` matrix too large to keep is never held whole.
@@ -111,61 +111,48 @@ def kronecker_factors(proj_dim: int) -> tuple[int, int]:
     return k_out, -(-proj_dim // k_out)
 
 
-class KroneckerProjector:
-    """``P = P_out (x) P_in`` per ``nn.Linear`` layer, summed over layers.
+class KroneckerBlock:
+    """``P_left (x) P_right``: the projection of one weight viewed as an
+    ``(n_left, n_right)`` matrix whose per-sample gradient is a sum of outer
+    products ``left_t right_t^T`` (over sequence positions, image patches or
+    calls). A bias is one more column of the weight, with a right factor of ones.
 
-    For a layer with input ``a`` (a one appended for the bias) and output gradient
-    ``d``, the weight gradient is ``d a^T`` and its projection is
-    ``(P_out^T d) (x) (P_in^T a)``: ``O(out k_out + in k_in + k)`` per sample instead
-    of ``O(out in k)``, and the gradient is never formed. Entries are Gaussian or
-    Rademacher scaled so inner products are preserved in expectation. When
-    ``k_out * k_in`` exceeds ``proj_dim`` (see :func:`kronecker_factors`), the
-    first ``proj_dim`` products are kept, rescaled to stay unbiased.
-
-    ``layers`` maps a module name to ``(weight_name, bias_name or None, out, in)``.
+    The projection of such a gradient is ``sum_t (P_left^T left_t) (x) (P_right^T
+    right_t)``: ``O(n_left k_out + n_right k_in + k)`` per term instead of ``O(n_left
+    n_right k)``, and the gradient is never formed. Entries are Gaussian or
+    Rademacher scaled so that inner products are preserved in expectation.
     """
 
-    def __init__(self, layers: dict, proj_dim: int, seed: int, kind: str = "gaussian", device="cpu"):
-        if kind not in _KINDS:
-            raise ValueError(f"projection={kind!r} is not one of {_KINDS}.")
-        self.layers = dict(layers)
-        self.out_dim = int(proj_dim)
-        self.k_out, self.k_in = kronecker_factors(self.out_dim)
-        # unbiased inner products when only proj_dim of the k_out * k_in products are kept
-        self._scale = math.sqrt(self.k_out * self.k_in / self.out_dim)
-        device = torch.device(device)
-        self._p_out, self._p_in = {}, {}
-        for i, (name, (_, bias, n_out, n_in)) in enumerate(self.layers.items()):
-            rows_in = n_in + (bias is not None)
-            self._p_out[name] = _random_tile(kind, n_out, self.k_out, _tile_seed(seed, i, 0)).to(device)
-            self._p_in[name] = _random_tile(kind, rows_in, self.k_in, _tile_seed(seed, i, 1)).to(device)
+    def __init__(self, weight, bias, n_left, n_right, factors, seed, kind="gaussian", device="cpu"):
+        self.weight, self.bias = weight, bias
+        self.n_right = n_right
+        k_out, k_in = factors
+        self.p_left = _random_tile(kind, n_left, k_out, _tile_seed(seed, 0, 0)).to(device)
+        self.p_right = _random_tile(kind, n_right + (bias is not None), k_in, _tile_seed(seed, 0, 1)).to(
+            device
+        )
 
-    def project_factors(self, name: str, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """Projected weight (and bias) gradient of layer ``name`` from its input
-        ``a`` (batch, ..., in) and output gradient ``d`` (batch, ..., out); the
-        middle dimensions (e.g. sequence positions) are summed over."""
-        if self.layers[name][1] is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
-        pa = (a @ self._p_in[name]).reshape(a.shape[0], -1, self.k_in)
-        pd = (d @ self._p_out[name]).reshape(d.shape[0], -1, self.k_out)
-        return self._keep(torch.einsum("bto,bti->boi", pd, pa))
+    def right(self, a: torch.Tensor) -> torch.Tensor:
+        """``P_right^T [a, 1]`` for right factors ``a`` (..., n_right)."""
+        out = a @ self.p_right[: self.n_right]
+        return out + self.p_right[self.n_right] if self.bias is not None else out
 
-    def _keep(self, products: torch.Tensor) -> torch.Tensor:
-        """The first ``proj_dim`` of the ``(batch, k_out, k_in)`` products."""
-        flat = products.reshape(products.shape[0], -1)
-        if flat.shape[1] == self.out_dim:
-            return flat
-        return flat[:, : self.out_dim] * self._scale
+    @staticmethod
+    def combine(p_left: torch.Tensor, p_right: torch.Tensor) -> torch.Tensor:
+        """``sum_t p_left_t (x) p_right_t`` of ``(batch, ..., k_out)`` and
+        ``(batch, ..., k_in)`` projected factors: ``(batch, k_out, k_in)``."""
+        b = p_left.shape[0]
+        return torch.einsum(
+            "bto,bti->boi", p_left.reshape(b, -1, p_left.shape[-1]), p_right.reshape(b, -1, p_right.shape[-1])
+        )
 
-    def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    def full(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """The same projection of full per-sample gradients ``{name: (batch, ...)}``."""
-        out = 0
-        for name, (weight, bias, _, _) in self.layers.items():
-            g = grads[weight]
-            if bias is not None:
-                g = torch.cat([g, grads[bias][..., None]], -1)
-            out = out + self._keep(torch.einsum("boi,ok,ij->bkj", g, self._p_out[name], self._p_in[name]))
-        return out
+        g = grads[self.weight]
+        g = g.reshape(g.shape[0], g.shape[1], -1)
+        if self.bias is not None:
+            g = torch.cat([g, grads[self.bias][..., None]], -1)
+        return torch.einsum("blr,lo,ri->boi", g, self.p_left, self.p_right)
 
 
 def make_projector(

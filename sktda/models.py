@@ -131,7 +131,8 @@ class TokenTransformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         T = input_ids.shape[-1]
-        h = self.embed(input_ids) + self.position(torch.arange(T, device=input_ids.device))
+        positions = torch.arange(T, device=input_ids.device).expand_as(input_ids)  # one row per sample
+        h = self.embed(input_ids) + self.position(positions)
         mask = nn.Transformer.generate_square_subsequent_mask(T, device=h.device) if self.causal else None
         padding = None if attention_mask is None else attention_mask == 0
         h = self.norm(self.encoder(h, mask=mask, src_key_padding_mask=padding, is_causal=self.causal))

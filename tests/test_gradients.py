@@ -3,10 +3,12 @@ import pytest
 import torch
 from torch import nn
 
+from sktda._data import take
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble, Member, member_from_module
-from sktda._gradients import GradientConfig, LinearEngine, VmapEngine, featurize, linear_layers, make_engine
+from sktda._gradients import GradientConfig, LayerEngine, VmapEngine, featurize, make_engine
+from sktda._layers import LayerProjector, assign_routes
 from sktda._nets import NetTask, fit_net
-from sktda._projection import KroneckerProjector, kronecker_factors
+from sktda._projection import KroneckerBlock, kronecker_factors
 from sktda.models import MLP
 
 from .conftest import make_classifier_net
@@ -31,9 +33,22 @@ def _data(n=12, d=6, classes=4, seed=0):
     return torch.randn(n, d, generator=gen), torch.randint(0, classes, (n,), generator=gen)
 
 
-def _same_features(member, kron, X, y):
-    fast = featurize(LinearEngine(member, TASK, CPU, kron), X, y, batch_size=5)
-    slow = featurize(VmapEngine(member, TASK, CPU, kron), X, y, batch_size=5)
+def _projector(module, proj_dim, seed=0):
+    routes, leftover = assign_routes(module, dict(module.named_parameters()))
+    assert not leftover
+    return LayerProjector(module, routes, {}, proj_dim, seed)
+
+
+def _same_features(member, X, y, proj_dim, task=TASK, vmap_layers=()):
+    """The per-layer engine's features equal vmap's under the same projection, with
+    the routes checked on a probe and only ``vmap_layers`` left to vmap."""
+    config = GradientConfig(task=task, proj_dim=proj_dim, path="layers")
+    engine = make_engine(member, config, (take(X, slice(0, 3)), y[:3]))
+    assert isinstance(engine, LayerEngine)
+    assert engine.vmap_layers == set(vmap_layers)
+    fast = featurize(engine, X, y, batch_size=5)
+    slow = featurize(VmapEngine(member, task, CPU, engine.projector), X, y, batch_size=5)
+    assert np.abs(slow.phi).max() > 0
     np.testing.assert_allclose(fast.phi, slow.phi, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fast.residual, slow.residual, rtol=1e-5)
     np.testing.assert_allclose(fast.output, slow.output, rtol=1e-5)
@@ -50,26 +65,25 @@ def test_kronecker_factors():
 
 
 def test_factor_projection_equals_projection_of_the_full_gradient():
-    layers = {"fc": ("fc.weight", "fc.bias", 3, 5)}
-    kron = KroneckerProjector(layers, 12, seed=0)
+    block = KroneckerBlock("fc.weight", "fc.bias", 3, 5, (3, 4), seed=0)
     a, d = torch.randn(4, 5), torch.randn(4, 3)
     full = {"fc.weight": torch.einsum("bo,bi->boi", d, a), "fc.bias": d}
-    torch.testing.assert_close(kron.project_factors("fc", a, d), kron(full))
+    torch.testing.assert_close(block.combine(d @ block.p_left, block.right(a)), block.full(full))
     # positions in the middle dimensions are summed, as in the gradient
     a3, d3 = torch.randn(4, 7, 5), torch.randn(4, 7, 3)
     full3 = {"fc.weight": torch.einsum("bto,bti->boi", d3, a3), "fc.bias": d3.sum(1)}
-    torch.testing.assert_close(kron.project_factors("fc", a3, d3), kron(full3), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        block.combine(d3 @ block.p_left, block.right(a3)), block.full(full3), rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("proj_dim", [4096, 4099])  # exact factors, and a prime kept in part
 def test_kronecker_projection_preserves_inner_products(proj_dim):
-    layers = {"fc": ("fc.weight", None, 64, 64)}
+    fc = nn.Linear(64, 64, bias=False)
     g = torch.randn(10, 64, 64, generator=torch.Generator().manual_seed(0))
     exact = torch.einsum("aoi,boi->ab", g, g)
     # unbiased: the mean over projections of the projected squared norms is the exact one
-    norms = torch.stack(
-        [KroneckerProjector(layers, proj_dim, seed=s)({"fc.weight": g}).pow(2).sum(1) for s in range(20)]
-    )
+    norms = torch.stack([_projector(fc, proj_dim, seed=s)({"weight": g}).pow(2).sum(1) for s in range(20)])
     np.testing.assert_allclose(norms.mean(0), torch.diagonal(exact), rtol=0.06)
 
 
@@ -78,9 +92,7 @@ def test_prime_proj_dim_projects_like_its_neighbours(proj_dim):
     module = MLP(n_features=6, n_outputs=4, hidden=(8, 7), dropout=0.0)
     member = _member(module)
     X, y = _data(n=40)
-    kron = KroneckerProjector(linear_layers(member), proj_dim, seed=0)
-    assert kron.k_out > 1 and kron.k_in > 1
-    fast = _same_features(member, kron, X, y)
+    fast = _same_features(member, X, y, proj_dim)
     assert fast.phi.shape == (40, proj_dim)
 
 
@@ -88,8 +100,7 @@ def test_linear_engine_equals_vmap_on_an_mlp():
     module = MLP(n_features=6, n_outputs=4, hidden=(8, 7), dropout=0.0)
     member = _member(module)
     X, y = _data()
-    kron = KroneckerProjector(linear_layers(member), 30, seed=0)
-    _same_features(member, kron, X, y)
+    _same_features(member, X, y, 30)
 
 
 def test_linear_engine_equals_vmap_with_shared_layers_and_sequences():
@@ -106,8 +117,7 @@ def test_linear_engine_equals_vmap_with_shared_layers_and_sequences():
 
     member = _member(Shared())
     X, y = _data()
-    kron = KroneckerProjector(linear_layers(member), 20, seed=3)
-    _same_features(member, kron, X, y)
+    _same_features(member, X, y, 20)
 
 
 def test_linear_engine_on_dropout_and_lora_members(digits):
@@ -125,32 +135,33 @@ def test_linear_engine_on_dropout_and_lora_members(digits):
     )
     net = fit_net(make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK)
     (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
-    _same_features(masked, KroneckerProjector(linear_layers(masked), 64, seed=0), X, y)
+    _same_features(masked, X, y, 64)
     lora_net = LoraEnsemble(params).fit(
         make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK
     )
     (adapter,) = LoraEnsemble(params).members(lora_net, 0, X[:1])
-    layers = linear_layers(adapter)
-    assert set(layers) == {"layers.0.lora_A.default", "layers.0.lora_B.default"}
-    _same_features(adapter, KroneckerProjector(layers, 16, seed=0), X, y)
+    routes, _ = assign_routes(adapter.module, adapter.params)
+    assert {r.name for r in routes} == {"layers.0.lora_A.default", "layers.0.lora_B.default"}
+    _same_features(adapter, X, y, 16)
 
 
 def test_make_engine_picks_the_path():
     mlp = _member(MLP(n_features=6, n_outputs=4, hidden=(8,), dropout=0.0))
-    assert isinstance(make_engine(mlp, _config(16)), LinearEngine)
+    assert isinstance(make_engine(mlp, _config(16)), LayerEngine)
     assert isinstance(make_engine(mlp, _config(None)), VmapEngine)  # exact gradients
     assert isinstance(make_engine(mlp, _config(16, path="vmap")), VmapEngine)
-    assert isinstance(make_engine(mlp, _config(None, path="linear")), LinearEngine)
-
-    conv = _member(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)))
-    assert linear_layers(conv) is None
-    assert isinstance(make_engine(conv, _config(16)), VmapEngine)
-    with pytest.raises(ValueError, match="nn.Linear"):
-        make_engine(conv, _config(16, path="linear"))
+    assert isinstance(make_engine(mlp, _config(None, path="layers")), LayerEngine)
     with pytest.raises(ValueError, match="gradient_path"):
-        make_engine(conv, _config(16, path="fast"))
-    last = _member(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)), layers="last")
-    assert set(linear_layers(last)) == {"2"}
+        make_engine(mlp, _config(16, path="fast"))
+    # a layer without a route is differentiated with vmap, alone, and named
+    conv = _member(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)))
+    with pytest.warns(UserWarning, match="Layer '0': Conv1d has no fast gradient route"):
+        engine = make_engine(conv, _config(16))
+    assert [r.name for r in engine.projector.routes] == ["2"]
+    X, y = torch.randn(7, 1, 6), torch.randint(0, 4, (7,))
+    fast = featurize(engine, X, y, batch_size=3)
+    slow = featurize(VmapEngine(conv, TASK, CPU, engine.projector), X, y, batch_size=3)
+    np.testing.assert_allclose(fast.phi, slow.phi, rtol=1e-4, atol=1e-5)
 
 
 def test_unused_linear_layers_give_zero_features():
@@ -166,7 +177,7 @@ def test_unused_linear_layers_give_zero_features():
 
     member = _member(Branch(), layers=["unused"])
     X, y = _data()
-    features = featurize(make_engine(member, _config(4, path="linear")), X, y, batch_size=12)
+    features = featurize(make_engine(member, _config(4, path="layers")), X, y, batch_size=12)
     np.testing.assert_array_equal(features.phi, 0)
 
 

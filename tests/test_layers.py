@@ -1,0 +1,240 @@
+"""Every per-layer route against the dense vmap path under the same projection."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sktda._ensembles import DropoutEnsemble, LoraEnsemble
+from sktda._nets import NetTask, fit_net
+from sktda.models import ConvNet, TokenCrossEntropy, TokenTransformer
+
+from .test_gradients import TASK, _member, _same_features
+
+CPU = torch.device("cpu")
+
+
+def _classes(n, k, seed=1):
+    return torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+class Head(nn.Module):
+    """``layer`` followed by a pooled linear read-out to 3 classes."""
+
+    def __init__(self, layer, width, pool=(2, 3)):
+        super().__init__()
+        self.layer, self.pool = layer, pool
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.layer(x)).mean(self.pool))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3),
+        dict(kernel_size=3, stride=2, padding=2),
+        dict(kernel_size=(2, 3), padding="same", dilation=2, bias=False),
+        dict(kernel_size=3, padding="valid", stride=(1, 2)),
+        dict(kernel_size=3, padding=1, padding_mode="reflect"),
+        dict(kernel_size=3, padding=1, padding_mode="circular", dilation=(2, 1)),
+        dict(kernel_size=3, groups=2),
+        dict(kernel_size=3, groups=4, padding=1),  # depthwise
+    ],
+)
+def test_conv2d_route(conv):
+    torch.manual_seed(0)
+    member = _member(Head(nn.Conv2d(4, 8, **conv), 8))
+    X = torch.randn(11, 4, 9, 8)
+    _same_features(member, X, _classes(11, 3), 40)
+
+
+def test_embedding_route_with_repeated_indices_and_padding():
+    torch.manual_seed(0)
+    emb = nn.Embedding(12, 6, padding_idx=0)
+    member = _member(Head(emb, 6, pool=1))
+    X = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [3, 5, 3, 11], [2, 0, 2, 7]] * 3)
+    fast = _same_features(member, X, _classes(12, 3), 30)
+    # only padding: the embedding gets no gradient, only the read-out does
+    only_padding = _member(Head(emb, 6, pool=1), layers=["layer"])
+    phi = _same_features(only_padding, X, _classes(12, 3), 30).phi
+    np.testing.assert_array_equal(phi[[1, 5, 9]], 0)
+    assert np.abs(phi[[0, 2, 3]]).min(1).max() > 0 and fast.phi.shape == (12, 30)
+
+
+@pytest.mark.parametrize(
+    "layer, shape, pool",
+    [
+        (nn.LayerNorm(5), (10, 4, 5), 1),
+        (nn.LayerNorm((4, 5)), (10, 4, 5), 1),
+        (nn.LayerNorm(5, bias=False), (10, 4, 5), 1),
+        (nn.RMSNorm(5), (10, 4, 5), 1),
+        (nn.GroupNorm(2, 4), (10, 4, 3, 3), (2, 3)),
+        (nn.BatchNorm2d(4), (10, 4, 3, 3), (2, 3)),
+        (nn.BatchNorm1d(4), (10, 4, 6), 2),
+    ],
+)
+def test_normalisation_routes(layer, shape, pool):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()  # not the identity initialisation
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.running_mean.normal_()
+            layer.running_var.uniform_(0.5, 2.0)
+    width = shape[1] if pool != 1 else shape[-1]
+
+    class Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(shape[-1], shape[-1])
+            self.layer = layer
+            self.out = nn.Linear(width, 3)
+
+        def forward(self, x):
+            h = self.layer(self.inp(x))
+            return self.out(
+                torch.tanh(h).mean(pool)
+                if pool != 1
+                else torch.tanh(h).mean(1).reshape(len(x), -1)[:, :width]
+            )
+
+    member = _member(Norm())
+    _same_features(member, torch.randn(*shape), _classes(shape[0], 3), 24)
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first=True, cross=False, masks=False, need_weights=False):
+        super().__init__()
+        self.batch_first, self.cross, self.masks, self.need_weights = batch_first, cross, masks, need_weights
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        q = x if self.batch_first else x.transpose(0, 1)
+        kv = torch.flip(q, (1 if self.batch_first else 0,)) * 0.5 if self.cross else q
+        kwargs = {}
+        if self.masks:
+            T = x.shape[1]
+            kwargs["attn_mask"] = torch.ones(T, T, dtype=torch.bool).triu(1)
+            kwargs["key_padding_mask"] = (x[..., 0] > 1.0) & (torch.arange(T) > 0)
+        h, w = self.attn(q, kv, kv, need_weights=self.need_weights, **kwargs)
+        h = h if self.batch_first else h.transpose(0, 1)
+        out = self.out(h.mean(1))
+        return out + w.sum((1, 2))[:, None] if self.need_weights else out
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(),
+        dict(batch_first=False),
+        dict(cross=True),
+        dict(masks=True),
+        dict(masks=True, need_weights=True, batch_first=False),
+    ],
+)
+def test_multihead_attention_route(params):
+    torch.manual_seed(0)
+    member = _member(Attention(**params))
+    _same_features(member, torch.randn(10, 5, 8), _classes(10, 3), 36)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_token_transformer_classifier_with_attention_mask(norm_first):
+    torch.manual_seed(0)
+    module = TokenTransformer(vocab_size=13, n_outputs=3, d_model=8, n_heads=2, n_layers=2, max_len=6)
+    if norm_first:
+        for layer in module.encoder.layers:
+            layer.norm_first = True
+    ids = torch.randint(0, 13, (10, 6))
+    mask = torch.ones(10, 6, dtype=torch.long)
+    mask[::2, 4:] = 0
+    _same_features(_member(module), {"input_ids": ids, "attention_mask": mask}, _classes(10, 3), 48)
+
+
+def test_token_transformer_language_model():
+    torch.manual_seed(0)
+    module = TokenTransformer(vocab_size=11, d_model=8, n_heads=2, n_layers=1, max_len=7)
+    tokens = torch.randint(0, 11, (9, 8))
+    task = NetTask(is_classifier=True, target="sequence_log_likelihood", is_sequence=True)
+    _same_features(_member(module), tokens[:, :-1], tokens[:, 1:], 40, task=task)
+
+
+def test_tied_and_broadcast_parameters_fall_back_to_vmap():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.position = nn.Embedding(4, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight  # tied, as language models often are
+            self.norm = nn.LayerNorm(8)
+
+        def forward(self, x):
+            # one call for the whole batch, broadcast over it
+            h = self.emb(x) + self.position(torch.arange(x.shape[1]))
+            return self.head(self.norm(h).mean(1))
+
+    torch.manual_seed(0)
+    X = torch.randint(0, 10, (8, 4))
+    with pytest.warns(UserWarning, match="Layer 'emb'.*vmap"):
+        _same_features(_member(Tied()), X, _classes(8, 10), 32, vmap_layers={"emb", "position"})
+
+
+def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
+    from skorch import NeuralNet, NeuralNetClassifier
+
+    X_train, _, y_train, _ = digits
+    images = X_train.reshape(-1, 1, 8, 8)
+    params = dict(
+        layers=None,
+        n_masks=2,
+        dropout_rate=0.5,
+        mask_gradients=True,
+        n_adapters=1,
+        lora_rank=2,
+        lora_target_modules=None,
+        lora_epochs=1,
+    )
+    cnn = NeuralNetClassifier(
+        ConvNet,
+        module__channels=(4, 8),
+        module__dropout=0.2,
+        criterion=nn.CrossEntropyLoss,
+        max_epochs=1,
+        train_split=None,
+        verbose=0,
+    )
+    X, y = torch.from_numpy(images[:12]), torch.from_numpy(y_train[:12])
+    net = fit_net(cnn, images, y_train, seed=0, device=CPU, task=TASK)
+    (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
+    _same_features(masked, X, y, 64)
+    lora = LoraEnsemble({**params, "lora_target_modules": ["layers.0", "layers.3"]})
+    (adapter,) = lora.members(lora.fit(cnn, images, y_train, seed=0, device=CPU, task=TASK), 0, X[:1])
+    assert all("lora" in name for name in adapter.params)
+    _same_features(adapter, X, y, 32)
+
+    tokens = np.random.default_rng(0).integers(0, 11, (40, 7))
+    task = NetTask(is_classifier=True, target="sequence_log_likelihood", is_sequence=True, role="test")
+    lm = NeuralNet(
+        TokenTransformer,
+        module__vocab_size=11,
+        module__d_model=8,
+        module__n_heads=2,
+        module__n_layers=1,
+        module__max_len=6,
+        criterion=TokenCrossEntropy,
+        max_epochs=1,
+        train_split=None,
+        verbose=0,
+    )
+    X, y = torch.from_numpy(tokens[:10, :-1]), torch.from_numpy(tokens[:10, 1:])
+    net = fit_net(lm, tokens[:, :-1], tokens[:, 1:], seed=0, device=CPU, task=task)
+    (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
+    _same_features(masked, X, y, 64, task=task)
+    lora = LoraEnsemble({**params, "lora_target_modules": ["encoder.layers.0.linear1", "head"]})
+    lm_net = lora.fit(lm, tokens[:, :-1], tokens[:, 1:], seed=0, device=CPU, task=task)
+    (adapter,) = lora.members(lm_net, 0, X[:1])
+    _same_features(adapter, X, y, 32, task=task)
