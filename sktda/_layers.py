@@ -102,16 +102,25 @@ class LinearRoute(_WeightRoute):
 
 class Conv2dRoute(_WeightRoute):
     """``nn.Conv2d`` (any stride, padding, dilation and groups): the gradient of
-    group ``j`` is ``sum_positions d_j (x) patch_j``, the patches being the unfolded
-    (padded) input, as in the convolution itself."""
+    group ``j`` is ``sum_positions d_j (x) patch_j``. The patches' projections are
+    themselves a convolution of the (padded) input, with the columns of
+    ``P_right`` as kernels, so the patches are never unfolded."""
+
+    def build(self, module, factors, proj_dim, seed, kind, device):
+        super().build(module, factors, proj_dim, seed, kind, device)
+        k_in, g = factors[1], module.groups
+        kernels = self.block.p_right[: self.block.n_right].T.reshape(k_in, -1, *module.kernel_size)
+        self._kernels = kernels.repeat(g, 1, 1, 1)  # (g k_in, C / g, kh, kw): one set per group
 
     def project(self, x, d):
         m = self._module
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride)  # (b, C kh kw, L)
-        b, g, L = x.shape[0], m.groups, patches.shape[-1]
-        p_right = self.block.right(patches.reshape(b, g, -1, L).transpose(2, 3))  # (b, g, L, k_in)
+        p_right = F.conv2d(x, self._kernels, None, m.stride, 0, m.dilation, m.groups)
+        b, g, L = x.shape[0], m.groups, d.shape[-2] * d.shape[-1]
+        p_right = p_right.reshape(b, g, -1, L).transpose(2, 3)  # (b, g, L, k_in)
+        if self.block.bias is not None:
+            p_right = p_right + self.block.p_right[self.block.n_right]
         p_left = torch.einsum(
             "bgol,gok->bglk",
             d.reshape(b, g, -1, L),
