@@ -233,6 +233,10 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
     return rows, truth_seconds
 
 
+VARIANT_NOTE = (
+    "sktda rows use the per-layer routes (Kronecker projection) unless they say 'vmap + dense projection' "
+    "(the same proj_dim, the whole gradient formed and projected densely). "
+)
 HEADER = ["method", "models", "LDS", "identical class", "attribution s", "train s"]
 NOTES = (
     "'attribution s' = featurizing the training set + attributing the test samples (training "

@@ -8,7 +8,17 @@ trained models (when installed, see benchmarks/_peers.py).
 
 from __future__ import annotations
 
-from _common import HEADER, NOTES, cnn_net, compare, compare_parser, digits_data, emit, markdown_table
+from _common import (
+    HEADER,
+    NOTES,
+    VARIANT_NOTE,
+    cnn_net,
+    compare,
+    compare_parser,
+    digits_data,
+    emit,
+    markdown_table,
+)
 
 
 def main():
@@ -26,11 +36,12 @@ def main():
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,
         n_jobs=args.n_jobs,
+        variants=[("trak, vmap + dense projection", {"method": "trak", "gradient_path": "vmap"})],
     )
     n_params = sum(p.numel() for p in net.initialize().module_.parameters())
     table = markdown_table(HEADER, rows) + (
         f"\n\nCNN of {n_params} parameters; ground truth: {args.n_subsets} CNNs retrained on 50% subsets "
-        f"({truth_seconds:.0f} s). " + NOTES
+        f"({truth_seconds:.0f} s). " + VARIANT_NOTE + NOTES
     )
     emit("cnn_digits", "LDS on digit images with a CNN (1000 train / 200 test)", table, args.readme)
 

@@ -13,7 +13,17 @@ sktda's default damping, chosen once on this benchmark).
 
 from __future__ import annotations
 
-from _common import HEADER, NOTES, compare, compare_parser, digits_data, digits_net, emit, markdown_table
+from _common import (
+    HEADER,
+    NOTES,
+    VARIANT_NOTE,
+    compare,
+    compare_parser,
+    digits_data,
+    digits_net,
+    emit,
+    markdown_table,
+)
 
 
 def main():
@@ -32,8 +42,8 @@ def main():
     )
     table = markdown_table(HEADER, rows) + (
         f"\n\nGround truth: {args.n_subsets} models retrained on 50% subsets ({truth_seconds:.0f} s). "
-        "sktda rows use the nn.Linear fast path (Kronecker projection) unless they say 'vmap + dense "
-        "projection'. " + NOTES
+        + VARIANT_NOTE
+        + NOTES
     )
     emit("lds_digits", "LDS on digits (1000 train / 200 test, MLP 64-128-10)", table, args.readme)
 

@@ -1,4 +1,4 @@
-"""LDS of TRAK on digits against proj_dim around a prime, on the nn.Linear fast path
+"""LDS of TRAK on digits against proj_dim around a prime, on the per-layer routes
 (Kronecker projection) and the dense vmap path: no proj_dim should be worse than
 its neighbours.
 
@@ -31,7 +31,7 @@ def main():
     for k in args.dims:
         row = [k]
         for n_models in args.models:
-            for path in ("linear", "vmap"):
+            for path in ("layers", "vmap"):
                 attr = EnsembleAttributor(
                     net, n_models=n_models, proj_dim=k, gradient_path=path, n_jobs=args.n_jobs, random_state=0
                 ).fit(X_train, y_train)
@@ -39,7 +39,7 @@ def main():
         rows.append(row)
         print(row, flush=True)
     header = ["proj_dim"] + [
-        f"{m} model{'s' if m > 1 else ''}, {p}" for m in args.models for p in ("fast", "vmap")
+        f"{m} model{'s' if m > 1 else ''}, {p}" for m in args.models for p in ("routes", "vmap")
     ]
     emit("proj_dim", "LDS against proj_dim (TRAK, digits)", markdown_table(header, rows), args.readme)
 

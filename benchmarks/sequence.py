@@ -9,7 +9,17 @@ and dattri 0.3.0's TRAK and kronfluence 1.0.1's EK-FAC on the same trained model
 
 from __future__ import annotations
 
-from _common import HEADER, NOTES, compare, compare_parser, emit, lm_net, markdown_table, pydoc_passages
+from _common import (
+    HEADER,
+    NOTES,
+    VARIANT_NOTE,
+    compare,
+    compare_parser,
+    emit,
+    lm_net,
+    markdown_table,
+    pydoc_passages,
+)
 
 
 def main():
@@ -30,13 +40,16 @@ def main():
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,
         n_jobs=args.n_jobs,
+        variants=[("trak, vmap + dense projection", {"method": "trak", "gradient_path": "vmap"})],
         kind="sequence",
     )
     n_params = sum(p.numel() for p in net.initialize().module_.parameters())
     table = markdown_table(HEADER, rows) + (
         f"\n\n{args.n_train} training and {args.n_test} held-out passages of {args.length} characters; "
         f"transformer of {n_params} parameters; ground truth: {args.n_subsets} models retrained on 50% "
-        f"subsets ({truth_seconds:.0f} s), measured by the held-out passages' log-likelihood. " + NOTES
+        f"subsets ({truth_seconds:.0f} s), measured by the held-out passages' log-likelihood. "
+        + VARIANT_NOTE
+        + NOTES
     )
     emit(
         "sequence",
