@@ -247,10 +247,11 @@ NOTES = (
 )
 
 
-def pydoc_passages(n: int, length: int, seed: int = 0):
+def pydoc_passages(n: int, length: int, seed: int = 0, part: str | None = None):
     """``n`` random passages of ``length + 1`` characters of the Python documentation
     that ships with Python (``pydoc_data.topics``), as int64 character ids: inputs
-    ``(n, length)`` and next tokens ``(n, length)``, and the alphabet."""
+    ``(n, length)`` and next tokens ``(n, length)``, and the alphabet. ``part``:
+    ``"pretrain"`` (two topics in three) or ``"finetune"`` (the others), disjoint."""
     import string
     from pydoc_data.topics import topics
 
@@ -258,7 +259,10 @@ def pydoc_passages(n: int, length: int, seed: int = 0):
 
     alphabet = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
     index = {c: i for i, c in enumerate(alphabet)}
-    text = " ".join(" ".join(topics[key].split()) for key in sorted(topics))
+    keys = sorted(topics)
+    if part is not None:
+        keys = [k for i, k in enumerate(keys) if (i % 3 == 0) == (part == "finetune")]
+    text = " ".join(" ".join(topics[key].split()) for key in keys)
     text = "".join(c for c in text if c in index)
     starts = np.random.default_rng(seed).choice(len(text) // (length + 1), n, replace=False)
     ids = np.array([[index[c] for c in text[s * (length + 1) : (s + 1) * (length + 1)]] for s in starts])

@@ -50,7 +50,7 @@ CONFIGS = [
 ]
 
 
-def pareto_figure(rows, path):
+def pareto_figure(rows, path, title="Efficient ensembles on digits"):
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -80,41 +80,16 @@ def pareto_figure(rows, path):
     ax.legend(unique.values(), unique.keys(), fontsize=8)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("LDS (TRAK)")
-    ax.set_title("Efficient ensembles on digits (* unmasked gradients, + all layers rank 8)", fontsize=9)
+    ax.set_title(f"{title} (* unmasked gradients, + all layers rank 8)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"figure: {path}")
 
 
-def main():
-    p = parser(__doc__)
-    p.add_argument("--n-subsets", type=int, default=100)
-    p.add_argument("--lora-epochs", type=int, default=5)
-    p.add_argument("--n-jobs", type=int, default=2)
-    args = p.parse_args()
-
-    X_train, X_test, y_train, y_test = digits_data()
-    net = digits_net()
-    truth = subset_retraining(
-        net, X_train, y_train, X_test, y_test, n_subsets=args.n_subsets, random_state=0, n_jobs=args.n_jobs
-    )
-    for _, config in CONFIGS:  # warm-up: imports and first calls are not what we measure
-        EnsembleAttributor(digits_net(max_epochs=1), random_state=0, **{**config, "lora_epochs": 1}).fit(
-            X_train[:100], y_train[:100]
-        )
-    results = []
-    for name, config in CONFIGS:
-        config = {"lora_epochs": args.lora_epochs, **config}
-        attr = EnsembleAttributor(net, method="trak", random_state=0, **config)
-        attr.fit(X_train, y_train)
-        start = time.perf_counter()
-        A = attr.attribute(X_test, y_test)
-        serve = attr.costs_["featurize_seconds"] + time.perf_counter() - start
-        lds = linear_datamodeling_score(A, truth.subsets, truth.outputs)
-        results.append((name, lds, attr.costs_, serve))
-        print(name, round(lds, 4), attr.costs_, round(serve, 2), flush=True)
-
-    ref = next(r for r in results if r[0] == "independent 10")
+def cost_table(results, reference: str) -> str:
+    """The markdown table of ``(name, lds, costs, serve_seconds)`` results, each also
+    relative to the ``reference`` row."""
+    ref = next(r for r in results if r[0] == reference)
     rows = []
     for name, lds, costs, serve in results:
         rows.append(
@@ -145,7 +120,38 @@ def main():
         "model KiB",
         "model vs ind. 10",
     ]
-    table = markdown_table(header, rows)
+    return markdown_table(header, rows)
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--n-subsets", type=int, default=100)
+    p.add_argument("--lora-epochs", type=int, default=5)
+    p.add_argument("--n-jobs", type=int, default=2)
+    args = p.parse_args()
+
+    X_train, X_test, y_train, y_test = digits_data()
+    net = digits_net()
+    truth = subset_retraining(
+        net, X_train, y_train, X_test, y_test, n_subsets=args.n_subsets, random_state=0, n_jobs=args.n_jobs
+    )
+    for _, config in CONFIGS:  # warm-up: imports and first calls are not what we measure
+        EnsembleAttributor(digits_net(max_epochs=1), random_state=0, **{**config, "lora_epochs": 1}).fit(
+            X_train[:100], y_train[:100]
+        )
+    results = []
+    for name, config in CONFIGS:
+        config = {"lora_epochs": args.lora_epochs, **config}
+        attr = EnsembleAttributor(net, method="trak", random_state=0, **config)
+        attr.fit(X_train, y_train)
+        start = time.perf_counter()
+        A = attr.attribute(X_test, y_test)
+        serve = attr.costs_["featurize_seconds"] + time.perf_counter() - start
+        lds = linear_datamodeling_score(A, truth.subsets, truth.outputs)
+        results.append((name, lds, attr.costs_, serve))
+        print(name, round(lds, 4), attr.costs_, round(serve, 2), flush=True)
+
+    table = cost_table(results, "independent 10")
     table += (
         f"\n\nTRAK, proj_dim 2048, damping 1.0; LoRA rank 4 on the hidden layer (the default: every nn.Linear "
         f"but the output), {args.lora_epochs} epochs per adapter, unless the row says otherwise; ground truth: "

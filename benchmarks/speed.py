@@ -127,7 +127,7 @@ def main():
         print(json.dumps(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))
         return
     p = parser(__doc__)
-    p.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"])
+    p.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer"], help="none: scaling only")
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--vmap-n", type=int, default=256, help="samples for the slow dense vmap path")
     p.add_argument("--dattri-n", type=int, default=200)
@@ -169,12 +169,13 @@ def main():
         "time vs one epoch",
         "routes' speed-up",
     ]
-    emit(
-        "speed",
-        f"Featurization speed (proj_dim 2048, batch {BATCH})",
-        markdown_table(header, rows),
-        args.readme,
-    )
+    if rows:
+        emit(
+            "speed",
+            f"Featurization speed (proj_dim 2048, batch {BATCH})",
+            markdown_table(header, rows),
+            args.readme,
+        )
 
     scaling = []
     for model, sizes in (("mlp", args.mlp_sizes), ("cnn", args.cnn_sizes)):

@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._data import validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._gradients import GRADIENT_PATHS, GradientConfig, featurize_members
-from ._nets import NetTask, check_net, initialized_module, resolve_device, takes_token_ids
+from ._nets import NetTask, check_net, check_pretrained, initialized_module, resolve_device, takes_token_ids
 
 # One documentation fragment per shared parameter, substituted into both
 # estimators' docstrings by :func:`fill_doc` (``%(name)s`` markers).
@@ -50,6 +50,15 @@ _PARAMETER_DOCS = {
         ``torch.func.vmap(grad)`` and a dense projection of the whole gradient.
         ``"auto"``: ``"layers"`` when a projection is needed, exact gradients
         through vmap otherwise.""",
+    "pretrained": """pretrained : bool, default=False
+        The net's ``module`` is an instance holding pretrained weights, and the
+        ensemble fine-tunes them: independent members fine-tune them fully, each
+        with its own seed and data order; dropout members come from one
+        fine-tune; LoRA members are adapters trained on the frozen pretrained
+        module, with no base training (``n_models x n_adapters`` adapters on that
+        one base). With False, a module class is trained from scratch (a module
+        instance is still trained from its current weights, and LoRA bases are
+        trained first).""",
     "batch_size": """batch_size : int, default=256
         Samples per chunk of per-sample gradients (bounds memory, not results).""",
     "device": """device : str or torch.device, default="auto"
@@ -105,6 +114,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         "n_jobs": [numbers.Integral, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "pretrained": ["boolean"],
     }
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -127,6 +137,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             The fitted estimator.
         """
         task = check_net(self.estimator, self._target(), y)
+        check_pretrained(self.estimator, self.pretrained)
         module = initialized_module(self.estimator)
         X, y = validate_fit_data(self, X, y, task, takes_token_ids(module))
         self._task = task
@@ -167,6 +178,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             "n_masks": self.n_masks,
             "dropout_rate": self.dropout_rate,
             "mask_gradients": True,
+            "pretrained": self.pretrained,
         }
 
     def _n_checkpoints(self) -> int | None:

@@ -30,7 +30,9 @@ from ._nets import (
     fit_net,
     module_bytes,
     parameter_names,
+    trainable_names,
     trained_module,
+    untrained_net,
 )
 from ._parallel import delayed_tasks, run
 
@@ -102,10 +104,20 @@ def _transformer_fastpath_off():
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
-def member_from_module(module: torch.nn.Module, layers, seed: int, names=None) -> Member:
-    """Split a frozen module's tensors into the differentiated (those of ``layers``,
-    or the parameters ``names``) and the frozen."""
-    names = set(parameter_names(module, layers) if names is None else names)
+def member_from_module(module: torch.nn.Module, layers, seed: int, names=None, trainable=None) -> Member:
+    """Split a frozen module's tensors into the differentiated (those of ``layers``
+    that are among ``trainable``, or the parameters ``names``) and the frozen."""
+    if names is None:
+        names = parameter_names(module, layers)
+        if trainable is not None:
+            names = [n for n in names if n in trainable]
+            if not names:
+                raise ValueError(
+                    f"layers={layers!r} selects only parameters that the net does not train (frozen, "
+                    "as a peft.PeftModel's base weights are), so there is nothing to differentiate. "
+                    "Select trained layers, or leave layers=None to take every trained parameter."
+                )
+    names = set(names)
     tensors = dict(module.named_parameters())
     tensors.update(dict(module.named_buffers()))
     params = {k: v for k, v in tensors.items() if k in names}
@@ -150,7 +162,10 @@ class IndependentEnsemble(EnsembleStrategy):
 
     def members(self, net, model_seed, X_sample):
         module = trained_module(net)
-        return [member_from_module(module, self.params["layers"], derive_seed(model_seed, 0))]
+        trainable = trainable_names(net.module_)
+        return [
+            member_from_module(module, self.params["layers"], derive_seed(model_seed, 0), trainable=trainable)
+        ]
 
 
 _MASKABLE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -226,7 +241,9 @@ class DropoutEnsemble(EnsembleStrategy):
             parent, _, child = name.rpartition(".")
             setattr(module.get_submodule(parent), child, FixedMaskDropout(shape))
             masks[f"{name}.mask"] = (shape, self._rate(layer), i)
-        base = member_from_module(module, self.params["layers"], derive_seed(model_seed, 0))
+        base = member_from_module(
+            module, self.params["layers"], derive_seed(model_seed, 0), trainable=trainable_names(net.module_)
+        )
         variants = [
             {
                 **base.frozen,
@@ -270,7 +287,19 @@ class LoraEnsemble(EnsembleStrategy):
             if unknown:
                 raise ValueError(f"lora_target_modules {unknown} are not modules of the net.")
             return list(targets)
-        linear = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+        # not the projections inside nn.MultiheadAttention: its fused forward bypasses them
+        inside_attention = {
+            f"{name}.{child}" if name else child
+            for name, m in module.named_modules()
+            if isinstance(m, nn.MultiheadAttention)
+            for child, _ in m.named_modules()
+            if child
+        }
+        linear = [
+            name
+            for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and name not in inside_attention
+        ]
         if len(linear) < 2:
             raise ValueError(
                 "ensemble='lora' adapts every nn.Linear but the output layer, and the module "
@@ -288,6 +317,12 @@ class LoraEnsemble(EnsembleStrategy):
         return inject_adapter_in_model(config, copy.deepcopy(module))
 
     def check(self, module):
+        if _is_peft_model(module):
+            raise ValueError(
+                "ensemble='lora' adds LoRA adapters of its own, and the net's module is already a "
+                "peft.PeftModel. Use ensemble='independent' (each member trains your adapters with "
+                "its own seed, and attribution differentiates them) or 'dropout'."
+            )
         if self.params["layers"] is not None:
             raise ValueError(
                 "layers selects parameters of the base model, but LoRA members differentiate "
@@ -307,7 +342,10 @@ class LoraEnsemble(EnsembleStrategy):
     def fit(self, estimator, X, y, *, seed, device, task, callbacks=()):
         from peft import get_peft_model_state_dict
 
-        net = fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
+        if self.params["pretrained"]:  # the adapters fine-tune the pretrained weights themselves
+            net = untrained_net(estimator, device)
+        else:
+            net = fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
         adapters = []
         for j in range(self.params["n_adapters"]):
             adapter_seed = derive_seed(seed, 2, j)
@@ -342,7 +380,13 @@ class LoraEnsemble(EnsembleStrategy):
         adapters = sum(
             t.numel() * t.element_size() for net in nets for a in net.lora_adapters_ for t in a.values()
         )
-        return super().serving_bytes(nets) + adapters
+        # pretrained: every adapter sits on the same base, stored once
+        bases = nets[:1] if self.params["pretrained"] else nets
+        return super().serving_bytes(bases) + adapters
+
+
+def _is_peft_model(module: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("peft.") for m in module.modules())
 
 
 def _adapted_size(module: nn.Module) -> int | None:

@@ -213,14 +213,15 @@ class LayerEngine(GradientEngine):
         ``arange(T)``, broadcast)."""
         parts = self._parts(x, y)[0]
         grads = VmapEngine(self.member, self.task, self.device, self.projector).gradients(x, y)[0]
+        expected = [route.project_full(grads) for route in self.projector.routes]
+        scale = float(sum(e.norm() ** 2 for e in expected)) ** 0.5
         failed = set()
-        for route, part in zip(self.projector.routes, parts):
-            expected = route.project_full(grads)
-            got = torch.zeros_like(expected) if part is None else part
-            if (
-                got.shape != expected.shape
-                or float((got - expected).norm()) > 1e-3 * float(max(expected.norm(), got.norm())) + 1e-12
-            ):
+        for route, part, e in zip(self.projector.routes, parts, expected):
+            got = torch.zeros_like(e) if part is None else part
+            # a broken route is off by its whole size; float32 cancellation (a target
+            # summed over many tokens) by far less than 1%
+            tolerance = 1e-2 * float(max(e.norm(), got.norm())) + 1e-6 * scale
+            if got.shape != e.shape or float((got - e).norm()) > tolerance:
                 failed.add(route.name)
         return failed
 

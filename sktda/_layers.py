@@ -158,7 +158,10 @@ class MultiheadAttentionRoute(Route):
 
     @classmethod
     def accepts(cls, module, params):
+        known = {name for pair in cls._PARTS.values() for name in pair}
         if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+            return False
+        if not set(params) <= known:  # e.g. adapters wrapped around out_proj
             return False
         return all(weight in params or bias not in params for weight, bias in cls._PARTS.values())
 

@@ -333,6 +333,16 @@ def fit_net(estimator, X, y, *, seed: int, device: torch.device, task: NetTask, 
     return _seeded_fit(net, X, y, seed, device)
 
 
+def untrained_net(estimator, device: torch.device):
+    """A clone of ``estimator`` initialised on ``device`` without training: the
+    pretrained module as given (LoRA adapters then do the fine-tuning)."""
+    net = clone(estimator)
+    net.set_params(device=str(device))
+    with torch.random.fork_rng(devices=[]):
+        net.initialize()
+    return net
+
+
 def fine_tune(net, module: torch.nn.Module, X, y, *, epochs: int, seed: int, device: torch.device):
     """Train ``module`` (its trainable parameters) for ``epochs`` with the net's own
     criterion, optimizer, learning rate and batch size, in a seeded shuffled order.
@@ -358,6 +368,23 @@ def fine_tune(net, module: torch.nn.Module, X, y, *, epochs: int, seed: int, dev
         **params,
     )
     return _seeded_fit(tuner, X, y, seed, device).module_
+
+
+def check_pretrained(estimator, pretrained: bool) -> None:
+    """With ``pretrained=True`` the net's module must be an instance holding the
+    pretrained weights: a class would be trained from scratch."""
+    module = getattr(estimator, "module", None)
+    if pretrained and not isinstance(module, torch.nn.Module):
+        raise ValueError(
+            "pretrained=True fine-tunes the weights of the net's module, so module must be an "
+            f"nn.Module instance holding them; got {module!r}. Pass the pretrained module itself "
+            "(NeuralNet(module=pretrained_module, ...)), or use pretrained=False to train from scratch."
+        )
+
+
+def trainable_names(module: torch.nn.Module) -> set[str]:
+    """The parameters training updates (a ``peft.PeftModel`` trains only its adapters)."""
+    return {name for name, p in module.named_parameters() if p.requires_grad}
 
 
 def initialized_module(estimator) -> torch.nn.Module:

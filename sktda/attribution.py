@@ -92,6 +92,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         gradient is used.
     %(projection)s
     %(gradient_path)s
+    %(pretrained)s
     damping : float, default=1.0
         Damping of the inverses of TRAK and the influence function, relative to
         the mean nonzero eigenvalue of the matrix inverted, ``trace / min(n_train,
@@ -236,6 +237,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         proj_dim=2048,
         projection="gaussian",
         gradient_path="auto",
+        pretrained=False,
         damping=1.0,
         target="auto",
         normalize="relatif",
@@ -265,6 +267,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self.proj_dim = proj_dim
         self.projection = projection
         self.gradient_path = gradient_path
+        self.pretrained = pretrained
         self.damping = damping
         self.target = target
         self.normalize = normalize
@@ -487,6 +490,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             y,
             n_subsets=self.score_n_subsets,
             subset_fraction=self.score_subset_fraction,
+            pretrained=self.pretrained,
             random_state=seed,
             n_jobs=self.n_jobs,
             device=self.device,

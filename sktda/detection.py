@@ -85,6 +85,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         keeps them exact.
     %(projection)s
     %(gradient_path)s
+    %(pretrained)s
     %(batch_size)s
     %(device)s
     %(n_jobs)s
@@ -163,6 +164,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         proj_dim=None,
         projection="gaussian",
         gradient_path="auto",
+        pretrained=False,
         batch_size=256,
         device="auto",
         n_jobs=None,
@@ -182,6 +184,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         self.proj_dim = proj_dim
         self.projection = projection
         self.gradient_path = gradient_path
+        self.pretrained = pretrained
         self.batch_size = batch_size
         self.device = device
         self.n_jobs = n_jobs

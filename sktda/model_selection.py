@@ -15,7 +15,15 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, va
 from sklearn.utils.parallel import Parallel
 
 from ._data import as_array_like, check_inputs, check_y, encode_targets, input_spec, n_samples, take, to_torch
-from ._nets import TARGETS, check_net, fit_net, initialized_module, resolve_device, takes_token_ids
+from ._nets import (
+    TARGETS,
+    check_net,
+    check_pretrained,
+    fit_net,
+    initialized_module,
+    resolve_device,
+    takes_token_ids,
+)
 from ._parallel import delayed_tasks
 
 __all__ = ["SubsetRetraining", "best_under_budget", "cost_scorer", "lds_scorer", "subset_retraining"]
@@ -96,6 +104,7 @@ def _prepare(estimator, X, y, X_test, y_test, target):
         "device": [str, torch.device],
         "memory": [str, HasMethods(["cache"]), None],
         "target": [StrOptions(set(TARGETS)), callable],
+        "pretrained": ["boolean"],
     },
     prefer_skip_nested_validation=True,
 )
@@ -113,6 +122,7 @@ def subset_retraining(
     device: str = "auto",
     memory=None,
     target="auto",
+    pretrained: bool = False,
 ) -> SubsetRetraining:
     """Retrain ``estimator`` on random subsets of ``(X, y)`` and record its outputs
     on ``(X_test, y_test)``: the ground truth of the linear datamodeling score.
@@ -144,6 +154,10 @@ def subset_retraining(
         Persistent cache in addition to the in-process one.
     target : {"auto", "log_prob", "loss", "sequence_log_likelihood"} or callable, default="auto"
         The output measured on the test set, as in ``EnsembleAttributor``.
+    pretrained : bool, default=False
+        The net's module is an instance holding pretrained weights, and every
+        retrained model is a full fine-tune of them on its subset (what a user
+        fine-tuning the model trains, whatever ensemble the attribution uses).
 
     Returns
     -------
@@ -152,6 +166,7 @@ def subset_retraining(
         (n_subsets, n_test): the correct-class margin for classifiers, the
         prediction for regressors.
     """
+    check_pretrained(estimator, pretrained)
     task, X, y, X_test, y_test = _prepare(estimator, X, y, X_test, y_test, target)
     n = len(y)
     size = int(round(subset_fraction * n))

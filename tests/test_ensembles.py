@@ -21,6 +21,7 @@ def _strategy(cls, **params):
         lora_rank=2,
         lora_target_modules=None,
         lora_epochs=2,
+        pretrained=False,
     )
     return cls({**defaults, **params})
 

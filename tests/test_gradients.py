@@ -132,6 +132,7 @@ def test_linear_engine_on_dropout_and_lora_members(digits):
         lora_rank=2,
         lora_target_modules=None,
         lora_epochs=1,
+        pretrained=False,
     )
     net = fit_net(make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK)
     (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])

@@ -199,6 +199,7 @@ def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
         lora_rank=2,
         lora_target_modules=None,
         lora_epochs=1,
+        pretrained=False,
     )
     cnn = NeuralNetClassifier(
         ConvNet,
