@@ -86,6 +86,20 @@ def pareto_figure(rows, path, title="Efficient ensembles on digits"):
     print(f"figure: {path}")
 
 
+def run_config(name, net, config, data, truth):
+    """Fit TRAK with ``config`` on ``net`` and measure it: ``(name, LDS, costs, serve
+    seconds)``, serving being featurizing the training set plus attributing the
+    test samples."""
+    X_train, X_test, y_train, y_test = data
+    attr = EnsembleAttributor(net, method="trak", random_state=0, **config).fit(X_train, y_train)
+    start = time.perf_counter()
+    A = attr.attribute(X_test, y_test)
+    serve = attr.costs_["featurize_seconds"] + time.perf_counter() - start
+    lds = linear_datamodeling_score(A, truth.subsets, truth.outputs)
+    print(name, round(lds, 4), attr.costs_, round(serve, 2), flush=True)
+    return name, lds, attr.costs_, serve
+
+
 def cost_table(results, reference: str) -> str:
     """The markdown table of ``(name, lds, costs, serve_seconds)`` results, each also
     relative to the ``reference`` row."""
@@ -139,17 +153,12 @@ def main():
         EnsembleAttributor(digits_net(max_epochs=1), random_state=0, **{**config, "lora_epochs": 1}).fit(
             X_train[:100], y_train[:100]
         )
-    results = []
-    for name, config in CONFIGS:
-        config = {"lora_epochs": args.lora_epochs, **config}
-        attr = EnsembleAttributor(net, method="trak", random_state=0, **config)
-        attr.fit(X_train, y_train)
-        start = time.perf_counter()
-        A = attr.attribute(X_test, y_test)
-        serve = attr.costs_["featurize_seconds"] + time.perf_counter() - start
-        lds = linear_datamodeling_score(A, truth.subsets, truth.outputs)
-        results.append((name, lds, attr.costs_, serve))
-        print(name, round(lds, 4), attr.costs_, round(serve, 2), flush=True)
+    results = [
+        run_config(
+            name, net, {"lora_epochs": args.lora_epochs, **config}, (X_train, X_test, y_train, y_test), truth
+        )
+        for name, config in CONFIGS
+    ]
 
     table = cost_table(results, "independent 10")
     table += (

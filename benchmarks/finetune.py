@@ -22,11 +22,9 @@ import time
 
 import torch
 from _common import RESULTS, emit, parser, pydoc_passages
-from ensembles import cost_table, pareto_figure
+from ensembles import cost_table, pareto_figure, run_config
 from skorch import NeuralNet
 
-from sktda import EnsembleAttributor
-from sktda.metrics import linear_datamodeling_score
 from sktda.model_selection import subset_retraining
 from sktda.models import TokenCrossEntropy, TokenTransformer
 
@@ -114,14 +112,8 @@ def main():
         if config["ensemble"] == "lora":
             estimator = fine_tuning_net(base, args.epochs).set_params(lr=args.lora_lr)
             config = {**config, "lora_epochs": args.lora_epochs}
-        attr = EnsembleAttributor(estimator, method="trak", pretrained=True, random_state=0, **config)
-        attr.fit(X_train, y_train)
-        start = time.perf_counter()
-        A = attr.attribute(X_test, y_test)
-        serve = attr.costs_["featurize_seconds"] + time.perf_counter() - start
-        lds = linear_datamodeling_score(A, truth.subsets, truth.outputs)
-        results.append((name, lds, attr.costs_, serve))
-        print(name, round(lds, 4), attr.costs_, round(serve, 2), flush=True)
+        data = (X_train, X_test, y_train, y_test)
+        results.append(run_config(name, estimator, {**config, "pretrained": True}, data, truth))
 
     table = cost_table(results, "independent 10")
     table += (

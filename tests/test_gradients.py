@@ -17,6 +17,20 @@ CPU = torch.device("cpu")
 TASK = NetTask(is_classifier=True)
 
 
+# dropout and LoRA strategies' parameters for the engine tests
+STRATEGY_PARAMS = dict(
+    layers=None,
+    n_masks=2,
+    dropout_rate=0.5,
+    mask_gradients=True,
+    n_adapters=1,
+    lora_rank=2,
+    lora_target_modules=None,
+    lora_epochs=1,
+    pretrained=False,
+)
+
+
 def _config(proj_dim, path="auto", batch_size=256):
     return GradientConfig(task=TASK, proj_dim=proj_dim, path=path, batch_size=batch_size)
 
@@ -123,17 +137,7 @@ def test_linear_engine_equals_vmap_with_shared_layers_and_sequences():
 def test_linear_engine_on_dropout_and_lora_members(digits):
     X_train, _, y_train, _ = digits
     X, y = torch.from_numpy(X_train[:20]), torch.from_numpy(y_train[:20])
-    params = dict(
-        layers=None,
-        n_masks=2,
-        dropout_rate=0.5,
-        mask_gradients=True,
-        n_adapters=1,
-        lora_rank=2,
-        lora_target_modules=None,
-        lora_epochs=1,
-        pretrained=False,
-    )
+    params = STRATEGY_PARAMS
     net = fit_net(make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK)
     (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
     _same_features(masked, X, y, 64)

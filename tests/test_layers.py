@@ -9,7 +9,7 @@ from sktda._ensembles import DropoutEnsemble, LoraEnsemble
 from sktda._nets import NetTask, fit_net
 from sktda.models import ConvNet, TokenCrossEntropy, TokenTransformer
 
-from .test_gradients import TASK, _member, _same_features
+from .test_gradients import STRATEGY_PARAMS, TASK, _member, _same_features
 
 CPU = torch.device("cpu")
 
@@ -190,17 +190,7 @@ def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
 
     X_train, _, y_train, _ = digits
     images = X_train.reshape(-1, 1, 8, 8)
-    params = dict(
-        layers=None,
-        n_masks=2,
-        dropout_rate=0.5,
-        mask_gradients=True,
-        n_adapters=1,
-        lora_rank=2,
-        lora_target_modules=None,
-        lora_epochs=1,
-        pretrained=False,
-    )
+    params = STRATEGY_PARAMS
     cnn = NeuralNetClassifier(
         ConvNet,
         module__channels=(4, 8),
