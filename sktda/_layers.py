@@ -354,8 +354,7 @@ class LayerProjector:
     module docstring): the routes' Kronecker blocks share one ``k_out x k_in``
     factorisation of ``proj_dim`` (the first ``proj_dim`` products are kept, rescaled
     to stay unbiased, when it is not exact), and ``leftover`` parameters (``{name:
-    numel}``, differentiated with vmap) have a dense block. ``route_numels`` is
-    ``{name: numel}`` of the routes' parameters."""
+    numel}``, differentiated with vmap) have a dense block."""
 
     def __init__(self, module, routes, leftover, proj_dim, seed, kind="gaussian", device="cpu"):
         self.routes = routes
