@@ -44,7 +44,9 @@ def main():
         )
         for method in METHODS:
             for n in args.sizes:
-                attr = EnsembleAttributor(net, method=method, n_models=n, n_jobs=args.n_jobs, random_state=0)
+                attr = EnsembleAttributor(
+                    net, method=method, n_models=n, normalize=None, n_jobs=args.n_jobs, random_state=0
+                )
                 A = attr.fit(X_train, y_train).attribute(X_test, y_test)
                 predicted = np.argmax(sum(e.predict_proba(X_test) for e in attr.estimators_), 1)
                 R = relatif(A, attr.self_attribute())
