@@ -233,6 +233,8 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
     return rows, truth_seconds
 
 
+# the dense reference path, as an extra row of compare()
+VMAP_VARIANT = ("trak, vmap + dense projection", {"method": "trak", "gradient_path": "vmap"})
 VARIANT_NOTE = (
     "sktda rows use the per-layer routes (Kronecker projection) unless they say 'vmap + dense projection' "
     "(the same proj_dim, the whole gradient formed and projected densely). "

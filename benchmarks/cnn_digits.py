@@ -12,6 +12,7 @@ from _common import (
     HEADER,
     NOTES,
     VARIANT_NOTE,
+    VMAP_VARIANT,
     cnn_net,
     compare,
     compare_parser,
@@ -36,7 +37,7 @@ def main():
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,
         n_jobs=args.n_jobs,
-        variants=[("trak, vmap + dense projection", {"method": "trak", "gradient_path": "vmap"})],
+        variants=[VMAP_VARIANT],
     )
     n_params = sum(p.numel() for p in net.initialize().module_.parameters())
     table = markdown_table(HEADER, rows) + (

@@ -50,7 +50,9 @@ CONFIGS = [
 ]
 
 
-def pareto_figure(rows, path, title="Efficient ensembles on digits"):
+def pareto_figure(results, path, title="Efficient ensembles on digits"):
+    """LDS against training time of ``(name, lds, costs, serve_seconds)`` results."""
+    rows = [(name, lds, costs["train_seconds"]) for name, lds, costs, _ in results]
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -168,7 +170,7 @@ def main():
     )
     emit("ensembles", "Efficient ensembles on digits (TRAK)", table, args.readme)
     pareto_figure(
-        [(name, lds, costs["train_seconds"]) for name, lds, costs, _ in results],
+        results,
         RESULTS / "ensembles_pareto.png",
     )
 

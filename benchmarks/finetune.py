@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 
 import torch
-from _common import RESULTS, emit, parser, pydoc_passages
+from _common import RESULTS, emit, lm_net, parser, pydoc_passages
 from ensembles import cost_table, pareto_figure, run_config
 from skorch import NeuralNet
 
@@ -44,21 +44,15 @@ CONFIGS = [
 def pretrain(vocab_size: int, length: int, n: int, epochs: int) -> TokenTransformer:
     """The pretrained language model: ``n`` passages of the pretraining topics."""
     X, y, _ = pydoc_passages(n, length, seed=1, part="pretrain")
-    net = NeuralNet(
-        TokenTransformer,
-        module__vocab_size=vocab_size,
+    net = lm_net(
+        vocab_size,
+        length,
+        max_epochs=epochs,
         module__d_model=128,
         module__n_heads=4,
         module__n_layers=2,
-        module__max_len=length,
-        module__dropout=0.1,
-        criterion=TokenCrossEntropy,
-        optimizer=torch.optim.Adam,
         lr=2e-3,
-        max_epochs=epochs,
         batch_size=64,
-        train_split=None,
-        verbose=0,
     )
     torch.manual_seed(0)
     return net.fit(X, y).module_
@@ -128,7 +122,7 @@ def main():
     )
     emit("finetune", "Attributing fine-tuning data of a pretrained transformer (TRAK)", table, args.readme)
     pareto_figure(
-        [(name, lds, costs["train_seconds"]) for name, lds, costs, _ in results],
+        results,
         RESULTS / "finetune_pareto.png",
         "Fine-tuning a pretrained transformer",
     )

@@ -17,6 +17,7 @@ from _common import (
     HEADER,
     NOTES,
     VARIANT_NOTE,
+    VMAP_VARIANT,
     compare,
     compare_parser,
     digits_data,
@@ -38,7 +39,7 @@ def main():
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,
         n_jobs=args.n_jobs,
-        variants=[("trak, vmap + dense projection", {"method": "trak", "gradient_path": "vmap"})],
+        variants=[VMAP_VARIANT],
     )
     table = markdown_table(HEADER, rows) + (
         f"\n\nGround truth: {args.n_subsets} models retrained on 50% subsets ({truth_seconds:.0f} s). "

@@ -13,6 +13,7 @@ from _common import (
     HEADER,
     NOTES,
     VARIANT_NOTE,
+    VMAP_VARIANT,
     compare,
     compare_parser,
     emit,
@@ -40,7 +41,7 @@ def main():
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,
         n_jobs=args.n_jobs,
-        variants=[("trak, vmap + dense projection", {"method": "trak", "gradient_path": "vmap"})],
+        variants=[VMAP_VARIANT],
         kind="sequence",
     )
     n_params = sum(p.numel() for p in net.initialize().module_.parameters())

@@ -311,12 +311,13 @@ def featurize_members(
     parts = math.ceil(effective_n_jobs(n_jobs) / len(members))
     step = max(1, math.ceil(n / parts / config.batch_size)) * config.batch_size  # whole batches
     ranges = [(start, min(start + step, n)) for start in range(0, n, step)]
+    probe = (take(X, slice(0, _PROBE_ROWS)), y[:_PROBE_ROWS])
     jobs = [
         delayed(_featurize_rows)(
             m,
             take(X, slice(a, b)),
             y[a:b],
-            probe=(take(X, slice(0, _PROBE_ROWS)), y[:_PROBE_ROWS]),
+            probe=probe,
             config=config,
             n_jobs=n_jobs,
             out_file=out_file,

@@ -48,7 +48,7 @@ class Route:
 
     kronecker = True
 
-    def __init__(self, name: str, module: nn.Module, params: dict[str, str]):
+    def __init__(self, name: str, params: dict[str, str]):
         self.name, self.params = name, params
 
     @classmethod
@@ -279,8 +279,7 @@ class NormRoute(Route):
 
     def build(self, module, factors, proj_dim, seed, kind, device):
         self._module = module
-        self._shapes = {n: getattr(module, attr).shape for attr, n in self.params.items()}
-        numels = {n: math.prod(shape) for n, shape in self._shapes.items()}
+        numels = {n: getattr(module, attr).numel() for attr, n in self.params.items()}
         self.projector = DenseProjector(numels, proj_dim, seed, kind, device)
 
     def _normalized(self, x):
@@ -343,7 +342,7 @@ def assign_routes(module: nn.Module, names, vmap_layers=frozenset()) -> tuple[li
     for owner, params in groups.items():
         cls = _route_class(modules[owner])
         if cls is not None and owner not in vmap_layers and cls.accepts(modules[owner], params):
-            routes.append(cls(owner, modules[owner], params))
+            routes.append(cls(owner, params))
         else:
             leftover.update({name: owner for name in params.values()})
     return routes, leftover
