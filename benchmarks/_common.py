@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from skorch import NeuralNetClassifier
 
@@ -119,14 +120,12 @@ def compare_parser(description: str, n_subsets: int = 100):
 def identical_class_rate(A, y_train, predicted) -> float:
     """Hanawa et al. (ICLR 2021)'s identical-class test: how often the top proponent
     of a test sample has the class the model predicts for it."""
-    import numpy as np
 
     return float(np.mean(np.asarray(y_train)[np.argmax(A, axis=1)] == np.asarray(predicted)))
 
 
 def relatif(A, self_influence):
     """RelatIF-normalised scores, as ``normalize="relatif"`` computes them."""
-    import numpy as np
 
     root = np.sqrt(np.abs(self_influence))
     return A / np.maximum(root, 1e-6 * root.max())[None, :]
@@ -139,7 +138,6 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
     ``kind``: "margin" (classifiers) or "sequence" (language models, whose rows
     have no identical-class rate). Returns the table's rows and the ground truth's
     seconds."""
-    import numpy as np
     from _peers import check_kronfluence_sign, dattri_trak, kronfluence_ekfac
 
     from sktda import EnsembleAttributor
@@ -249,26 +247,52 @@ NOTES = (
 )
 
 
+def _pydoc_text(keys):
+    """The topics ``keys`` of the Python documentation that ships with Python
+    (``pydoc_data.topics``), whitespace collapsed, printable characters only; the
+    text, the character index and the alphabet."""
+    import string
+    from pydoc_data.topics import topics
+
+    alphabet = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    index = {c: i for i, c in enumerate(alphabet)}
+    text = " ".join(" ".join(topics[key].split()) for key in keys)
+    return "".join(c for c in text if c in index), index, alphabet
+
+
 def pydoc_passages(n: int, length: int, seed: int = 0, part: str | None = None):
     """``n`` random passages of ``length + 1`` characters of the Python documentation
     that ships with Python (``pydoc_data.topics``), as int64 character ids: inputs
     ``(n, length)`` and next tokens ``(n, length)``, and the alphabet. ``part``:
     ``"pretrain"`` (two topics in three) or ``"finetune"`` (the others), disjoint."""
-    import string
     from pydoc_data.topics import topics
 
-    import numpy as np
-
-    alphabet = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    index = {c: i for i, c in enumerate(alphabet)}
     keys = sorted(topics)
     if part is not None:
         keys = [k for i, k in enumerate(keys) if (i % 3 == 0) == (part == "finetune")]
-    text = " ".join(" ".join(topics[key].split()) for key in keys)
-    text = "".join(c for c in text if c in index)
+    text, index, alphabet = _pydoc_text(keys)
     starts = np.random.default_rng(seed).choice(len(text) // (length + 1), n, replace=False)
     ids = np.array([[index[c] for c in text[s * (length + 1) : (s + 1) * (length + 1)]] for s in starts])
     return ids[:, :-1], ids[:, 1:], alphabet
+
+
+TOPIC_CLASSES = ("compound", "formatstrings", "string-methods")
+
+
+def pydoc_topic_passages(n_per_class: int, length: int, seed: int = 0):
+    """A text classification task: disjoint passages of ``length`` characters from
+    three topics of the Python documentation's fine-tuning part (``TOPIC_CLASSES``:
+    compound statements, format strings, string methods), ``n_per_class`` each,
+    shuffled; int64 character ids ``(n, length)``, labels, and the alphabet."""
+    rng = np.random.default_rng(seed)
+    X, y = [], []
+    for label, key in enumerate(TOPIC_CLASSES):
+        text, index, alphabet = _pydoc_text([key])
+        starts = rng.choice(len(text) // length, n_per_class, replace=False) * length
+        X.extend([index[c] for c in text[s : s + length]] for s in starts)
+        y.extend([label] * n_per_class)
+    order = rng.permutation(len(y))
+    return np.array(X)[order], np.array(y)[order], alphabet
 
 
 def lm_net(vocab_size: int, length: int, max_epochs: int = 10, **kwargs):

@@ -32,6 +32,7 @@ class MLP(nn.Module):
         n_outputs: int = 10,
         hidden: Sequence[int] = (128,),
         dropout: float = 0.1,
+        causal: bool | None = None,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -71,6 +72,7 @@ class ConvNet(nn.Module):
         channels: Sequence[int] = (16, 32),
         image_size: int = 8,
         dropout: float = 0.1,
+        causal: bool | None = None,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -93,7 +95,9 @@ class TokenTransformer(nn.Module):
 
     With ``n_outputs`` it is a sequence classifier (mean of the token states over
     the unmasked positions, then a linear layer); with ``n_outputs=None`` it is a
-    causal language model returning ``(n, T, vocab_size)`` next-token logits.
+    causal language model returning ``(n, T, vocab_size)`` next-token logits. A
+    classifier with ``causal=True`` attends causally, as the language model does,
+    so it can start from a pretrained language model's weights (all but ``head``).
     ``forward(input_ids, attention_mask=None)`` takes an optional 0/1 mask, so it
     accepts a dict ``{"input_ids": ..., "attention_mask": ...}`` through skorch.
 
@@ -106,6 +110,8 @@ class TokenTransformer(nn.Module):
     n_layers : int, default=2
     max_len : int, default=128
     dropout : float, default=0.1
+    causal : bool or None, default=None
+        Causal attention; None means causal for a language model only.
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class TokenTransformer(nn.Module):
         n_layers: int = 2,
         max_len: int = 128,
         dropout: float = 0.1,
+        causal: bool | None = None,
     ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -126,8 +133,9 @@ class TokenTransformer(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
-        self.causal = n_outputs is None
-        self.head = nn.Linear(d_model, vocab_size if self.causal else n_outputs)
+        self.language_model = n_outputs is None
+        self.causal = self.language_model if causal is None else bool(causal)
+        self.head = nn.Linear(d_model, vocab_size if self.language_model else n_outputs)
 
     def forward(self, input_ids, attention_mask=None):
         T = input_ids.shape[-1]
@@ -136,7 +144,7 @@ class TokenTransformer(nn.Module):
         mask = nn.Transformer.generate_square_subsequent_mask(T, device=h.device) if self.causal else None
         padding = None if attention_mask is None else attention_mask == 0
         h = self.norm(self.encoder(h, mask=mask, src_key_padding_mask=padding, is_causal=self.causal))
-        if self.causal:
+        if self.language_model:
             return self.head(h)
         if attention_mask is None:
             return self.head(h.mean(1))
