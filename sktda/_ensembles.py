@@ -271,6 +271,12 @@ class LoraEnsemble(EnsembleStrategy):
     ``n_adapters`` LoRA adapters (peft), each fine-tuned from it for ``lora_epochs``
     with its own seed and data order. Gradients are taken with respect to the
     adapter parameters only, which is where serving time and space are saved.
+
+    With ``pretrained=True`` the adapters sit on the frozen pretrained module, and
+    each member also trains its own copy of the output layer in full (peft's
+    ``modules_to_save``): a classifier started from pretrained weights has a new
+    head, which must learn. The output layer is stored and differentiated with the
+    adapters.
     """
 
     name = "lora"
@@ -287,19 +293,7 @@ class LoraEnsemble(EnsembleStrategy):
             if unknown:
                 raise ValueError(f"lora_target_modules {unknown} are not modules of the net.")
             return list(targets)
-        # not the projections inside nn.MultiheadAttention: its fused forward bypasses them
-        inside_attention = {
-            f"{name}.{child}" if name else child
-            for name, m in module.named_modules()
-            if isinstance(m, nn.MultiheadAttention)
-            for child, _ in m.named_modules()
-            if child
-        }
-        linear = [
-            name
-            for name, m in module.named_modules()
-            if isinstance(m, nn.Linear) and name not in inside_attention
-        ]
+        linear = _plain_linears(module)
         if len(linear) < 2:
             raise ValueError(
                 "ensemble='lora' adapts every nn.Linear but the output layer, and the module "
@@ -309,12 +303,18 @@ class LoraEnsemble(EnsembleStrategy):
         return linear[:-1]
 
     def _with_adapter(self, module) -> nn.Module:
-        """A copy of ``module`` with fresh adapters; peft leaves only them trainable."""
+        """A copy of ``module`` with fresh adapters, which peft leaves trainable alone;
+        pretrained, the output layer is trained too."""
         from peft import LoraConfig, inject_adapter_in_model
 
         rank = self.params["lora_rank"]
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=self._targets(module))
-        return inject_adapter_in_model(config, copy.deepcopy(module))
+        linear = _plain_linears(module)
+        module = inject_adapter_in_model(config, copy.deepcopy(module))
+        head = module.get_submodule(linear[-1]) if linear else None
+        if self.params["pretrained"] and isinstance(head, nn.Linear):  # not adapted itself
+            head.requires_grad_(True)
+        return module
 
     def check(self, module):
         if _is_peft_model(module):
@@ -340,8 +340,6 @@ class LoraEnsemble(EnsembleStrategy):
                 )
 
     def fit(self, estimator, X, y, *, seed, device, task, callbacks=()):
-        from peft import get_peft_model_state_dict
-
         if self.params["pretrained"]:  # the adapters fine-tune the pretrained weights themselves
             net = untrained_net(estimator, device)
         else:
@@ -356,24 +354,21 @@ class LoraEnsemble(EnsembleStrategy):
                 net, module, X, y, epochs=self.params["lora_epochs"], seed=adapter_seed, device=device
             )
             adapters.append(
-                {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+                {k: p.detach().cpu().clone() for k, p in module.named_parameters() if p.requires_grad}
             )
         net.lora_adapters_ = adapters
         return net
 
     def members(self, net, model_seed, X_sample):
-        from peft import set_peft_model_state_dict
-
         members = []
         for j, state in enumerate(net.lora_adapters_):
             with torch.random.fork_rng(devices=[]):
                 module = self._with_adapter(net.module_)
-            set_peft_model_state_dict(module, state)
+            module.load_state_dict(state, strict=False)
             module.eval()
-            adapter = {name for name, p in module.named_parameters() if p.requires_grad}
             for p in module.parameters():
                 p.requires_grad_(False)
-            members.append(member_from_module(module, None, derive_seed(model_seed, 0, j), names=adapter))
+            members.append(member_from_module(module, None, derive_seed(model_seed, 0, j), names=set(state)))
         return members
 
     def serving_bytes(self, nets):
@@ -383,6 +378,21 @@ class LoraEnsemble(EnsembleStrategy):
         # pretrained: every adapter sits on the same base, stored once
         bases = nets[:1] if self.params["pretrained"] else nets
         return super().serving_bytes(bases) + adapters
+
+
+def _plain_linears(module: nn.Module) -> list[str]:
+    """The nn.Linear layers, in order, but the projections inside nn.MultiheadAttention
+    (its fused forward bypasses them, and so any adapter on them)."""
+    inside_attention = {
+        f"{name}.{child}" if name else child
+        for name, m in module.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child, _ in m.named_modules()
+        if child
+    }
+    return [
+        name for name, m in module.named_modules() if isinstance(m, nn.Linear) and name not in inside_attention
+    ]
 
 
 def _is_peft_model(module: nn.Module) -> bool:

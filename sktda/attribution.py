@@ -64,7 +64,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         nets trained from different seeds; ``"dropout"``: each trained model
         yields ``n_masks`` members, one fixed dropout mask each; ``"lora"``: each
         trained model is the base of ``n_adapters`` LoRA adapters, and gradients
-        are taken with respect to the adapters only. ``n_models > 1`` with
+        are taken with respect to the adapters only (and the output layer, which
+        LoRA members of a pretrained module train too). ``n_models > 1`` with
         ``"dropout"`` or ``"lora"`` gives the hybrids.
     %(n_models)s
     %(n_masks)s

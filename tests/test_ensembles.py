@@ -137,9 +137,9 @@ def test_lora_members_differentiate_adapters_only(digits):
     net = attr.estimators_[0]
     assert len(net.lora_adapters_) == 2
     a, b = net.lora_adapters_
-    assert set(a) == {"layers.0.lora_A.weight", "layers.0.lora_B.weight"}
-    assert not torch.equal(a["layers.0.lora_B.weight"], b["layers.0.lora_B.weight"])
-    assert torch.any(a["layers.0.lora_B.weight"] != 0)  # B moved away from peft's zero init
+    assert set(a) == {"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight"}
+    assert not torch.equal(a["layers.0.lora_B.default.weight"], b["layers.0.lora_B.default.weight"])
+    assert torch.any(a["layers.0.lora_B.default.weight"] != 0)  # B moved away from peft's zero init
     base = sum(p.numel() * 4 for p in net.module_.parameters())
     adapters = 2 * (2 * 64 + 16 * 2) * 4
     assert attr.costs_["model_bytes"] == base + adapters

@@ -93,15 +93,20 @@ def test_lora_members_adapt_the_frozen_pretrained_module(digits, pretrained):
     # no base training: every base is the pretrained module itself
     assert all(_equal(before, _state(e.module_)) for e in attr.estimators_)
     members = attr.ensemble_.members()
-    assert len(members) == 4 and all("lora" in name for m in members for name in m.params)
+    head = [n for n, m in pretrained.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    head_params = {f"{head}.weight", f"{head}.bias"}
+    assert len(members) == 4
+    for member in members:  # the adapters, and the output layer trained in full (a new head must learn)
+        adapter = set(member.params) - head_params
+        assert head_params <= set(member.params) and all("lora_" in name for name in adapter)
+        assert len(adapter) == len(get_peft_model_state_dict(member.module))
+        assert not torch.equal(member.params[f"{head}.weight"], pretrained.get_submodule(head).weight)
     adapters = [a for e in attr.estimators_ for a in e.lora_adapters_]
     assert not torch.equal(*(next(iter(a.values())) for a in adapters[:2]))
-    # model bytes: the adapters, plus the pretrained base once
+    # model bytes: the adapters and output layers, plus the pretrained base once
     adapter_bytes = sum(t.numel() * t.element_size() for a in adapters for t in a.values())
     assert attr.costs_["model_bytes"] == module_bytes(pretrained) + adapter_bytes
-    assert adapter_bytes == 4 * sum(
-        t.numel() * t.element_size() for t in get_peft_model_state_dict(members[0].module).values()
-    )
+    assert adapter_bytes == 4 * sum(t.numel() * t.element_size() for t in members[0].params.values())
     assert np.isfinite(attr.attribute(X_test, y_test)).all()
 
 
