@@ -115,7 +115,7 @@ attr = EnsembleAttributor(
     ensemble="lora",
     n_adapters=4,
     lora_rank=8,
-    lora_epochs=EPOCHS,
+    lora_epochs=EPOCHS // 2,
     pretrained=True,
     random_state=0,
 )
