@@ -101,7 +101,9 @@ def main():
     X_train, X_test, y_train, y_test = X[:n], X[n:], y[:n], y[n:]
     y_noisy, flipped = flip_labels(y_train, args.noise, random_state=0)
     start = time.perf_counter()
-    base = classifier(pretrain(len(alphabet), args.length, args.n_pretrain, args.pretrain_epochs), 3, args.length)
+    base = classifier(
+        pretrain(len(alphabet), args.length, args.n_pretrain, args.pretrain_epochs), 3, args.length
+    )
     pretrain_seconds = time.perf_counter() - start
 
     def recipe():
@@ -153,7 +155,9 @@ def main():
         f"layers, the head and the final layer norm), {args.epochs} epochs, Adam lr {args.lr:g}. 'head' "
         "is the detector's default layers='last'."
     )
-    emit("finetune_detection", "Mislabeled fine-tuning data: detection and re-fine-tuning", table, args.readme)
+    emit(
+        "finetune_detection", "Mislabeled fine-tuning data: detection and re-fine-tuning", table, args.readme
+    )
 
 
 def cleanlab_row(recipe, X, y_noisy, flipped, test_accuracy):

@@ -135,7 +135,9 @@ for i in range(3):
             print(f"  {kind} #{j} (labelled {CLASSES[y_noisy[j]]}{note}): {decode(X_train[j])!r}")
 
 # --- 4. mislabeled passages, found on the user's own peft LoRA fine-tune
-config = LoraConfig(r=8, lora_alpha=8, target_modules=["linear1", "linear2"], modules_to_save=["head", "norm"])
+config = LoraConfig(
+    r=8, lora_alpha=8, target_modules=["linear1", "linear2"], modules_to_save=["head", "norm"]
+)
 recipe = classifier(get_peft_model(copy.deepcopy(pretrained), config), lr=2e-3)
 detector = OutlierGradientDetector(recipe, contamination=NOISE, pretrained=True, random_state=0)
 detector.fit(X_train, y_noisy)

@@ -391,7 +391,9 @@ def _plain_linears(module: nn.Module) -> list[str]:
         if child
     }
     return [
-        name for name, m in module.named_modules() if isinstance(m, nn.Linear) and name not in inside_attention
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and name not in inside_attention
     ]
 
 

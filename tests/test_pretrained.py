@@ -163,3 +163,39 @@ def test_subset_retraining_fine_tunes_the_pretrained_weights(digits, pretrained)
     # with lr=0 every subset's model is the pretrained one: identical outputs
     np.testing.assert_allclose(truth.outputs, np.repeat(truth.outputs[:1], 3, 0), rtol=1e-6)
     assert _equal(before, _state(pretrained))
+
+
+def test_a_causal_classifier_starts_from_a_language_models_weights():
+    from sktda.models import TokenTransformer
+
+    torch.manual_seed(0)
+    shape = dict(vocab_size=11, d_model=8, n_heads=2, n_layers=1, max_len=6, dropout=0.0)
+    language_model = TokenTransformer(**shape).eval()
+    x = torch.randint(0, 11, (4, 6))
+    for causal in (True, False):
+        # with the language model's head, a causal classifier is its mean next-token logits
+        classifier = TokenTransformer(**shape, n_outputs=11, causal=causal).eval()
+        classifier.load_state_dict(language_model.state_dict())
+        same = torch.allclose(classifier(x), language_model(x).mean(1), atol=1e-6)
+        assert same == causal
+
+
+def test_the_detector_takes_a_peft_models_new_head(digits, pretrained):
+    """A user's peft fine-tune of a classifier trains a copy of its head
+    (modules_to_save): layers="last" differentiates that copy, not the frozen original."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    X_train, _, y_train, _ = digits
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["layers.0"], modules_to_save=["layers.3"])
+    net = _fine_tuning_net(get_peft_model(copy.deepcopy(pretrained), config))
+    detector = OutlierGradientDetector(net, n_checkpoints=2, pretrained=True, random_state=0)
+    detector.fit(X_train[75:], y_train[75:])
+    members = detector.ensemble_.members()
+    assert all(
+        set(m.params)
+        == {f"base_model.model.layers.3.modules_to_save.default.{p}" for p in ("weight", "bias")}
+        for m in members
+    )
+    assert np.isfinite(detector.train_scores_).all()
