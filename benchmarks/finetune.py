@@ -58,13 +58,13 @@ def pretrain(vocab_size: int, length: int, n: int, epochs: int) -> TokenTransfor
     return net.fit(X, y).module_
 
 
-def fine_tuning_net(module, epochs: int) -> NeuralNet:
-    """Full fine-tuning of ``module``: Adam, lr 5e-4, batch 32."""
-    return NeuralNet(
+def fine_tuning_net(module, epochs: int, lr: float = 5e-4, net=NeuralNet, criterion=TokenCrossEntropy):
+    """Fine-tuning of ``module`` (the language model's by default): Adam, batch 32."""
+    return net(
         module,
-        criterion=TokenCrossEntropy,
+        criterion=criterion,
         optimizer=torch.optim.Adam,
-        lr=5e-4,
+        lr=lr,
         max_epochs=epochs,
         batch_size=32,
         train_split=None,

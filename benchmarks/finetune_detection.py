@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from _common import emit, markdown_table, parser, pydoc_topic_passages
 from detection import precision_at_k
-from finetune import pretrain
+from finetune import fine_tuning_net, pretrain
 from sklearn.metrics import roc_auc_score
 from skorch import NeuralNetClassifier
 
@@ -73,16 +73,8 @@ def lora_net(module: torch.nn.Module, epochs: int, lr: float, rank: int = 8) -> 
     config = LoraConfig(
         r=rank, lora_alpha=rank, target_modules=["linear1", "linear2"], modules_to_save=["head", "norm"]
     )
-    return NeuralNetClassifier(
-        get_peft_model(copy.deepcopy(module), config),
-        criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam,
-        lr=lr,
-        max_epochs=epochs,
-        batch_size=32,
-        train_split=None,
-        verbose=0,
-    )
+    model = get_peft_model(copy.deepcopy(module), config)
+    return fine_tuning_net(model, epochs, lr, net=NeuralNetClassifier, criterion=torch.nn.CrossEntropyLoss)
 
 
 def main():

@@ -57,9 +57,9 @@ _PARAMETER_DOCS = {
         fine-tune; LoRA members are adapters trained on the frozen pretrained
         module, with no base training (``n_models x n_adapters`` adapters on that
         one base), each with its own copy of the output layer trained in full (a
-        new classification head must learn). With False, a module class is trained from scratch (a module
-        instance is still trained from its current weights, and LoRA bases are
-        trained first).""",
+        new classification head must learn). With False, a module class is
+        trained from scratch (a module instance is still trained from its current
+        weights, and LoRA bases are trained first).""",
     "batch_size": """batch_size : int, default=256
         Samples per chunk of per-sample gradients (bounds memory, not results).""",
     "device": """device : str or torch.device, default="auto"
