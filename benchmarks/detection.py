@@ -63,6 +63,42 @@ def precision_at_k(scores, flipped):
     return float(flipped[np.argsort(-scores)[:k]].mean())
 
 
+def filter_row(suspicion, keep, seconds, flipped, accuracy_of_kept) -> list:
+    """AUROC and precision@k of ``suspicion`` against the flips, the wall time, how
+    many samples the filter removes and the test accuracy after retraining on the
+    kept samples (``accuracy_of_kept(keep)``)."""
+    return [
+        roc_auc_score(flipped, suspicion),
+        precision_at_k(suspicion, flipped),
+        seconds,
+        int((~keep).sum()),
+        accuracy_of_kept(keep),
+    ]
+
+
+def detector_row(detector, X, y_noisy, flipped, accuracy_of_kept) -> list:
+    """:func:`filter_row` of an OutlierGradientDetector, its fit timed."""
+    start = time.perf_counter()
+    detector.fit(X, y_noisy)
+    seconds = time.perf_counter() - start
+    return filter_row(-detector.train_scores_, detector.labels_ == 1, seconds, flipped, accuracy_of_kept)
+
+
+def self_confidence_row(net, X, y_noisy, flipped, accuracy_of_kept) -> list:
+    """:func:`filter_row` of cleanlab 2.9: self-confidence on 5-fold cross-validated
+    probabilities of ``net``; ``find_label_issues`` decides what is removed."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+    from sklearn.model_selection import cross_val_predict
+
+    start = time.perf_counter()
+    probs = cross_val_predict(net, X, y_noisy, cv=5, method="predict_proba")
+    quality = get_label_quality_scores(y_noisy, probs)
+    issues = find_label_issues(y_noisy, probs)
+    seconds = time.perf_counter() - start
+    return filter_row(-quality, ~issues, seconds, flipped, accuracy_of_kept)
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--noise", type=float, nargs="+", default=[0.2, 0.3, 0.4])
@@ -75,29 +111,20 @@ def main():
         rows.append(
             [f"{noise:.0%}", "no filtering", "", "", "", 0, test_accuracy(X, y_noisy, X_test, y_test)]
         )
+
+        def accuracy_of_kept(keep, y_noisy=y_noisy):
+            return test_accuracy(X[keep], y_noisy[keep], X_test, y_test)
+
         for name, config in CONFIGS:
             det = OutlierGradientDetector(
                 digits_net(max_epochs=EPOCHS), contamination=noise, random_state=0, **config
             )
-            start = time.perf_counter()
-            det.fit(X, y_noisy)
-            seconds = time.perf_counter() - start
-            suspicion = -det.train_scores_
-            keep = det.labels_ == 1
             rows.append(
-                [
-                    f"{noise:.0%}",
-                    f"sktda {name}",
-                    roc_auc_score(flipped, suspicion),
-                    precision_at_k(suspicion, flipped),
-                    seconds,
-                    int((~keep).sum()),
-                    test_accuracy(X[keep], y_noisy[keep], X_test, y_test),
-                ]
+                [f"{noise:.0%}", f"sktda {name}", *detector_row(det, X, y_noisy, flipped, accuracy_of_kept)]
             )
             print(rows[-1], flush=True)
         try:
-            rows.extend(cleanlab_rows(X, y_noisy, flipped, X_test, y_test, noise))
+            rows.extend(cleanlab_rows(X, y_noisy, flipped, X_test, y_test, noise, accuracy_of_kept))
         except ImportError:
             print("cleanlab is not installed (pip install -e .[bench]): its rows are skipped.")
     header = ["noise", "method", "AUROC", "precision@k", "wall s", "removed", "test accuracy"]
@@ -106,27 +133,14 @@ def main():
     )
 
 
-def cleanlab_rows(X, y_noisy, flipped, X_test, y_test, noise):
+def cleanlab_rows(X, y_noisy, flipped, X_test, y_test, noise, accuracy_of_kept):
     from cleanlab.classification import CleanLearning
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
-    from sklearn.model_selection import cross_val_predict
 
-    start = time.perf_counter()
-    probs = cross_val_predict(digits_net(max_epochs=EPOCHS), X, y_noisy, cv=5, method="predict_proba")
-    quality = get_label_quality_scores(y_noisy, probs)
-    issues = find_label_issues(y_noisy, probs)
-    seconds = time.perf_counter() - start
-    keep = ~issues
     rows = [
         [
             f"{noise:.0%}",
             "cleanlab 2.9 self-confidence (5-fold CV probabilities)",
-            roc_auc_score(flipped, -quality),
-            precision_at_k(-quality, flipped),
-            seconds,
-            int(issues.sum()),
-            test_accuracy(X[keep], y_noisy[keep], X_test, y_test),
+            *self_confidence_row(digits_net(max_epochs=EPOCHS), X, y_noisy, flipped, accuracy_of_kept),
         ]
     ]
     start = time.perf_counter()

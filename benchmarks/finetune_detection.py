@@ -27,9 +27,8 @@ import time
 import numpy as np
 import torch
 from _common import emit, markdown_table, parser, pydoc_topic_passages
-from detection import precision_at_k
+from detection import detector_row, self_confidence_row
 from finetune import fine_tuning_net, pretrain
-from sklearn.metrics import roc_auc_score
 from skorch import NeuralNetClassifier
 
 from sktda import OutlierGradientDetector
@@ -114,24 +113,14 @@ def main():
         det = OutlierGradientDetector(
             recipe(), contamination=args.noise, pretrained=True, random_state=0, **config
         )
-        start = time.perf_counter()
-        det.fit(X_train, y_noisy)
-        seconds = time.perf_counter() - start
-        suspicion = -det.train_scores_
-        keep = det.labels_ == 1
-        rows.append(
-            [
-                f"sktda {name}",
-                roc_auc_score(flipped, suspicion),
-                precision_at_k(suspicion, flipped),
-                seconds,
-                int((~keep).sum()),
-                test_accuracy(keep),
-            ]
-        )
+        rows.append([f"sktda {name}", *detector_row(det, X_train, y_noisy, flipped, test_accuracy)])
         print(rows[-1], flush=True)
     try:
-        rows.append(cleanlab_row(recipe, X_train, y_noisy, flipped, test_accuracy))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            row = self_confidence_row(recipe(), X_train, y_noisy, flipped, test_accuracy)
+        rows.append(["cleanlab 2.9 self-confidence (5-fold CV probabilities)", *row])
+        print(rows[-1], flush=True)
     except ImportError:
         print("cleanlab is not installed (pip install -e .[bench]): its row is skipped.")
 
@@ -150,30 +139,6 @@ def main():
     emit(
         "finetune_detection", "Mislabeled fine-tuning data: detection and re-fine-tuning", table, args.readme
     )
-
-
-def cleanlab_row(recipe, X, y_noisy, flipped, test_accuracy):
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
-    from sklearn.model_selection import cross_val_predict
-
-    start = time.perf_counter()
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        probs = cross_val_predict(recipe(), X, y_noisy, cv=5, method="predict_proba")
-    quality = get_label_quality_scores(y_noisy, probs)
-    issues = find_label_issues(y_noisy, probs)
-    seconds = time.perf_counter() - start
-    row = [
-        "cleanlab 2.9 self-confidence (5-fold CV probabilities)",
-        roc_auc_score(flipped, -quality),
-        precision_at_k(-quality, flipped),
-        seconds,
-        int(issues.sum()),
-        test_accuracy(~issues),
-    ]
-    print(row, flush=True)
-    return row
 
 
 if __name__ == "__main__":
