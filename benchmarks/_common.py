@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tables
 import torch
 from skorch import NeuralNetClassifier
 
 from sktda.datasets import load_digits_split
 from sktda.models import MLP
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = tables.RESULTS
 
 
 def _sgd(max_epochs: int) -> dict:
@@ -51,7 +52,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--readme",
         action="store_true",
-        help="also replace this benchmark's table in README.md (between its markers)",
+        help="also refresh the headline table in README.md from the saved results",
     )
     return p
 
@@ -65,8 +66,9 @@ def machine() -> str:
 
 
 def emit(name: str, title: str, table: str, readme: bool = False) -> None:
-    """Print the table with the command that made it, save it under results/, and
-    put it into the README between ``<!-- bench:NAME -->`` markers when asked."""
+    """Print the table with the command that made it and save it under results/,
+    where the documentation reads it; refresh the README's headline table from
+    the saved results when asked."""
     script = Path(sys.argv[0]).resolve().relative_to(Path(__file__).resolve().parents[1])
     command = " ".join(["python", str(script), *sys.argv[1:]])
     text = f"{table}\n\nMade by `{command}` on {machine()}, {time.strftime('%Y-%m-%d')}.\n"
@@ -74,16 +76,18 @@ def emit(name: str, title: str, table: str, readme: bool = False) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.md").write_text(f"### {title}\n\n{text}")
     if readme:
-        write_block(name, text)
+        write_headline()
 
 
-def write_block(name: str, text: str) -> None:
-    """Replace README.md's ``<!-- bench:NAME -->`` block with ``text``."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+def write_headline() -> None:
+    """Replace README.md's ``<!-- bench:headline -->`` block with the headline table
+    made from the saved results."""
+    start, end = "<!-- bench:headline -->", "<!-- /bench:headline -->"
     content = README.read_text()
     if start not in content or end not in content:
         raise SystemExit(f"README.md has no {start} ... {end} block to replace.")
     head, rest = content.split(start, 1)
+    text = f"{tables.headline()}\n\n{tables.HEADLINE_NOTE}\n"
     README.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
 
 

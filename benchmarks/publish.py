@@ -1,20 +1,13 @@
-"""Copy saved benchmark tables (benchmarks/results/NAME.md, each carrying the command
-that made it) into their README blocks, for runs made without --readme.
+"""Refresh README.md's headline table from the saved benchmark results
+(benchmarks/results/NAME.md, each carrying the command that made it), for runs made
+without --readme. The documentation reads the saved results directly.
 
-    python benchmarks/publish.py normalize cnn_digits
+    python benchmarks/publish.py
 """
 
 from __future__ import annotations
 
-import sys
-
-from _common import RESULTS, write_block
-
-
-def main(names: list[str]) -> None:
-    for name in names:
-        write_block(name, (RESULTS / f"{name}.md").read_text().split("\n", 2)[2])  # without its heading
-
+from _common import write_headline
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    write_headline()

@@ -1,4 +1,6 @@
-"""The same EnsembleAttributor fit on a Dask cluster as on this machine.
+"""
+The same EnsembleAttributor fit on a Dask cluster as on this machine
+=====================================================================
 
 sktda runs member training and featurization through scikit-learn's joblib
 wrapper, so ``joblib.parallel_config(backend="dask")`` sends the jobs to whatever
@@ -6,7 +8,7 @@ cluster the active ``dask.distributed.Client`` points at. Here the cluster is
 local (two worker processes on 127.0.0.1); for a real one, start a scheduler and
 workers (``dask scheduler``, ``dask worker tcp://HOST:8786`` on each machine, each
 with sktda and its dependencies installed) and use ``Client("tcp://HOST:8786")``.
-Results do not depend on where the jobs ran.
+Results do not depend on where the jobs ran::
 
     pip install -e ".[distributed]"
     python examples/dask_cluster.py

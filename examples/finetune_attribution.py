@@ -1,4 +1,6 @@
-"""Attribute and clean the fine-tuning data of a pretrained transformer.
+"""
+Attribute and clean the fine-tuning data of a pretrained transformer
+=====================================================================
 
 1. Pretrain a character-level transformer language model on part of the Python
    documentation that ships with Python (``pydoc_data.topics``).
@@ -8,8 +10,11 @@
 3. LoRA ensemble attribution (``ensemble="lora", pretrained=True``): adapters on
    the frozen pretrained weights, no training from scratch. Shows the most
    influential fine-tuning passages of a few test passages.
-4. Mislabeled passages: ``OutlierGradientDetector`` on the user's own peft LoRA
-   fine-tune, then ``FilteredEstimator`` re-fine-tunes on what it keeps.
+4. Mislabeled passages: :class:`~sktda.OutlierGradientDetector` on the user's
+   own peft LoRA fine-tune, then :class:`~sktda.FilteredEstimator` re-fine-tunes
+   on what it keeps.
+
+::
 
     python examples/finetune_attribution.py
 
@@ -60,7 +65,9 @@ def decode(ids) -> str:
     return "".join(alphabet[i] for i in ids)
 
 
-# --- 1. pretraining: next-character prediction on the other topics
+# %%
+# Pretraining: next-character prediction on the other topics
+# ------------------------------------------------------------
 text = clean(k for k in sorted(topics) if k not in CLASSES)
 ids = passages(text, N_PRETRAIN, LENGTH + 1)
 shape = dict(vocab_size=len(alphabet), d_model=128, n_heads=4, n_layers=2, max_len=LENGTH)
@@ -78,7 +85,11 @@ language_model = NeuralNet(
 torch.manual_seed(0)
 language_model.fit(ids[:, :-1], ids[:, 1:])
 
-# --- 2. the fine-tuning task: which topic a passage comes from
+# %%
+# The fine-tuning task: which topic a passage comes from
+# ------------------------------------------------------
+# The classifier attends causally, like the language model, and starts from all
+# its weights but the head.
 X = np.concatenate([passages(clean([key]), N_PER_CLASS, LENGTH) for key in CLASSES])
 y = np.repeat(np.arange(len(CLASSES)), N_PER_CLASS)
 order = rng.permutation(len(y))
@@ -109,7 +120,11 @@ def classifier(module, lr: float) -> NeuralNetClassifier:
     )
 
 
-# --- 3. LoRA ensemble attribution: 4 adapters (and heads) on the frozen weights
+# %%
+# LoRA ensemble attribution
+# -------------------------
+# Four adapters, each with its own copy of the new head, trained on the frozen
+# pretrained weights; the gradients are taken on the adapters and the head.
 attr = EnsembleAttributor(
     classifier(pretrained, lr=2e-3),
     ensemble="lora",
@@ -134,7 +149,11 @@ for i in range(3):
             note = ", flipped" if flipped[j] else ""
             print(f"  {kind} #{j} (labelled {CLASSES[y_noisy[j]]}{note}): {decode(X_train[j])!r}")
 
-# --- 4. mislabeled passages, found on the user's own peft LoRA fine-tune
+# %%
+# Mislabeled passages, found on the user's own peft LoRA fine-tune
+# ----------------------------------------------------------------
+# The detector gets the ``PeftModel`` with ``pretrained=True`` and differentiates
+# the parameters it trains; ``layers="last"`` picks the trained copy of the head.
 config = LoraConfig(
     r=8, lora_alpha=8, target_modules=["linear1", "linear2"], modules_to_save=["head", "norm"]
 )

@@ -1,13 +1,18 @@
-"""Generative attribution on real text: which training passages made a passage likely?
+"""
+Generative attribution on real text: which training passages made a passage likely?
+=====================================================================================
 
-A character-level transformer language model (a skorch ``NeuralNet``) is trained on
-passages of the Python documentation that ships with Python itself
-(``pydoc_data.topics``). ``EnsembleAttributor`` attributes the log-likelihood of
-held-out passages (target ``"sequence_log_likelihood"``, chosen automatically for a
-language model) to the training passages. One of the held-out passages is a copy of
-a training passage: its strongest proponent should be that very passage.
+A character-level transformer language model (a skorch ``NeuralNet`` with
+:class:`~sktda.models.TokenCrossEntropy`) is trained on passages of the Python
+documentation that ships with Python itself (``pydoc_data.topics``).
+:class:`~sktda.EnsembleAttributor` attributes the log-likelihood of held-out
+passages (target ``"sequence_log_likelihood"``, chosen automatically for a
+language model) to the training passages. One of the held-out passages is a copy
+of a training passage: its strongest proponent should be that very passage::
 
     python examples/text_transformer.py
+
+``SKTDA_EXAMPLES_SMALL=1`` trains on fewer passages for fewer epochs.
 """
 
 import os
@@ -24,7 +29,9 @@ from sktda.models import TokenCrossEntropy, TokenTransformer
 SMALL = os.environ.get("SKTDA_EXAMPLES_SMALL") == "1"  # a faster, smaller run
 LENGTH, N_TRAIN, N_TEST = 48, (300 if SMALL else 800), 12
 
-# --- passages of real English text, one character per token
+# %%
+# Passages of real English text, one character per token
+# -------------------------------------------------------
 alphabet = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
 index = {c: i for i, c in enumerate(alphabet)}
 text = " ".join(" ".join(topics[key].split()) for key in sorted(topics))
@@ -40,6 +47,11 @@ def decode(ids) -> str:
     return "".join(alphabet[i] for i in ids)
 
 
+# %%
+# A language model and its attributions
+# --------------------------------------
+# The inputs are the token ids, ``y`` the next tokens ``(n, T)``; the integer
+# ids reach the model's ``nn.Embedding`` as they are.
 net = NeuralNet(
     TokenTransformer,
     module__vocab_size=len(alphabet),

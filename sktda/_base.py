@@ -80,7 +80,7 @@ _PARAMETER_DOCS = {
         the gradient engine differentiates.""",
     "n_features_in_": """n_features_in_ : int
         Number of features seen in ``fit``.""",
-    "feature_names_in_": """feature_names_in_ : ndarray of shape (n_features_in_,)
+    "feature_names_in_": """feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Feature names seen in ``fit``, when X had string column names.""",
     "classes_": """classes_ : ndarray of shape (n_classes,)
         Class labels (classifiers only).""",

@@ -46,6 +46,8 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, X):
+        """Logits (or regression outputs) of shape ``(n, n_outputs)`` for ``X`` of
+        shape ``(n, n_features)``."""
         return self.layers(X)
 
 
@@ -87,6 +89,7 @@ class ConvNet(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, X):
+        """Logits of shape ``(n, n_outputs)`` for images ``X`` of shape ``(n, C, H, W)``."""
         return self.layers(X)
 
 
@@ -138,6 +141,9 @@ class TokenTransformer(nn.Module):
         self.head = nn.Linear(d_model, vocab_size if self.language_model else n_outputs)
 
     def forward(self, input_ids, attention_mask=None):
+        """Next-token logits ``(n, T, vocab_size)`` of a language model, or class
+        logits ``(n, n_outputs)`` from the hidden states averaged over the positions
+        that ``attention_mask`` (1 = token, 0 = padding) keeps."""
         T = input_ids.shape[-1]
         positions = torch.arange(T, device=input_ids.device).expand_as(input_ids)  # one row per sample
         h = self.embed(input_ids) + self.position(positions)
@@ -157,4 +163,5 @@ class TokenCrossEntropy(nn.CrossEntropyLoss):
     skorch ``NeuralNet`` language model (``ignore_index`` positions left out)."""
 
     def forward(self, logits, target):
+        """Mean cross-entropy over all kept positions."""
         return super().forward(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))

@@ -1,12 +1,16 @@
-"""Pick an ensemble strategy by grid search, with and without a training budget.
+"""
+Pick an ensemble strategy by grid search, with and without a training budget
+==============================================================================
 
-``EnsembleAttributor.score`` is the LDS against models retrained on subsets of each
-fold's training data, so ``GridSearchCV`` with no ``scoring`` picks the strategy
-whose attributions best predict retraining. The retrained ground truth is cached per
-fold, so the candidates share it. A second search reports the training time beside
-the LDS and refits the best strategy that trains within a budget.
+:meth:`EnsembleAttributor.score <sktda.EnsembleAttributor.score>` is the LDS
+against models retrained on subsets of each fold's training data, so
+``GridSearchCV`` with no ``scoring`` picks the strategy whose attributions best
+predict retraining. The retrained ground truth is cached per fold, so the
+candidates share it. A second search reports the training time beside the LDS
+and refits the best strategy that trains within a budget; a figure shows the
+candidates' LDS against their training time::
 
-    python examples/grid_search_strategies.py
+    python examples/plot_grid_search_strategies.py
 """
 
 import torch
@@ -45,6 +49,9 @@ def describe(params):
     return f"{params['ensemble']} {'x'.join(sizes)}"
 
 
+# %%
+# Best LDS
+# --------
 search = GridSearchCV(attributor, grid, cv=2).fit(X, y)
 res = search.cv_results_
 print(f"{'strategy':<16} {'LDS':>6} {'fit s':>7} {'score s':>8}")
@@ -55,7 +62,12 @@ for i, params in enumerate(res["params"]):
     )
 print(f"best strategy by LDS: {describe(search.best_params_)} (LDS {search.best_score_:.3f})")
 
-# Budget: half the time the 4-model independent ensemble took to fit.
+# %%
+# Best LDS within a budget
+# ------------------------
+# The budget is half the time the 4-model independent ensemble took to fit.
+# ``cost_scorer`` reports a cost from ``costs_`` beside the LDS, and
+# ``best_under_budget`` refits the best candidate whose mean cost fits.
 independent_4 = next(
     i for i, p in enumerate(res["params"]) if p == {"ensemble": "independent", "n_models": 4}
 )
@@ -67,3 +79,20 @@ print(f"\n{'strategy':<16} {'LDS':>6} {'train s':>8}")
 for i, params in enumerate(res["params"]):
     print(f"{describe(params):<16} {res['mean_test_lds'][i]:>6.3f} {res['mean_test_train_seconds'][i]:>8.2f}")
 print(f"best strategy training within {limit:.1f} s: {describe(budget.best_params_)}")
+
+# %%
+# LDS against training time; the dashed line is the budget.
+try:
+    import matplotlib.pyplot as plt
+except ImportError:
+    print("matplotlib is not installed: no figure (pip install -e '.[plot]').")
+else:
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for i, params in enumerate(res["params"]):
+        x, lds = res["mean_test_train_seconds"][i], res["mean_test_lds"][i]
+        ax.scatter(x, lds, color="tab:blue")
+        ax.annotate(describe(params), (x, lds), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axvline(limit, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("training seconds per fit")
+    ax.set_ylabel("LDS (2-fold mean)")
+    fig.tight_layout()

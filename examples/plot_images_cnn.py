@@ -1,13 +1,18 @@
-"""A CNN on images: which training images drove each prediction, and which training
-labels are wrong?
+"""
+A CNN on images: which training images drove each prediction, and which labels are wrong?
+==========================================================================================
 
-Digits as (n, 1, 8, 8) images, a small convolutional net wrapped by skorch.
-1. EnsembleAttributor (TRAK over 5 CNNs, RelatIF-normalised) attributes 200 test
-   predictions to the 1000 training images; a figure shows each test image with
-   its strongest proponents and opponents.
-2. OutlierGradientDetector finds the 10% of training labels that were flipped.
+Digits as ``(n, 1, 8, 8)`` images, a small convolutional net wrapped by skorch.
 
-    python examples/images_cnn.py
+1. :class:`~sktda.EnsembleAttributor` (TRAK over 5 CNNs, RelatIF-normalised)
+   attributes 200 test predictions to the 1000 training images; a figure shows
+   test images with their strongest proponents and opponents.
+2. :class:`~sktda.OutlierGradientDetector` finds the 10% of training labels that
+   were flipped.
+
+::
+
+    python examples/plot_images_cnn.py
 """
 
 from pathlib import Path
@@ -38,7 +43,12 @@ net = NeuralNetClassifier(
     verbose=0,
 )
 
-# 1. attribution
+# %%
+# Attribution
+# -----------
+# The convolutions are differentiated by their own route: each layer's gradient
+# is projected from its input patches and output gradients, so neither the
+# per-sample gradient nor the patches are formed.
 attr = EnsembleAttributor(net, method="trak", n_models=5, normalize="relatif", random_state=0)
 attr.fit(X_train, y_train)
 top = attr.most_influential(X_test, y_test, k=4)
@@ -48,6 +58,8 @@ print(
     f"featurized in {attr.costs_['featurize_seconds']:.1f} s"
 )
 print(f"the strongest proponent shows the test image's digit for {same:.0%} of 200 test images")
+# %%
+# Each row: a test image, its 4 strongest proponents (green) and opponents (red).
 try:
     from sktda.plotting import plot_influential
 
@@ -58,7 +70,9 @@ try:
 except ImportError:
     print("matplotlib is not installed (pip install sktda[plot]): no figure")
 
-# 2. mislabeled images
+# %%
+# Mislabeled images
+# -----------------
 y_noisy, flipped = flip_labels(y_train, 0.1, random_state=0)
 det = OutlierGradientDetector(net.set_params(max_epochs=40), contamination=0.1, random_state=0)
 flags = det.fit_predict(X_train, y_noisy)

@@ -1,11 +1,14 @@
-"""Quickstart: which training digits drove each test prediction?
+"""
+Quickstart: which training digits drove each test prediction?
+==============================================================
 
 Trains an ensemble of 5 small MLPs on 1000 of scikit-learn's digits, attributes
 200 test predictions to the training set with TRAK, measures the attributions'
 quality (LDS) against models retrained on random halves of the training set, and
-saves a figure of a few test digits with their strongest proponents and opponents.
+draws a few test digits with their strongest proponents and opponents (also saved
+to ``examples/output/quickstart_influential.png``)::
 
-    python examples/quickstart.py
+    python examples/plot_quickstart.py
 """
 
 from pathlib import Path
@@ -20,6 +23,13 @@ from sktda.models import MLP
 
 OUTPUT = Path(__file__).parent / "output"
 
+# %%
+# A skorch net and an ensemble of five of it
+# ------------------------------------------
+# ``fit`` trains five MLPs from different seeds and caches the projected
+# gradient features of the 1000 training digits; ``attribute`` scores every
+# (test, training) pair. A positive score means the training digit pushed the
+# test digit's correct-class margin up.
 X_train, X_test, y_train, y_test = load_digits_split(n_train=1000, n_test=200, random_state=0)
 net = NeuralNetClassifier(
     MLP,
@@ -44,6 +54,12 @@ print(
     f"{attr.costs_['feature_bytes'] / 2**20:.1f} MiB of features"
 )
 
+# %%
+# Proponents and opponents
+# ------------------------
+# ``most_influential`` streams over the training set and keeps the ``k``
+# strongest proponents (largest scores) and opponents (most negative) per test
+# sample, without forming the dense matrix.
 top = attr.most_influential(X_test[:6], y_test[:6], k=4)
 for i in range(6):
     same = np.mean(y_train[top.proponents[i]] == y_test[i])
@@ -54,9 +70,19 @@ for i in range(6):
 proponent_agreement = np.mean(y_train[np.argmax(A, axis=1)] == y_test)
 print(f"the strongest proponent has the test digit's label for {proponent_agreement:.0%} of test digits")
 
+# %%
+# How good are the attributions?
+# ------------------------------
+# ``score`` is the linear datamodeling score: models are retrained on random
+# halves of the training set, and the LDS is the Spearman correlation between
+# each half's summed attribution and the retrained model's output, averaged
+# over test digits.
 print("scoring: retraining 30 models on random halves of the training set ...")
 print(f"LDS (linear datamodeling score, higher is better): {attr.score(X_test, y_test):.3f}")
 
+# %%
+# The figure: each row is a test digit, then its proponents (green) and
+# opponents (red).
 try:
     from sktda.plotting import plot_influential
 except ImportError:

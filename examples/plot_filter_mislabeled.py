@@ -1,14 +1,18 @@
-"""Find mislabeled digits from gradient outliers, then filter them before fitting.
+"""
+Find mislabeled digits from gradient outliers, then filter them before fitting
+================================================================================
 
 Flips 30% of the labels of 1200 training digits, trains an MLP long enough to
 memorise them, and scores every training sample by the norm of its loss gradient
-at checkpoints along training (sktda's default OutlierGradientDetector). Saves a
-figure of the most suspicious digits with their given and predicted labels and the
-ROC curve, prints the test accuracy before and after filtering, and shows the two
-ways to filter inside a pipeline: imbalanced-learn's Pipeline (the detector is a
-sampler) and scikit-learn's (FilteredEstimator wraps the final model).
+at checkpoints along training (sktda's default
+:class:`~sktda.OutlierGradientDetector`). Draws the most suspicious digits with
+their given and predicted labels and the ROC curve (also saved under
+``examples/output/``), prints the test accuracy before and after filtering, and
+shows the two ways to filter inside a pipeline: imbalanced-learn's ``Pipeline``
+(the detector is a sampler) and scikit-learn's (:class:`~sktda.FilteredEstimator`
+wraps the final model)::
 
-    python examples/filter_mislabeled.py
+    python examples/plot_filter_mislabeled.py
 """
 
 from pathlib import Path
@@ -51,6 +55,14 @@ def test_accuracy(X, y, X_test, y_test):
         return float((make_net().fit(X, y).predict(X_test) == y_test).mean())
 
 
+# %%
+# Detect
+# ------
+# The detector trains the net on the noisy labels and averages the L2 norm of
+# each sample's output-layer loss gradient over 8 checkpoints. A net that
+# trains long enough memorises its mislabeled samples, and their final
+# gradients shrink; along the way they are the largest. ``contamination`` is the
+# fraction flagged.
 X, X_test, y, y_test = load_digits_split(n_train=1200, n_test=597, random_state=0)
 y_noisy, flipped = flip_labels(y, NOISE, random_state=0)
 
@@ -65,11 +77,20 @@ print(
     "detection {detect_seconds:.2f} s".format(**detector.costs_)
 )
 
+# %%
+# Retrain on what is kept
+# -----------------------
 before = test_accuracy(X, y_noisy, X_test, y_test)
 after = test_accuracy(X[flags == 1], y_noisy[flags == 1], X_test, y_test)
 print(f"test accuracy of the net trained on all noisy labels: {before:.3f}; after filtering: {after:.3f}")
 
-# Filtering inside pipelines ------------------------------------------------------
+# %%
+# Filtering inside pipelines
+# --------------------------
+# With imbalanced-learn the detector is a sampler: ``fit_resample`` drops the
+# flagged samples before the next step is fitted, and only during ``fit``. In a
+# plain scikit-learn pipeline, :class:`~sktda.FilteredEstimator` wraps the final
+# model and fits it on the samples its detector keeps.
 try:
     from imblearn.pipeline import Pipeline as ImbPipeline
 except ImportError:
@@ -87,7 +108,11 @@ print(
     f"{filtered.score(X_test, y_test):.3f} with FilteredEstimator ({filtered[-1].n_removed_} removed)"
 )
 
-# Figures ------------------------------------------------------------------------
+# %%
+# Figures
+# -------
+# The 24 most suspicious training digits (red titles: the label really was
+# flipped), then the ROC curve of the suspicion score against the true flips.
 try:
     import matplotlib.pyplot as plt
 except ImportError:

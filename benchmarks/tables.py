@@ -1,0 +1,165 @@
+"""Summary tables made from the saved benchmark results (``results/NAME.md``, each
+written by its script with the command that made it): the README's headline table
+and the documentation's summaries. Standard library only, so that the
+documentation build can import it without running anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Result(NamedTuple):
+    header: list[str]
+    rows: list[dict[str, str]]
+    made_by: str
+
+
+def read(name: str) -> Result:
+    """The table of ``results/NAME.md`` (its first markdown table) and its 'Made by' line."""
+    lines = (RESULTS / f"{name}.md").read_text().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table]
+    header = cells[0]
+    rows = [dict(zip(header, row)) for row in cells[2:]]
+    made_by = next((line for line in lines if line.startswith("Made by")), "")
+    return Result(header, rows, made_by)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _find(rows, **match) -> dict[str, str] | None:
+    """The first row whose cells start with the given prefixes (keys: column names
+    with spaces as underscores)."""
+    for row in rows:
+        if all(row.get(key.replace("_", " "), "").startswith(value) for key, value in match.items()):
+            return row
+    return None
+
+
+def _seconds(value: str) -> str:
+    return f"{float(value):.1f} s" if float(value) < 100 else f"{float(value):.0f} s"
+
+
+PEERS = ("dattri", "kronfluence", "cleanlab")
+
+# (result file, what is compared, row filters) for the headline table
+HEADLINE = [
+    ("lds_digits", "LDS, MLP on digits (10 models)", {"models": "10"}),
+    ("cnn_digits", "LDS, CNN on digit images (10 models)", {"models": "10"}),
+    ("sequence", "LDS, transformer language model on text (10 models)", {"models": "10"}),
+    ("detection", "AUROC of mislabeled digits (30% flipped)", {"noise": "30%"}),
+    ("finetune_detection", "AUROC of mislabeled fine-tuning data (LoRA fine-tune)", {}),
+]
+
+
+def headline() -> str:
+    """sktda's default against each peer on the main settings: score (seconds), with
+    the seconds those of attribution (LDS rows; training excluded, it is shared) or
+    of the whole detection (AUROC rows)."""
+    versions = {}
+    rows = []
+    for name, what, where in HEADLINE:
+        result = read(name)
+        lds = "LDS" in result.header
+        score, seconds = ("LDS", "attribution s") if lds else ("AUROC", "wall s")
+        ours = "sktda trak" if lds else "sktda default"
+        cells = [what]
+        for who in ("sktda", *PEERS):
+            row = _find(result.rows, **where, method=ours if who == "sktda" else who)
+            if row is not None and who != "sktda":
+                versions[who] = " ".join(row["method"].split()[:2])
+            cells.append("" if row is None else f"{row[score]} ({_seconds(row[seconds])})")
+        rows.append(cells)
+    header = ["benchmark", "sktda default", *(versions.get(p, p) for p in PEERS)]
+    return markdown(header, rows)
+
+
+HEADLINE_NOTE = (
+    "Cells: score (seconds). LDS rows: TRAK over 10 models, the seconds those of "
+    "featurizing the training set and attributing the test set (the peers run on "
+    "sktda's trained models); AUROC rows: the seconds of the whole detection, "
+    "training included. Made from `benchmarks/results/` by `python benchmarks/publish.py`; "
+    "each result names the command that made it."
+)
+
+
+def speed() -> str:
+    """Featurization time as a multiple of one training epoch, per model."""
+    result = read("speed")
+    rows = []
+    for model in dict.fromkeys(row["model"] for row in result.rows):
+        cells = [model]
+        for featurization in ("sktda, per-layer routes", "sktda, vmap", "dattri"):
+            row = _find(result.rows, model=model, featurization=featurization)
+            ratio = None if row is None else float(row["time vs one epoch"])
+            cells.append("" if ratio is None else f"{ratio:.3g}x" if ratio < 100 else f"{ratio:.0f}x")
+        rows.append(cells)
+    header = ["model", "sktda (per-layer routes)", "vmap + dense projection", "dattri TRAK cache"]
+    return markdown(header, rows)
+
+
+def methods() -> str:
+    """LDS of every method (default normalisation) with 1 and 10 models, per setting."""
+    settings = [("lds_digits", "MLP"), ("cnn_digits", "CNN"), ("sequence", "text LM")]
+    results = {name: read(name) for name, _ in settings}
+    labels = [
+        row["method"].split(" (")[0]  # a peer's label without its setting's regularization
+        for name, _ in settings
+        for row in results[name].rows
+        if not row["method"].endswith(", raw") and "vmap" not in row["method"]
+    ]
+    rows = []
+    for label in dict.fromkeys(labels):
+        cells = [label]
+        for name, _ in settings:
+            for models in ("1", "10"):
+                row = next(
+                    (
+                        r
+                        for r in results[name].rows
+                        if r["method"].split(" (")[0] == label and r["models"] == models
+                    ),
+                    None,
+                )
+                cells.append("" if row is None else row["LDS"])
+        rows.append(cells)
+    header = ["method", *(f"{setting}, {m}" for _, setting in settings for m in ("1 model", "10 models"))]
+    return markdown(header, rows)
+
+
+def detection() -> str:
+    """AUROC and test accuracy after filtering of the main detectors at every noise level."""
+    result = read("detection")
+    chosen = ["no filtering", "sktda default", "sktda paper", "cleanlab 2.9 self-confidence"]
+    rows = []
+    for noise in dict.fromkeys(row["noise"] for row in result.rows):
+        for method in chosen:
+            row = _find(result.rows, noise=noise, method=method)
+            if row is not None:
+                rows.append([noise, row["method"], row["AUROC"], row["test accuracy"], row["wall s"]])
+    return markdown(["noise", "method", "AUROC", "test accuracy after filtering", "wall s"], rows)
+
+
+SUMMARIES = {"headline": headline, "speed_summary": speed, "methods": methods, "detection_summary": detection}
+
+
+def sources(summary: str) -> list[str]:
+    """The result files a summary is made from."""
+    return {
+        "headline": [name for name, _, _ in HEADLINE],
+        "speed_summary": ["speed"],
+        "methods": ["lds_digits", "cnn_digits", "sequence"],
+        "detection_summary": ["detection"],
+    }[summary]
+
+
+def made_by(names: list[str]) -> str:
+    """The commands that made the result files, one line each."""
+    return "\n".join(f"- `{name}`: {read(name).made_by.removeprefix('Made by ')}" for name in names)
