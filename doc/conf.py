@@ -81,7 +81,8 @@ myst_enable_extensions = ["deflist"]
 TABLES = DOC / "_tables"
 TABLES.mkdir(exist_ok=True)
 for _name, _make in tables.SUMMARIES.items():
-    _text = f"{_make()}\n\nFrom:\n\n{tables.made_by(tables.sources(_name))}\n"
+    _note = f"{tables.HEADLINE_NOTE}\n\n" if _name == "headline" else ""
+    _text = f"{_make()}\n\n{_note}From:\n\n{tables.made_by(tables.sources(_name))}\n"
     if not (TABLES / f"{_name}.md").exists() or (TABLES / f"{_name}.md").read_text() != _text:
         (TABLES / f"{_name}.md").write_text(_text)
 
@@ -94,9 +95,11 @@ html_theme_options = {
 }
 html_context = {"default_mode": "light"}
 html_show_sourcelink = False
+html_static_path = ["_static"]
+html_css_files = ["sktda.css"]
 
 # Read the Docs builds within a time limit: the examples run their smaller settings
-# there, as in CI, unless the project sets SKTDA_EXAMPLES_SMALL itself
+# there, unless the project sets SKTDA_EXAMPLES_SMALL itself
 if os.environ.get("READTHEDOCS") == "True":
     os.environ.setdefault("SKTDA_EXAMPLES_SMALL", "1")
 
@@ -112,6 +115,8 @@ sphinx_gallery_conf = {
     "backreferences_dir": "generated/backreferences",
     "doc_module": ("sktda",),
     "plot_gallery": "True",
+    # always execute: a cached output might come from the other example size
+    "run_stale_examples": True,
     "abort_on_example_error": True,
     "only_warn_on_example_error": False,
 }

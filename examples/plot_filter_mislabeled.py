@@ -29,7 +29,8 @@ from sktda import FilteredEstimator, OutlierGradientDetector
 from sktda.datasets import flip_labels, load_digits_split
 from sktda.models import MLP
 
-OUTPUT = Path(__file__).parent / "output"
+# the examples' folder (the documentation build runs each example from there)
+OUTPUT = (Path(__file__).parent if "__file__" in globals() else Path.cwd()) / "output"
 NOISE = 0.3
 
 
@@ -111,13 +112,14 @@ print(
 # %%
 # Figures
 # -------
-# The 24 most suspicious training digits (red titles: the label really was
-# flipped), then the ROC curve of the suspicion score against the true flips.
+# The 24 most suspicious training digits, with their given and predicted labels
+# (red titles: the label really was flipped).
 try:
     import matplotlib.pyplot as plt
 except ImportError:
+    plt = None
     print("matplotlib is not installed: no figures (pip install -e '.[plot]').")
-else:
+if plt is not None:
     OUTPUT.mkdir(exist_ok=True)
     with torch.no_grad():
         logits = detector.estimators_[0].module_.eval()(torch.from_numpy(X))
@@ -134,6 +136,9 @@ else:
     fig.tight_layout()
     fig.savefig(OUTPUT / "mislabeled_digits.png", dpi=110)
 
+# %%
+# The ROC curve of the suspicion score against the true flips.
+if plt is not None:
     fpr, tpr, _ = roc_curve(flipped, suspicion)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.plot(fpr, tpr, label=f"gradient outliers (AUROC {roc_auc_score(flipped, suspicion):.3f})")

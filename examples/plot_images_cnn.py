@@ -26,7 +26,8 @@ from sktda import EnsembleAttributor, OutlierGradientDetector
 from sktda.datasets import flip_labels, load_digits_split
 from sktda.models import ConvNet
 
-OUTPUT = Path(__file__).parent / "output"
+# the examples' folder (the documentation build runs each example from there)
+OUTPUT = (Path(__file__).parent if "__file__" in globals() else Path.cwd()) / "output"
 
 X_train, X_test, y_train, y_test = load_digits_split(n_train=1000, n_test=200, random_state=0)
 X_train, X_test = X_train.reshape(-1, 1, 8, 8), X_test.reshape(-1, 1, 8, 8)  # images

@@ -21,7 +21,8 @@ from sktda import EnsembleAttributor
 from sktda.datasets import load_digits_split
 from sktda.models import MLP
 
-OUTPUT = Path(__file__).parent / "output"
+# the examples' folder (the documentation build runs each example from there)
+OUTPUT = (Path(__file__).parent if "__file__" in globals() else Path.cwd()) / "output"
 
 # %%
 # A skorch net and an ensemble of five of it

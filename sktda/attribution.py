@@ -100,7 +100,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         proj_dim)``: blind to the scale of the gradients, and to how far
         ``proj_dim`` exceeds the training set. 1.0 was at or near the best LDS for
         both methods on an MLP and a CNN on images and a transformer language
-        model (0.25 to 8 tried; see the README): it keeps the inverse from
+        model (0.25 to 8 tried): it keeps the inverse from
         amplifying directions the training gradients barely span. 0 (no damping) warns:
         the matrix is then singular whenever ``proj_dim`` exceeds what the
         training gradients span.
@@ -125,8 +125,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         high-loss training samples do not rank first for every test sample; None
         keeps the raw scores. ``self_attribute`` stays un-normalised. The default
         raised the LDS of TRAK, IF, TracIn and Grad-Dot in every setting measured
-        (the digits MLP on two splits, a CNN on digit images; see the README's
-        benchmarks) and left Grad-Cos unchanged (its self-influence is one).
+        (the digits MLP on two splits, a CNN on digit images; see the
+        documentation's Benchmarks page) and left Grad-Cos unchanged (its self-influence is one).
     layers : None, "all", "last" or list of str, default=None
         Parameters to differentiate: all (None or "all"), the output layer's
         ("last"), or those of the named modules. LoRA members differentiate their

@@ -49,7 +49,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
     Beyond the paper, the gradients can be taken at checkpoints along training,
     where memorisation has not yet hidden the mislabeled samples, and scores are
     averaged over checkpoints and ensemble members; this is the default, chosen on
-    the README's detection benchmark.
+    the detection benchmark (see the documentation's Benchmarks page).
 
     Parameters
     ----------

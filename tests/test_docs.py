@@ -1,0 +1,73 @@
+"""The documentation covers the library: every public name is in the API reference,
+and the summary tables the pages include can be made from the saved benchmark
+results. (CI builds the site itself, with warnings as errors, after the tests.)"""
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLIC_MODULES = [
+    "sktda",
+    "sktda.metrics",
+    "sktda.model_selection",
+    "sktda.datasets",
+    "sktda.models",
+    "sktda.plotting",
+]
+
+
+def _api_reference() -> dict[str, set[str]]:
+    """The names listed under each ``.. module::`` of doc/api.rst."""
+    listed: dict[str, set[str]] = {}
+    module = None
+    for line in (ROOT / "doc" / "api.rst").read_text().splitlines():
+        if match := re.match(r"\.\. module:: (\S+)", line):
+            module = match.group(1)
+            listed.setdefault(module, set())
+        elif module and re.match(r"   [A-Za-z_]\w*$", line):
+            listed[module].add(line.strip())
+    return listed
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_api_reference_lists_every_public_name(module):
+    public = set(importlib.import_module(module).__all__) - {"__version__"}
+    assert _api_reference().get(module, set()) == public
+
+
+def test_api_reference_lists_only_public_modules():
+    assert set(_api_reference()) == set(PUBLIC_MODULES)
+
+
+@pytest.fixture
+def tables(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    yield importlib.import_module("tables")
+    sys.modules.pop("tables", None)
+
+
+def test_summary_tables_are_made_from_the_saved_results(tables):
+    for name, make in tables.SUMMARIES.items():
+        lines = make().splitlines()
+        assert lines[0].startswith("| ") and set(lines[1]) <= set("|-"), name
+        assert len(lines) > 3, name
+        for source in tables.sources(name):
+            assert tables.read(source).made_by.startswith("Made by `python benchmarks/"), source
+    for row in tables.headline().splitlines()[2:]:
+        sktda_cell = row.split("|")[2].strip()
+        assert re.fullmatch(r"[0-9.]+ \([0-9.]+ s\)", sktda_cell), row
+
+
+def test_read_parses_a_result_file(tables, tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    (tmp_path / "toy.md").write_text(
+        "### Toy\n\n| method | LDS |\n|---|---|\n| a | 0.5 |\n| b |  |\n\nMade by `python benchmarks/toy.py` on here.\n"
+    )
+    result = tables.read("toy")
+    assert result.header == ["method", "LDS"]
+    assert result.rows == [{"method": "a", "LDS": "0.5"}, {"method": "b", "LDS": ""}]
+    assert result.made_by == "Made by `python benchmarks/toy.py` on here."
