@@ -87,19 +87,20 @@ def write_headline() -> None:
     if start not in content or end not in content:
         raise SystemExit(f"README.md has no {start} ... {end} block to replace.")
     head, rest = content.split(start, 1)
-    text = f"{tables.headline()}\n\n{tables.HEADLINE_NOTE}\n"
+    text = f"{tables.headline()}\n"
     README.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
+    """:func:`tables.markdown` of rows of any values, floats to 3 decimals (whole
+    numbers from 100)."""
+
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
         return str(v)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return tables.markdown(header, [[fmt(v) for v in row] for row in rows])
 
 
 def cnn_net(max_epochs: int = 30, **kwargs) -> NeuralNetClassifier:

@@ -59,10 +59,19 @@ HEADLINE = [
 ]
 
 
+HEADLINE_NOTE = (
+    "Cells: score (seconds). LDS rows: TRAK over 10 models, the seconds those of "
+    "featurizing the training set and attributing the test set (the peers run on "
+    "sktda's trained models); AUROC rows: the seconds of the whole detection, "
+    "training included. Made from `benchmarks/results/` by `python benchmarks/publish.py`; "
+    "each result names the command that made it."
+)
+
+
 def headline() -> str:
     """sktda's default against each peer on the main settings: score (seconds), with
     the seconds those of attribution (LDS rows; training excluded, it is shared) or
-    of the whole detection (AUROC rows)."""
+    of the whole detection (AUROC rows); the table and its note."""
     versions = {}
     rows = []
     for name, what, where in HEADLINE:
@@ -78,16 +87,7 @@ def headline() -> str:
             cells.append("" if row is None else f"{row[score]} ({_seconds(row[seconds])})")
         rows.append(cells)
     header = ["benchmark", "sktda default", *(versions.get(p, p) for p in PEERS)]
-    return markdown(header, rows)
-
-
-HEADLINE_NOTE = (
-    "Cells: score (seconds). LDS rows: TRAK over 10 models, the seconds those of "
-    "featurizing the training set and attributing the test set (the peers run on "
-    "sktda's trained models); AUROC rows: the seconds of the whole detection, "
-    "training included. Made from `benchmarks/results/` by `python benchmarks/publish.py`; "
-    "each result names the command that made it."
-)
+    return f"{markdown(header, rows)}\n\n{HEADLINE_NOTE}"
 
 
 def speed() -> str:
@@ -105,32 +105,29 @@ def speed() -> str:
     return markdown(header, rows)
 
 
+METHOD_SETTINGS = [("lds_digits", "MLP"), ("cnn_digits", "CNN"), ("sequence", "text LM")]
+
+
+def _method(row) -> str:
+    """A row's method, a peer's without its setting's regularization."""
+    return row["method"].split(" (")[0]
+
+
 def methods() -> str:
     """LDS of every method (default normalisation) with 1 and 10 models, per setting."""
-    settings = [("lds_digits", "MLP"), ("cnn_digits", "CNN"), ("sequence", "text LM")]
-    results = {name: read(name) for name, _ in settings}
-    labels = [
-        row["method"].split(" (")[0]  # a peer's label without its setting's regularization
-        for name, _ in settings
-        for row in results[name].rows
+    lds = {
+        (_method(row), name, row["models"]): row["LDS"]
+        for name, _ in METHOD_SETTINGS
+        for row in read(name).rows
         if not row["method"].endswith(", raw") and "vmap" not in row["method"]
+    }
+    columns = [(name, setting, models) for name, setting in METHOD_SETTINGS for models in ("1", "10")]
+    plural = {"1": "1 model", "10": "10 models"}
+    rows = [
+        [label, *(lds.get((label, name, models), "") for name, _, models in columns)]
+        for label in dict.fromkeys(label for label, _, _ in lds)
     ]
-    rows = []
-    for label in dict.fromkeys(labels):
-        cells = [label]
-        for name, _ in settings:
-            for models in ("1", "10"):
-                row = next(
-                    (
-                        r
-                        for r in results[name].rows
-                        if r["method"].split(" (")[0] == label and r["models"] == models
-                    ),
-                    None,
-                )
-                cells.append("" if row is None else row["LDS"])
-        rows.append(cells)
-    header = ["method", *(f"{setting}, {m}" for _, setting in settings for m in ("1 model", "10 models"))]
+    header = ["method", *(f"{setting}, {plural[models]}" for _, setting, models in columns)]
     return markdown(header, rows)
 
 
@@ -147,17 +144,13 @@ def detection() -> str:
     return markdown(["noise", "method", "AUROC", "test accuracy after filtering", "wall s"], rows)
 
 
-SUMMARIES = {"headline": headline, "speed_summary": speed, "methods": methods, "detection_summary": detection}
-
-
-def sources(summary: str) -> list[str]:
-    """The result files a summary is made from."""
-    return {
-        "headline": [name for name, _, _ in HEADLINE],
-        "speed_summary": ["speed"],
-        "methods": ["lds_digits", "cnn_digits", "sequence"],
-        "detection_summary": ["detection"],
-    }[summary]
+# name: (the summary, the result files it is made from)
+SUMMARIES = {
+    "headline": (headline, [name for name, _, _ in HEADLINE]),
+    "speed_summary": (speed, ["speed"]),
+    "methods": (methods, [name for name, _ in METHOD_SETTINGS]),
+    "detection_summary": (detection, ["detection"]),
+}
 
 
 def made_by(names: list[str]) -> str:

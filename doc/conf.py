@@ -1,7 +1,7 @@
 """Sphinx configuration of sktda's documentation (``make -C doc html``).
 
 The gallery executes ``examples/*.py``; ``SKTDA_EXAMPLES_SMALL=1`` makes the
-examples run their smaller settings (CI builds the docs that way).
+examples run their smaller settings (Read the Docs builds the docs that way).
 """
 
 from __future__ import annotations
@@ -80,9 +80,8 @@ myst_enable_extensions = ["deflist"]
 # tables are included from benchmarks/results/ directly
 TABLES = DOC / "_tables"
 TABLES.mkdir(exist_ok=True)
-for _name, _make in tables.SUMMARIES.items():
-    _note = f"{tables.HEADLINE_NOTE}\n\n" if _name == "headline" else ""
-    _text = f"{_make()}\n\n{_note}From:\n\n{tables.made_by(tables.sources(_name))}\n"
+for _name, (_make, _sources) in tables.SUMMARIES.items():
+    _text = f"{_make()}\n\nFrom:\n\n{tables.made_by(_sources)}\n"
     if not (TABLES / f"{_name}.md").exists() or (TABLES / f"{_name}.md").read_text() != _text:
         (TABLES / f"{_name}.md").write_text(_text)
 

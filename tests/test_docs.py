@@ -51,13 +51,13 @@ def tables(monkeypatch):
 
 
 def test_summary_tables_are_made_from_the_saved_results(tables):
-    for name, make in tables.SUMMARIES.items():
+    for name, (make, sources) in tables.SUMMARIES.items():
         lines = make().splitlines()
         assert lines[0].startswith("| ") and set(lines[1]) <= set("|-"), name
         assert len(lines) > 3, name
-        for source in tables.sources(name):
+        for source in sources:
             assert tables.read(source).made_by.startswith("Made by `python benchmarks/"), source
-    for row in tables.headline().splitlines()[2:]:
+    for row in tables.headline().split("\n\n")[0].splitlines()[2:]:
         sktda_cell = row.split("|")[2].strip()
         assert re.fullmatch(r"[0-9.]+ \([0-9.]+ s\)", sktda_cell), row
 
