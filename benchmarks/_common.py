@@ -59,8 +59,9 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"{gpu}{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}"
     )
 

@@ -58,8 +58,8 @@ def synthetic(model: str, n: int, seed: int = 0):
     return X, _labels(counts - counts.mean(0))
 
 
-def net(model: str, max_epochs: int = 1) -> NeuralNetClassifier:
-    recipe = {**_sgd(max_epochs), "batch_size": BATCH}
+def net(model: str, max_epochs: int = 1, device: str = "cpu") -> NeuralNetClassifier:
+    recipe = {**_sgd(max_epochs), "batch_size": BATCH, "device": device}
     if model == "mlp":
         params = dict(
             module__n_features=256, module__n_outputs=10, module__hidden=(512, 512), module__dropout=0.0
@@ -78,43 +78,63 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(kind: str, model: str, n: int, path: str = "auto") -> dict:
+def peak_gpu_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def measure(kind: str, model: str, n: int, path: str = "auto", device: str = "cpu") -> dict:
     """One measurement, in this process."""
     X, y = synthetic(model, n)
     if kind == "epoch":
-        net(model).fit(X[:BATCH], y[:BATCH])  # warm-up
+        net(model, device=device).fit(X[:BATCH], y[:BATCH])  # warm-up
         start = time.perf_counter()
-        net(model, max_epochs=3).fit(X, y)
-        return {"seconds": (time.perf_counter() - start) / 3, "peak_mib": peak_mib()}
+        net(model, max_epochs=3, device=device).fit(X, y)
+        return {
+            "seconds": (time.perf_counter() - start) / 3,
+            "peak_mib": peak_mib(),
+            "gpu_mib": peak_gpu_mib(),
+        }
     if kind == "featurize":
         attr = EnsembleAttributor(
-            net(model), method="grad_dot", gradient_path=path, batch_size=BATCH, random_state=0
+            net(model),
+            method="grad_dot",
+            gradient_path=path,
+            batch_size=BATCH,
+            device=device,
+            random_state=0,
         )
         attr.fit(X[:BATCH], y[:BATCH])  # warm-up, as for the epoch
         attr.fit(X, y)
-        return {"seconds": attr.costs_["featurize_seconds"], "peak_mib": peak_mib()}
+        return {
+            "seconds": attr.costs_["featurize_seconds"],
+            "peak_mib": peak_mib(),
+            "gpu_mib": peak_gpu_mib(),
+        }
     if kind == "dattri":
         from _peers import dattri_trak
 
         module = net(model).fit(X, y).module_.eval()
         _, seconds = dattri_trak([module], X, y, X[:1], y[:1], 2048, 0.01)
-        return {"seconds": seconds, "peak_mib": peak_mib()}
+        return {"seconds": seconds, "peak_mib": peak_mib(), "gpu_mib": peak_gpu_mib()}
     if kind == "scaling":
         X_test, y_test = synthetic(model, 100, seed=1)
         start = time.perf_counter()
-        attr = EnsembleAttributor(net(model), method="trak", batch_size=1024, random_state=0).fit(X, y)
+        attr = EnsembleAttributor(
+            net(model), method="trak", batch_size=1024, device=device, random_state=0
+        ).fit(X, y)
         attr.most_influential(X_test, y_test, k=10)
         return {
             "seconds": time.perf_counter() - start,
             "train_seconds": attr.costs_["train_seconds"],
             "peak_mib": peak_mib(),
+            "gpu_mib": peak_gpu_mib(),
         }
     raise ValueError(kind)
 
 
-def run(kind: str, model: str, n: int, path: str = "auto") -> dict:
+def run(kind: str, model: str, n: int, path: str = "auto", device: str = "cpu") -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--one", kind, model, str(n), path],
+        [sys.executable, __file__, "--one", kind, model, str(n), path, device],
         capture_output=True,
         text=True,
         check=True,
@@ -124,7 +144,7 @@ def run(kind: str, model: str, n: int, path: str = "auto") -> dict:
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "--one":
-        print(json.dumps(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])))
+        print(json.dumps(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:])))
         return
     p = parser(__doc__)
     p.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer"], help="none: scaling only")
@@ -133,18 +153,30 @@ def main():
     p.add_argument("--dattri-n", type=int, default=200)
     p.add_argument("--mlp-sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000])
     p.add_argument("--cnn-sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of training and featurization; 'cuda' writes *_cuda tables",
+    )
     args = p.parse_args()
+    device = args.device
+    suffix = "" if device == "cpu" else f"_{torch.device(device).type}"
 
     rows = []
     for model in args.models:
-        epoch = run("epoch", model, args.n)
+        epoch = run("epoch", model, args.n, device=device)
         epoch_rate = args.n / epoch["seconds"]
-        rows.append([model, "one training epoch", args.n, epoch_rate, epoch["peak_mib"], 1.0, ""])
+        gpu = [epoch["gpu_mib"]] if suffix else []
+        rows.append([model, "one training epoch", args.n, epoch_rate, epoch["peak_mib"], *gpu, 1.0, ""])
         results = [
-            ("sktda, per-layer routes", args.n, run("featurize", model, args.n, "layers")),
-            ("sktda, vmap + dense projection", args.vmap_n, run("featurize", model, args.vmap_n, "vmap")),
+            ("sktda, per-layer routes", args.n, run("featurize", model, args.n, "layers", device)),
+            (
+                "sktda, vmap + dense projection",
+                args.vmap_n,
+                run("featurize", model, args.vmap_n, "vmap", device),
+            ),
         ]
-        if model == "mlp":
+        if model == "mlp" and device == "cpu":
             try:
                 import dattri  # noqa: F401
 
@@ -156,8 +188,9 @@ def main():
         fast_rate = args.n / results[0][2]["seconds"]
         for name, n, res in results:
             rate = n / res["seconds"]
+            gpu = [res["gpu_mib"]] if suffix else []
             rows.append(
-                [model, name, n, rate, res["peak_mib"], epoch_rate / rate, f"{fast_rate / rate:.0f}x"]
+                [model, name, n, rate, res["peak_mib"], *gpu, epoch_rate / rate, f"{fast_rate / rate:.0f}x"]
             )
             print(rows[-1], flush=True)
     header = [
@@ -166,13 +199,14 @@ def main():
         "samples",
         "samples/s",
         "peak MiB",
+        *(["peak GPU MiB"] if suffix else []),
         "time vs one epoch",
         "routes' speed-up",
     ]
     if rows:
         emit(
-            "speed",
-            f"Featurization speed (proj_dim 2048, batch {BATCH})",
+            f"speed{suffix}",
+            f"Featurization speed (proj_dim 2048, batch {BATCH}, {device})",
             markdown_table(header, rows),
             args.readme,
         )
@@ -180,19 +214,38 @@ def main():
     scaling = []
     for model, sizes in (("mlp", args.mlp_sizes), ("cnn", args.cnn_sizes)):
         for n in sizes:
-            res = run("scaling", model, n)
+            res = run("scaling", model, n, device=device)
+            gpu = [res["gpu_mib"]] if suffix else []
             scaling.append(
-                [model, n, res["seconds"], res["train_seconds"], res["peak_mib"], res["seconds"] / n * 1e6]
+                [
+                    model,
+                    n,
+                    res["seconds"],
+                    res["train_seconds"],
+                    res["peak_mib"],
+                    *gpu,
+                    res["seconds"] / n * 1e6,
+                ]
             )
             print(scaling[-1], flush=True)
     table = markdown_table(
-        ["model", "training samples", "total s", "of which training s", "peak MiB", "us per sample"], scaling
+        [
+            "model",
+            "training samples",
+            "total s",
+            "of which training s",
+            "peak MiB",
+            *(["peak GPU MiB"] if suffix else []),
+            "us per sample",
+        ],
+        scaling,
     )
     table += (
         "\n\nTRAK, one model trained one epoch, proj_dim 2048, then the top-10 proponents and opponents of 100 "
         "test samples streamed with most_influential."
     )
-    emit("scaling", "Scaling with the training-set size", table, args.readme)
+    if scaling:
+        emit(f"scaling{suffix}", f"Scaling with the training-set size ({device})", table, args.readme)
 
 
 if __name__ == "__main__":

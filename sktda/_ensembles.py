@@ -302,15 +302,21 @@ class LoraEnsemble(EnsembleStrategy):
             )
         return linear[:-1]
 
-    def _with_adapter(self, module) -> nn.Module:
+    def _with_adapter(self, module, seed: int | None = None) -> nn.Module:
         """A copy of ``module`` with fresh adapters, which peft leaves trainable alone;
-        pretrained, the output layer is trained too."""
+        pretrained, the output layer is trained too. The adapters are drawn on the
+        CPU from ``seed`` (the same on every device, and the caller's random state,
+        CUDA's included, untouched), then moved to the module's device."""
         from peft import LoraConfig, inject_adapter_in_model
 
         rank = self.params["lora_rank"]
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=self._targets(module))
         linear = _plain_linears(module)
-        module = inject_adapter_in_model(config, copy.deepcopy(module))
+        device = next(module.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.random.default_generator.manual_seed(seed)
+            module = inject_adapter_in_model(config, copy.deepcopy(module).cpu()).to(device)
         head = module.get_submodule(linear[-1]) if linear else None
         if self.params["pretrained"] and isinstance(head, nn.Linear):  # not adapted itself
             head.requires_grad_(True)
@@ -347,9 +353,7 @@ class LoraEnsemble(EnsembleStrategy):
         adapters = []
         for j in range(self.params["n_adapters"]):
             adapter_seed = derive_seed(seed, 2, j)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(adapter_seed)
-                module = self._with_adapter(net.module_)
+            module = self._with_adapter(net.module_, adapter_seed)
             module = fine_tune(
                 net, module, X, y, epochs=self.params["lora_epochs"], seed=adapter_seed, device=device
             )
@@ -362,8 +366,7 @@ class LoraEnsemble(EnsembleStrategy):
     def members(self, net, model_seed, X_sample):
         members = []
         for j, state in enumerate(net.lora_adapters_):
-            with torch.random.fork_rng(devices=[]):
-                module = self._with_adapter(net.module_)
+            module = self._with_adapter(net.module_)
             module.load_state_dict(state, strict=False)
             module.eval()
             for p in module.parameters():

@@ -53,6 +53,14 @@ def make_regressor_net(n_features=5, **kwargs):
     return NeuralNetRegressor(MLP, **params)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_reference(request, monkeypatch):
+    """The suite computes its references on the CPU, so device="auto" resolves to
+    the CPU outside the CUDA tests, which compare the GPU with the CPU explicitly."""
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_digits_split(n_train=150, n_test=20, random_state=0)
