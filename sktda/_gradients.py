@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -33,12 +34,14 @@ from joblib import effective_n_jobs
 from sklearn.utils import gen_batches
 from sklearn.utils.parallel import delayed
 from torch.func import grad, vmap
+from torch.utils._pytree import tree_flatten
 
 from ._data import map_tensors, n_samples, take, to_torch
-from ._layers import LayerProjector, assign_routes
+from ._layers import ExactProjector, LayerProjector, assign_routes, route_class
 from ._nets import NetTask
 from ._parallel import run, torch_threads
 from ._projection import make_projector
+from ._uses import NotPerSample, UseTracer, mark_batched, release, use_gradients
 
 GRADIENT_PATHS = ("auto", "layers", "vmap")
 # samples on which every layer route is checked against vmap before featurizing
@@ -140,130 +143,314 @@ class VmapEngine(GradientEngine):
 
 
 class LayerEngine(GradientEngine):
-    """Per-sample gradients from one ordinary forward and backward pass per chunk,
-    projected layer by layer by a :class:`LayerProjector` (see ``_layers``).
-    Parameters without a route, and those of ``vmap_layers``, are differentiated
-    with ``vmap``, alone."""
+    """Per-sample gradients from one ordinary forward and backward pass per chunk.
 
-    def __init__(self, member, task, device, proj_dim: int, kind: str, vmap_layers=frozenset()):
+    ``routes`` (see ``_layers``) take their modules' shares from hooked inputs
+    and output gradients; the ``traced`` parameters are differentiated from the
+    operations that use them (``_uses``); the ``rowwise`` ones, which neither
+    could take, row by row. ``projector`` is a :class:`LayerProjector` (projected
+    features) or an :class:`ExactProjector` (the gradients themselves)."""
+
+    def __init__(self, member, task, device, projector, routes, traced=frozenset(), rowwise=frozenset()):
         super().__init__(member, task, device)
-        self.out_dim = int(proj_dim)
-        m = self.member
-        routes, leftover = assign_routes(m.module, m.params, vmap_layers)
-        modules = dict(m.module.named_modules())
-        for layer in dict.fromkeys(leftover.values()):
-            if layer not in vmap_layers:
-                _warn_vmap(layer, f"{type(modules[layer]).__name__} has no fast gradient route")
-        numels = {name: m.params[name].numel() for name in leftover}
-        self.vmap_layers = set(leftover.values())
-        self.projector = LayerProjector(m.module, routes, numels, self.out_dim, m.seed, kind, self.device)
-        self._hooked = [(route, modules[route.name]) for route in routes]
-        self._vmap = None
-        if leftover:
-            others = {k: v for k, v in m.params.items() if k not in leftover}
-            alone = replace(m, params={k: m.params[k] for k in leftover}, frozen={**m.frozen, **others})
-            self._vmap = VmapEngine(alone, task, self.device, self.projector.leftover)
+        self.projector = projector
+        self.out_dim = projector.out_dim
+        self.routes = list(routes)
+        self.traced = sorted(traced)
+        self.rowwise = sorted(rowwise)
+        self._exact = isinstance(projector, ExactProjector)
+        modules = dict(self.member.module.named_modules())
+        self._hooked = [(route, modules[route.name]) for route in self.routes]
 
-    def _parts(self, x, y):
-        """Each route's features of the chunk (None when it has none), the targets
-        and the residuals."""
-        records = [[] for _ in self._hooked]
+    def _pass(self, x, y):
+        """One forward and backward pass over the chunk: the targets, the
+        residuals, the routes' calls ``(route, context, gradient)``, the traced
+        uses ``(use, gradients)`` and the leaves the uses differentiate."""
+        n = n_samples(x)
+        calls = []
         hooks = [
-            module.register_forward_hook(partial(route.record, rec), with_kwargs=True)
-            for (route, module), rec in zip(self._hooked, records)
+            module.register_forward_hook(partial(_record, route, calls, n), with_kwargs=True)
+            for route, module in self._hooked
         ]
+        params = {k: v.detach().requires_grad_() for k, v in self.member.params.items()}
+        tracer = UseTracer({k: params[k] for k in self.traced}, x) if self.traced else None
         try:
-            params = {k: v.detach().requires_grad_() for k, v in self.member.params.items()}
             with torch.enable_grad():
-                f, r = self.task.target_and_residual(self.member.forward(params, x), y)
-                outputs = [o for rec in records for _, o in rec]
+                with tracer or nullcontext():
+                    out = self.member.forward(params, x)
+                f, r = self.task.target_and_residual(out, y)
+                uses = tracer.uses if tracer is not None else []
+                outputs = [t for _, _, t in calls] + [t for use in uses for t in use.outputs]
                 # samples are independent in eval mode, so d(sum f)/d out_i = df_i/d out_i
                 if f.requires_grad and outputs:
-                    deltas = iter(torch.autograd.grad(f.sum(), outputs, allow_unused=True))
+                    deltas = list(torch.autograd.grad(f.sum(), outputs, allow_unused=True))
                 else:  # no differentiated parameter reaches the target
-                    deltas = iter([None] * len(outputs))
+                    deltas = [None] * len(outputs)
         finally:
             for hook in hooks:
                 hook.remove()
-        parts = []
-        with torch.no_grad():
-            for (route, _), rec in zip(self._hooked, records):
-                # None: this output does not reach the target
-                pieces = [route.project(context, d) for (context, _), d in zip(rec, deltas) if d is not None]
-                parts.append(sum(pieces) if pieces else None)
-        return parts, f.detach(), r.detach()
+            if tracer is not None:
+                release(tracer.params, x)
+        routed = [(route, context, d) for (route, context, _), d in zip(calls, deltas)]
+        rest = iter(deltas[len(calls) :])
+        traced = [(use, [next(rest) for _ in use.outputs]) for use in uses]
+        return f.detach(), r.detach(), routed, traced, params
+
+    def _route_part(self, route, context, d):
+        """A call's Kronecker products (projecting) or exact gradients."""
+        if route.kronecker and not self._exact:
+            return route.project(context, d)
+        return route.gradients(context, d)
+
+    def _traced_gradients(self, traced, params, n) -> dict[str, torch.Tensor]:
+        grads = {}
+        for use, ds in traced:
+            if any(d is not None for d in ds):
+                _accumulate(grads, use_gradients(use, params, ds, n))
+        return grads
 
     def _chunk(self, x, y):
-        parts, f, r = self._parts(x, y)
-        routes = self.projector.routes
-        products = sum(p for route, p in zip(routes, parts) if route.kronecker and p is not None)
-        dense = sum(p for route, p in zip(routes, parts) if not route.kronecker and p is not None)
-        phi = self.projector.finish(products, dense)
-        if self._vmap is not None:
-            phi = phi + self._vmap._chunk(x, y)[0]
-        if isinstance(phi, int):
-            phi = torch.zeros(n_samples(x), self.out_dim, device=self.device)
+        n = n_samples(x)
+        f, r, routed, traced, params = self._pass(x, y)
+        products, grads = 0, {}
+        with torch.no_grad():
+            for route, context, d in routed:
+                if d is not None:
+                    part = self._route_part(route, context, d)
+                    if isinstance(part, dict):
+                        _accumulate(grads, part)
+                    else:
+                        products = products + part
+        try:
+            _accumulate(grads, self._traced_gradients(traced, params, n))
+        except NotPerSample:  # this chunk's shapes do not split by sample: row by row
+            _accumulate(grads, self._row_gradients(x, y, self.traced)[0])
+        if self.rowwise:
+            _accumulate(grads, self._row_gradients(x, y, self.rowwise)[0])
+        with torch.no_grad():
+            phi = self.projector.finish(products, grads, n, self.device)
         return phi, f, r
 
-    def failing_layers(self, x, y) -> set[str]:
-        """The layers whose route disagrees, on the samples ``(x, y)``, with the same
-        projection of their ``vmap`` gradients: those whose parameters are also
-        used outside their own forward (tied, or read by another module), or that
-        are called once for a whole batch (a positional embedding of
-        ``arange(T)``, broadcast)."""
-        parts = self._parts(x, y)[0]
-        grads = VmapEngine(self.member, self.task, self.device, self.projector).gradients(x, y)[0]
-        expected = [route.project_full(grads) for route in self.projector.routes]
-        scale = float(sum(e.norm() ** 2 for e in expected)) ** 0.5
-        failed = set()
-        for route, part, e in zip(self.projector.routes, parts, expected):
-            got = torch.zeros_like(e) if part is None else part
-            # a broken route is off by its whole size; float32 cancellation (a target
-            # summed over many tokens) by far less than 1%
-            tolerance = 1e-2 * float(max(e.norm(), got.norm())) + 1e-6 * scale
-            if got.shape != e.shape or float((got - e).norm()) > tolerance:
-                failed.add(route.name)
-        return failed
+    def _row_gradients(self, x, y, names):
+        """``({name: (n, *shape)}, targets)``: the gradients of ``names`` taken one
+        sample at a time, by plain autograd (the reference of every other way)."""
+        rows, targets = [], []
+        for i in range(n_samples(x)):
+            params = {k: v.detach().requires_grad_(k in names) for k, v in self.member.params.items()}
+            with torch.enable_grad():
+                f, _ = self.task.target_and_residual(
+                    self.member.forward(params, take(x, slice(i, i + 1))), y[i : i + 1]
+                )
+                wanted = [params[k] for k in names]
+                gs = (
+                    torch.autograd.grad(f.sum(), wanted, allow_unused=True)
+                    if f.requires_grad and wanted
+                    else [None] * len(wanted)
+                )
+            rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(wanted, gs)])
+            targets.append(f.detach())
+        grads = {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(names)}
+        return grads, torch.cat(targets)
+
+    def check(self, x, y):
+        """Compare every route and traced parameter, on the samples ``(x, y)``, with
+        the row-by-row gradients under the same projection. Returns the routes that
+        disagree (their parameters are used outside their own forward: read
+        directly, or by a module without a route) and the traced parameters whose
+        uses cannot be split per sample. Raises ``ValueError`` when a sample's
+        target depends on the other samples of its chunk."""
+        names = sorted(self.member.params)
+        reference, f_rows = self._row_gradients(x, y, names)
+        f, _, routed, traced, params = self._pass(x, y)
+        _check_independent(f, f_rows, self._plain_targets, x, y)
+        scale = float(sum(g.norm() ** 2 for g in reference.values())) ** 0.5
+
+        def differs(got, expected) -> bool:
+            # a broken route is off by its whole size; float32 cancellation (a
+            # target summed over many tokens) by far less than 1%
+            tolerance = 1e-2 * float(max(expected.norm(), got.norm())) + 1e-6 * scale
+            return got.shape != expected.shape or float((got - expected).norm()) > tolerance
+
+        failed_routes = []
+        with torch.no_grad():
+            for component in _components(self.routes):
+                own = set().union(*(r.parameter_names for r in component))
+                parts = [
+                    self._route_part(rt, c, d) for rt, c, d in routed if rt in component and d is not None
+                ]
+                if component[0].kronecker and not self._exact:
+                    got = sum(parts) if parts else 0
+                    expected = self.projector.project_full({k: reference[k] for k in own})[0]
+                    bad = differs(
+                        got if isinstance(got, torch.Tensor) else torch.zeros_like(expected), expected
+                    )
+                else:
+                    grads = {}
+                    for part in parts:
+                        _accumulate(grads, part)
+                    bad = any(
+                        differs(grads.get(k, torch.zeros_like(reference[k])), reference[k]) for k in own
+                    )
+                if bad:
+                    failed_routes.extend(component)
+        failed_traced = set()
+        for use, ds in traced:
+            try:
+                if any(d is not None for d in ds):
+                    use_gradients(use, params, ds, n_samples(x))
+            except NotPerSample:
+                failed_traced |= use.names
+        if failed_traced != set(self.traced):
+            grads = self._traced_gradients(
+                [(u, ds) for u, ds in traced if not (u.names & failed_traced)], params, n_samples(x)
+            )
+            for k in set(self.traced) - failed_traced:
+                if differs(grads.get(k, torch.zeros_like(reference[k])), reference[k]):
+                    failed_traced.add(k)
+        return failed_routes, failed_traced
+
+    def _plain_targets(self, x, y):
+        with torch.no_grad():
+            return self.task.target_and_residual(self.member.forward(self.member.params, x), y)[0]
+
+
+def _record(route, calls, n, module, args, kwargs, output):
+    """Forward hook: the route's record of one call. A call made once for a whole
+    chunk (every input and the output of batch 1, as a positional embedding of
+    ``arange(T)[None]`` broadcast over the samples) has its output expanded to one
+    row per sample, so that each sample's output gradient is its own."""
+    recorded, out = route.record(module, args, kwargs, output)
+    if n > 1 and _called_once(args, kwargs, out):
+        expanded = mark_batched(out.expand(n, *out.shape[1:]).contiguous())
+        recorded = [(c, expanded if t is out else t) for c, t in recorded]
+        out = expanded
+    calls.extend((route, c, t) for c, t in recorded)
+    return None if out is output else out
+
+
+def _called_once(args, kwargs, out) -> bool:
+    if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 1:
+        return False
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    return all(t.dim() > 0 and t.shape[0] == 1 for t in tensors)
+
+
+def _check_independent(f, f_rows, plain_targets, x, y) -> None:
+    """Refuse a module whose output for a sample depends on the rest of its chunk:
+    per-sample gradients, and every result, would then depend on batch_size."""
+
+    def close(a, b):
+        return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5 * (1 + float(b.abs().max()))))
+
+    if close(f, f_rows):
+        return
+    if not close(plain_targets(x, y), f_rows):
+        raise ValueError(
+            "The module's output for a sample changes with the other samples of its batch (batch "
+            "statistics, or a computation across the batch dimension), so per-sample gradients are "
+            "not defined. Evaluate the module sample by sample in eval mode (for example BatchNorm "
+            "with track_running_stats=True)."
+        )
+    raise RuntimeError(
+        "sktda's gradient hooks changed the module's outputs; please report this with the module. "
+        "gradient_path='vmap' avoids the hooks."
+    )
+
+
+def _components(routes):
+    """Routes grouped by shared parameters (tied weights)."""
+    groups: list[list] = []
+    for route in routes:
+        linked = [g for g in groups if any(r.parameter_names & route.parameter_names for r in g)]
+        merged = [route] + [r for g in linked for r in g]
+        groups = [g for g in groups if g not in linked] + [merged]
+    return groups
+
+
+def _accumulate(total: dict, part: dict) -> None:
+    for k, v in part.items():
+        total[k] = total[k] + v if k in total else v
 
 
 def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
-    """The engine for ``member``: the per-layer routes when a projection is needed
-    (``"auto"``) or asked for (``"layers"``, which projects to the gradient's own
-    size when ``proj_dim`` is None); ``vmap`` with a dense projection, or exact
-    gradients, otherwise. ``probe``: a few ``(x, y)`` samples on which every route
-    is checked against ``vmap``; a layer that fails is differentiated with
-    ``vmap``, with a warning. The same probe gives every engine of a member
-    (row ranges in parallel) the same routes."""
+    """The engine for ``member``.
+
+    ``"auto"`` and ``"layers"``: the per-layer engine, projected when the member
+    has more than ``proj_dim`` differentiated parameters, exact otherwise.
+    ``probe``: a few ``(x, y)`` samples on which every route and traced
+    parameter is compared with row-by-row autograd; a route that disagrees leaves
+    its parameters to the operations that use them, and a parameter whose uses
+    cannot be split per sample is differentiated row by row, with a warning. The
+    same probe gives every engine of a member (row ranges in parallel) the same
+    routes. ``"vmap"``: ``torch.func.vmap(grad)`` over the whole model, with a dense
+    (or identity) projection."""
     path, proj_dim = config.path, config.proj_dim
     if path not in GRADIENT_PATHS:
         raise ValueError(f"gradient_path={path!r} is not one of {GRADIENT_PATHS}.")
     numels = {k: v.numel() for k, v in member.params.items()}
-    projects = proj_dim is not None and sum(numels.values()) > proj_dim
-    if path == "layers" or (path == "auto" and projects):
-        k = proj_dim if proj_dim is not None else sum(numels.values())
-        engine = LayerEngine(member, config.task, config.device, k, config.projection)
-        failed = engine.failing_layers(*probe) if probe is not None else ()
-        if not failed:
-            return engine
-        for layer in sorted(failed):
-            _warn_vmap(
-                layer,
-                "its parameters are used outside its own forward (tied, or read by another "
-                "module), or it is called once for a whole batch",
+    if path == "vmap":
+        projector = make_projector(numels, proj_dim, member.seed, config.projection, config.device)
+        return VmapEngine(member, config.task, config.device, projector)
+    member = member.to(config.device)
+    routes, traced = assign_routes(member.module, member.params)
+    if proj_dim is None or sum(numels.values()) <= proj_dim:
+        projector = ExactProjector(numels)
+    else:
+        projector = LayerProjector(routes, numels, proj_dim, member.seed, config.projection, config.device)
+    engine = LayerEngine(member, config.task, config.device, projector, routes, traced)
+    while probe is not None:
+        failed_routes, failed_traced = engine.check(*probe)
+        if not failed_routes and not failed_traced:
+            break
+        demoted = set().union(*(r.parameter_names for r in failed_routes)) if failed_routes else set()
+        engine = LayerEngine(
+            member,
+            config.task,
+            config.device,
+            projector,
+            [r for r in engine.routes if r not in failed_routes],
+            (set(engine.traced) | demoted) - failed_traced,
+            set(engine.rowwise) | failed_traced,
+        )
+    _warn_slow(member.module, engine)
+    return engine
+
+
+# traced parameters of one layer above this many entries are named in a warning: their
+# full per-sample gradients (batch x entries) then cost more than a route's projection
+_TRACED_WARN_ENTRIES = 1 << 16
+
+
+def _warn_slow(module, engine) -> None:
+    """Name the layers whose parameters are large and have no route (their per-sample
+    gradients are formed in full) and those differentiated row by row (much slower)."""
+    owners = _owners(module)
+    sizes = dict.fromkeys(owners.values(), 0)
+    for name in engine.traced:
+        sizes[owners[name]] += engine.member.params[name].numel()
+    for layer, size in sizes.items():
+        if size > _TRACED_WARN_ENTRIES:
+            warnings.warn(
+                f"Layer {layer or '(the root module)'!r} ({type(module.get_submodule(layer)).__name__}): "
+                f"{size} parameters without a gradient route, so their per-sample gradients are formed "
+                "in full from the operations that use them (exact, but slower and larger than a route). "
+                "sktda.routes shows how to add a route for a layer type.",
+                UserWarning,
+                stacklevel=4,
             )
-        return LayerEngine(member, config.task, config.device, k, config.projection, frozenset(failed))
-    projector = make_projector(numels, proj_dim, member.seed, config.projection, config.device)
-    return VmapEngine(member, config.task, config.device, projector)
+    for layer in sorted({owners[n] for n in engine.rowwise}):
+        warnings.warn(
+            f"Layer {layer or '(the root module)'!r}: its parameters are used by operations that do not "
+            "act sample by sample, so their per-sample gradients are taken one sample at a time, which "
+            "is much slower. A gradient route for the layer (sktda.routes) would avoid this.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
-def _warn_vmap(layer: str, reason: str) -> None:
-    warnings.warn(
-        f"Layer {layer or '(the root module)'!r}: {reason}, so its per-sample gradients are taken with "
-        "torch.func.vmap, which is much slower than the fast routes (nn.Linear, "
-        "nn.Conv2d, nn.Embedding, nn.MultiheadAttention, normalisation layers).",
-        UserWarning,
-        stacklevel=3,
-    )
+def _owners(module) -> dict[str, str]:
+    """``{parameter name: name of the module that owns it}``."""
+    return {name: name.rpartition(".")[0] for name, _ in module.named_parameters()}
 
 
 def featurize(engine: GradientEngine, X, y: torch.Tensor, batch_size: int, out=None) -> Features:

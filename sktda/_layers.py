@@ -1,35 +1,42 @@
 """Per-layer routes of the gradient engine.
 
-A route projects one differentiated module's per-sample gradient from what an
+A route computes one module's share of the per-sample gradients from what an
 ordinary forward and backward pass over a chunk already computes: the module's
 inputs (a forward hook) and the gradient of the target with respect to its
-outputs (one ``autograd.grad`` for the whole chunk). The per-sample gradient is
-never formed.
+outputs (one ``autograd.grad`` for the whole chunk). It either projects that
+share without forming it (the Kronecker routes) or returns it exactly.
 
-The projection of a member's gradient is a sum over its layers,
-``phi = sum_l P_l^T g_l``, with an independent random block ``P_l`` per layer.
-Stacked, the blocks are one ``(p, k)`` projection of the whole gradient that
-preserves inner products in expectation, as a dense one does. Every layer is
-projected onto all ``k`` dimensions: there is no budget to split between layers,
-so none is starved, whatever its size.
+Routes are keyed by *parameter*: every module that holds a differentiated
+parameter gets a route, and a parameter held by several modules (a language
+model's embedding tied to its output layer) sums the contributions of all of
+them into one projection block. The projection of a member's gradient is a sum
+over its parameters, ``phi = sum_p P_p^T g_p``, with an independent random block
+per parameter; stacked, the blocks are one ``(p, k)`` projection of the whole
+gradient that preserves inner products in expectation, as a dense one does, and
+every parameter is projected onto all ``k`` dimensions.
 
-- Kronecker routes (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
-  ``nn.MultiheadAttention``): the weight gradient is a sum of outer products
-  (output gradient x input, output gradient x image patch, one-hot token x
-  output gradient), projected with a :class:`KroneckerBlock` at
-  ``O(positions x k)`` per sample.
+- Kronecker routes (``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv2d``,
+  ``nn.Embedding``, ``nn.MultiheadAttention``): the weight gradient is a sum of
+  outer products (output gradient x input, output gradient x image patch, one-hot
+  token x output gradient), projected with a :class:`KroneckerBlock` at
+  ``O(positions x k)`` per sample. A call made once for a whole batch (a
+  positional embedding of ``arange(T)``, broadcast over the samples) has its
+  output expanded to one row per sample, so each sample gets its own share.
 - Dense routes (``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``, and
-  ``nn.BatchNorm*`` with running statistics): the closed-form per-sample
-  gradient of the affine parameters, from the normalised input and the output
-  gradient, projected densely; these parameters are few.
-- Any other parameter is differentiated with ``vmap(grad)``, alone, with a
-  warning that names its layer.
+  ``nn.BatchNorm*`` with running statistics): the closed-form per-sample gradient
+  of the affine parameters, projected densely; these parameters are few.
+- Parameters that no route covers are differentiated from the operations that use
+  them (``_uses``), and, when that fails too, row by row.
+
+A user adds a route for their own layer type by subclassing :class:`WeightRoute`
+(or :class:`Route`) with ``module_type=`` (see :mod:`sktda.routes`).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -37,99 +44,212 @@ from torch import nn
 
 from ._projection import DenseProjector, KroneckerBlock, _tile_seed, kronecker_factors
 
+# (module type or "package.module.Class", route class), most recent first
+_REGISTRY: list[tuple[type | str, type]] = []
+
+
+def register_route(module_type: type | str, route: type) -> None:
+    """Use ``route`` for modules of ``module_type`` (a class, or its qualified name
+    ``"package.module.Class"``, matched without importing the package). A route
+    registered later takes precedence, so a user's route replaces a built-in one."""
+    if not (isinstance(route, type) and issubclass(route, Route)):
+        raise TypeError(f"route must be a subclass of sktda.routes.Route, got {route!r}.")
+    if not isinstance(module_type, type | str):
+        raise TypeError(f"module_type must be a class or a qualified class name, got {module_type!r}.")
+    _REGISTRY.insert(0, (module_type, route))
+
+
+def route_class(module: nn.Module) -> type | None:
+    """The route registered for ``module``'s type (or one of its bases), if any."""
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
+    for module_type, route in _REGISTRY:
+        if (module_type in names) if isinstance(module_type, str) else isinstance(module, module_type):
+            return route
+    return None
+
 
 class Route:
-    """One module's share of the projection. ``params`` maps the module's
+    """One module's share of the per-sample gradients.
+
+    ``name`` is the module's name in the member and ``params`` maps the module's
     attribute path (``"weight"``, ``"out_proj.bias"``) to the member's parameter
-    name. A forward hook calls :meth:`record` with a list that collects ``(context,
-    output)`` pairs; :meth:`project` turns one pair and the gradient of the
-    target with respect to ``output`` into ``(batch, k_out, k_in)`` Kronecker
-    products (``kronecker = True``) or ``(batch, k)`` features."""
+    name (tied parameters have one name). Subclasses are registered for a module
+    type with ``class MyRoute(Route, module_type=MyLayer)``.
 
-    kronecker = True
+    The engine calls :meth:`build` once, :meth:`record` from a forward hook on every
+    call of the module, and then, for every recorded ``(context, tensor)`` with the
+    gradient ``d`` of the per-sample targets with respect to ``tensor``, either
+    :meth:`project` (Kronecker routes, when projecting) or :meth:`gradients`.
+    """
 
-    def __init__(self, name: str, params: dict[str, str]):
-        self.name, self.params = name, params
+    kronecker = False
+
+    def __init_subclass__(cls, module_type=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if module_type is not None:
+            for t in module_type if isinstance(module_type, tuple) else (module_type,):
+                register_route(t, cls)
+
+    def __init__(self, name: str, params: dict[str, str], module: nn.Module):
+        self.name, self.params, self.module = name, params, module
 
     @classmethod
     def accepts(cls, module: nn.Module, params: dict[str, str]) -> bool:
+        """Whether the route can take the gradients of these of the module's
+        parameters (``{attribute: name}``)."""
         return True
 
-    def build(self, module, factors, proj_dim, seed, kind, device):
-        """Draw the route's random matrices."""
+    def build(self, projection) -> None:
+        """Claim projection blocks (``projection.block``) for the weights whose
+        gradients :meth:`project` projects."""
 
-    def record(self, records, module, args, kwargs, output):
-        records.append((args[0], output))
+    def record(self, module, args, kwargs, output):
+        """``(calls, output)``: the ``(context, tensor)`` pairs of one call, whose
+        tensors' gradients the engine takes, and the module's output (which may be
+        replaced by an equal tensor computed in the hook)."""
+        return [(args[0], output)], output
 
-    def project(self, context, grad):
+    def gradients(self, context, d: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exact per-sample gradients ``{parameter name: (batch, *shape)}``."""
         raise NotImplementedError
 
-    def project_full(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The same projection of full per-sample gradients ``{name: (batch, ...)}``."""
+    def project(self, context, d: torch.Tensor) -> torch.Tensor:
+        """Kronecker routes: the projected gradients, ``(batch, k_out, k_in)``."""
         raise NotImplementedError
 
     @property
-    def parameter_names(self) -> list[str]:
-        return list(self.params.values())
+    def parameter_names(self) -> set[str]:
+        return set(self.params.values())
+
+    def blocks(self) -> dict[str, tuple[int, int, bool]]:
+        """``{weight name: (n_left, n_right, transposed)}`` of the blocks it projects
+        into (known before building, so that tied weights can be checked)."""
+        return {}
 
 
-class _WeightRoute(Route):
-    """A module whose weight (and optional bias) is one Kronecker block."""
+class WeightRoute(Route):
+    """A layer whose weight, viewed as an ``(n_left, n_right)`` matrix, has the
+    per-sample gradient ``sum_t left_t right_t^T`` over the calls' positions
+    ``t``, and whose optional bias has ``sum_t left_t``. A subclass provides
+    :meth:`factors`; :meth:`projected_factors` may compute the projected factors
+    without forming the raw ones.
+    """
+
+    kronecker = True
+    transposed = False  # the weight is stored as (n_right, n_left)
 
     @classmethod
     def accepts(cls, module, params):
         return "weight" in params and set(params) <= {"weight", "bias"}
 
-    def _shape(self, module) -> tuple[int, int]:
-        return module.weight.shape[0], module.weight[0].numel()
+    def shape(self) -> tuple[int, int]:
+        """``(n_left, n_right)``: output-side and input-side sizes of the weight."""
+        w = self.module.weight
+        return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w[0].numel())
 
-    def build(self, module, factors, proj_dim, seed, kind, device):
-        self.block = KroneckerBlock(
-            self.params["weight"], self.params.get("bias"), *self._shape(module), factors, seed, kind, device
-        )
-        self._module = module
+    def blocks(self):
+        return {self.params["weight"]: (*self.shape(), self.transposed)}
 
-    def project_full(self, grads):
-        return self.block.full(grads)
+    @property
+    def bias(self) -> str | None:
+        return self.params.get("bias")
+
+    def build(self, projection):
+        self.block = projection.block(self.params["weight"], *self.shape(), self.transposed)
+        if self.bias is not None:
+            self.block.add_bias(self.bias)
+
+    def factors(self, context, d) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw ``(left, right)`` factors, ``(batch, ..., n_left)`` and ``(batch, ...,
+        n_right)`` (a factor of batch 1 is broadcast over the batch)."""
+        raise NotImplementedError
+
+    def projected_factors(self, context, d) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P_left^T left, P_right^T right)`` of every position."""
+        left, right = self.factors(context, d)
+        return left @ self.block.p_left, right @ self.block.p_right
+
+    def project(self, context, d):
+        p_left, p_right = self.projected_factors(context, d)
+        if self.bias is not None:
+            p_right = p_right + self.block.bias_rows[self.bias]
+        return KroneckerBlock.combine(p_left, p_right)
+
+    def gradients(self, context, d):
+        left, right = self.factors(context, d)
+        b = max(left.shape[0], right.shape[0])
+        left = left.reshape(left.shape[0], -1, left.shape[-1]).expand(b, -1, -1)
+        right = right.reshape(right.shape[0], -1, right.shape[-1]).expand(b, -1, -1)
+        g = torch.einsum("btl,btr->blr", left, right)
+        weight = self.module.weight
+        g = g.transpose(1, 2) if self.transposed else g.reshape(b, *weight.shape)
+        out = {self.params["weight"]: g}
+        if self.bias is not None:
+            out[self.bias] = left.sum(1)
+        return out
 
 
-class LinearRoute(_WeightRoute):
+class LinearRoute(WeightRoute, module_type=nn.Linear):
     """``nn.Linear`` with any leading dimensions: gradient ``sum_t d_t a_t^T``."""
 
-    def project(self, a, d):
-        return self.block.combine(d @ self.block.p_left, self.block.right(a))
+    def factors(self, a, d):
+        return d, a
 
 
-class Conv2dRoute(_WeightRoute):
+class Conv1DRoute(WeightRoute, module_type="transformers.pytorch_utils.Conv1D"):
+    """transformers' ``Conv1D`` (GPT-2's attention and MLP layers): a linear layer
+    whose weight is stored transposed, ``(in, out)``."""
+
+    transposed = True
+
+    def factors(self, a, d):
+        return d, a
+
+
+class Conv2dRoute(WeightRoute, module_type=nn.Conv2d):
     """``nn.Conv2d`` (any stride, padding, dilation and groups): the gradient of
     group ``j`` is ``sum_positions d_j (x) patch_j``. The patches' projections are
     themselves a convolution of the (padded) input, with the columns of
-    ``P_right`` as kernels, so the patches are never unfolded."""
+    ``P_right`` as kernels, so the patches are never unfolded to project."""
 
-    def build(self, module, factors, proj_dim, seed, kind, device):
-        super().build(module, factors, proj_dim, seed, kind, device)
-        k_in, g = factors[1], module.groups
-        kernels = self.block.p_right[: self.block.n_right].T.reshape(k_in, -1, *module.kernel_size)
+    def build(self, projection):
+        super().build(projection)
+        module = self.module
+        k_in, g = self.block.p_right.shape[1], module.groups
+        kernels = self.block.p_right.T.reshape(k_in, -1, *module.kernel_size)
         self._kernels = kernels.repeat(g, 1, 1, 1)  # (g k_in, C / g, kh, kw): one set per group
 
-    def project(self, x, d):
-        m = self._module
+    def _padded(self, x):
+        m = self.module
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-        p_right = F.conv2d(x, self._kernels, None, m.stride, 0, m.dilation, m.groups)
+        return F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+
+    def project(self, x, d):
+        m = self.module
+        p_right = F.conv2d(self._padded(x), self._kernels, None, m.stride, 0, m.dilation, m.groups)
         b, g, L = x.shape[0], m.groups, d.shape[-2] * d.shape[-1]
         p_right = p_right.reshape(b, g, -1, L).transpose(2, 3)  # (b, g, L, k_in)
-        if self.block.bias is not None:
-            p_right = p_right + self.block.p_right[self.block.n_right]
+        if self.bias is not None:
+            p_right = p_right + self.block.bias_rows[self.bias]
         p_left = torch.einsum(
             "bgol,gok->bglk",
             d.reshape(b, g, -1, L),
             self.block.p_left.reshape(g, -1, self.block.p_left.shape[-1]),
         )
-        return self.block.combine(p_left, p_right)
+        return KroneckerBlock.combine(p_left, p_right)
+
+    def gradients(self, x, d):
+        m = self.module
+        patches = F.unfold(self._padded(x), m.kernel_size, m.dilation, 0, m.stride)  # (b, C kh kw, L)
+        b, g, L = x.shape[0], m.groups, d.shape[-2] * d.shape[-1]
+        g_w = torch.einsum("bgol,bgcl->bgoc", d.reshape(b, g, -1, L), patches.reshape(b, g, -1, L))
+        out = {self.params["weight"]: g_w.reshape(b, *m.weight.shape)}
+        if self.bias is not None:
+            out[self.bias] = d.reshape(b, d.shape[1], -1).sum(-1)
+        return out
 
 
-class EmbeddingRoute(_WeightRoute):
+class EmbeddingRoute(WeightRoute, module_type=nn.Embedding):
     """``nn.Embedding``: the gradient is ``sum_t onehot(i_t) d_t^T``, so the left
     factor of a token is its row of ``P_left``, and the ``vocab x dim`` gradient is
     never formed. The padding index gets no gradient, as in torch."""
@@ -138,14 +258,28 @@ class EmbeddingRoute(_WeightRoute):
     def accepts(cls, module, params):
         return set(params) == {"weight"} and module.max_norm is None and not module.scale_grad_by_freq
 
-    def project(self, idx, d):
+    def _kept(self, idx):
+        padding = self.module.padding_idx
+        return None if padding is None else (idx != padding)[..., None]
+
+    def projected_factors(self, idx, d):
         p_left = self.block.p_left[idx]
-        if self._module.padding_idx is not None:
-            p_left = p_left * (idx != self._module.padding_idx)[..., None]
-        return self.block.combine(p_left, self.block.right(d))
+        kept = self._kept(idx)
+        return (p_left if kept is None else p_left * kept), d @ self.block.p_right
+
+    def gradients(self, idx, d):
+        b = max(idx.shape[0], d.shape[0])
+        idx = idx.expand(b, *idx.shape[1:]).reshape(b, -1)
+        d = d.reshape(b, idx.shape[1], -1)
+        kept = self._kept(idx)
+        if kept is not None:
+            d = d * kept
+        g = torch.zeros(b, *self.module.weight.shape, dtype=d.dtype, device=d.device)
+        g.scatter_add_(1, idx[..., None].expand(-1, -1, d.shape[-1]), d)
+        return {self.params["weight"]: g}
 
 
-class MultiheadAttentionRoute(Route):
+class MultiheadAttentionRoute(Route, module_type=nn.MultiheadAttention):
     """``nn.MultiheadAttention`` (the self-attention of ``nn.Transformer*`` layers).
     torch computes it in one fused function that never calls ``out_proj`` as a
     module, so the route's forward hook recomputes the module's output with its
@@ -154,6 +288,7 @@ class MultiheadAttentionRoute(Route):
     ``in_proj_weight`` (``kdim = vdim = embed_dim``), no ``bias_k``/``bias_v``, no
     ``add_zero_attn``; the module is evaluated without dropout, as members are."""
 
+    kronecker = True
     _PARTS = {"in": ("in_proj_weight", "in_proj_bias"), "out": ("out_proj.weight", "out_proj.bias")}
 
     @classmethod
@@ -165,25 +300,29 @@ class MultiheadAttentionRoute(Route):
             return False
         return all(weight in params or bias not in params for weight, bias in cls._PARTS.values())
 
-    def build(self, module, factors, proj_dim, seed, kind, device):
+    def __init__(self, name, params, module):
+        super().__init__(name, params, module)
         E = module.embed_dim
         shapes = {"in": (3 * E, E), "out": (E, E)}
-        self.blocks = {
-            part: KroneckerBlock(
-                self.params[w],
-                self.params.get(b),
-                *shapes[part],
-                factors,
-                _tile_seed(seed, i, 2),
-                kind,
-                device,
-            )
-            for i, (part, (w, b)) in enumerate(self._PARTS.items())
-            if w in self.params
+        # part: (weight name, bias name or None, (n_left, n_right))
+        self.parts = {
+            part: (params[w], params.get(b), shapes[part])
+            for part, (w, b) in self._PARTS.items()
+            if w in params
         }
         self._signature = inspect.signature(module.forward)
 
-    def record(self, records, module, args, kwargs, output):
+    def blocks(self):
+        return {weight: (*shape, False) for weight, _, shape in self.parts.values()}
+
+    def build(self, projection):
+        self._blocks = {}
+        for part, (weight, bias, shape) in self.parts.items():
+            self._blocks[part] = projection.block(weight, *shape)
+            if bias is not None:
+                self._blocks[part].add_bias(bias)
+
+    def record(self, module, args, kwargs, output):
         a = self._signature.bind(*args, **kwargs)
         a.apply_defaults()
         q, k, v = a.arguments["query"], a.arguments["key"], a.arguments["value"]
@@ -196,16 +335,17 @@ class MultiheadAttentionRoute(Route):
         q, k, v = batch_first(q), batch_first(k), batch_first(v)
         E, H = module.embed_dim, module.num_heads
         W, bias = module.in_proj_weight, module.in_proj_bias
+        calls = []
         if self_attention:
             qkv = F.linear(q, W, bias)
-            self._keep(records, "in", (q, slice(None)), qkv)
+            calls.append((("in", q, slice(None)), qkv))
             q, k, v = qkv.chunk(3, -1)
         else:
             parts = []
             for j, x in enumerate((q, k, v)):
                 rows = slice(j * E, (j + 1) * E)
                 parts.append(F.linear(x, W[rows], None if bias is None else bias[rows]))
-                self._keep(records, "in", (x, rows), parts[-1])
+                calls.append((("in", x, rows), parts[-1]))
             q, k, v = parts
         N, L, S = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(N, -1, H, E // H).transpose(1, 2) for t in (q, k, v))
@@ -213,7 +353,7 @@ class MultiheadAttentionRoute(Route):
         weights = torch.softmax(scores, -1)
         context = (weights @ v).transpose(1, 2).reshape(N, L, E)
         out = F.linear(context, module.out_proj.weight, module.out_proj.bias)
-        self._keep(records, "out", (context, slice(None)), out)
+        calls.append((("out", context, slice(None)), out))
         if not batched:
             out = out[0]
         elif not module.batch_first:
@@ -222,11 +362,7 @@ class MultiheadAttentionRoute(Route):
         if a.arguments["need_weights"]:
             attn = weights.mean(1) if a.arguments["average_attn_weights"] else weights
             attn = attn if batched else attn[0]
-        return out, attn
-
-    def _keep(self, records, part, context, output):
-        if part in self.blocks:
-            records.append(((part, *context), output))
+        return [c for c in calls if c[0][0] in self.parts], (out, attn)
 
     @staticmethod
     def _mask(arguments, N, H, L, S, like):
@@ -255,20 +391,28 @@ class MultiheadAttentionRoute(Route):
 
     def project(self, context, d):
         part, x, rows = context
-        block = self.blocks[part]
-        return block.combine(d @ block.p_left[rows], block.right(x))
+        block, bias = self._blocks[part], self.parts[part][1]
+        return block.combine(d @ block.p_left[rows], block.right(x, bias))
 
-    def project_full(self, grads):
-        return sum(block.full(grads) for block in self.blocks.values())
+    def gradients(self, context, d):
+        part, x, rows = context
+        weight, bias, (n_left, n_right) = self.parts[part]
+        b = d.shape[0]
+        d, x = d.reshape(b, -1, d.shape[-1]), x.reshape(b, -1, x.shape[-1])
+        g = torch.zeros(b, n_left, n_right, dtype=d.dtype, device=d.device)
+        g[:, rows] = torch.einsum("btl,btr->blr", d, x)
+        out = {weight: g}
+        if bias is not None:
+            g_b = torch.zeros(b, n_left, dtype=d.dtype, device=d.device)
+            g_b[:, rows] = d.sum(1)
+            out[bias] = g_b
+        return out
 
 
-class NormRoute(Route):
+class NormRoute(Route, module_type=(nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)):
     """Affine normalisation layers: ``y = norm(x) * weight + bias``, so the
     per-sample gradients are ``sum d * norm(x)`` and ``sum d`` over everything but
     the parameters' own dimensions, projected densely."""
-
-    kronecker = False
-    TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
 
     @classmethod
     def accepts(cls, module, params):
@@ -277,13 +421,8 @@ class NormRoute(Route):
             return module.running_mean is not None and not module.training
         return set(params) <= {"weight", "bias"}
 
-    def build(self, module, factors, proj_dim, seed, kind, device):
-        self._module = module
-        numels = {n: getattr(module, attr).numel() for attr, n in self.params.items()}
-        self.projector = DenseProjector(numels, proj_dim, seed, kind, device)
-
     def _normalized(self, x):
-        m = self._module
+        m = self.module
         if isinstance(m, nn.LayerNorm):
             return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
         if isinstance(m, nn.RMSNorm):
@@ -294,96 +433,154 @@ class NormRoute(Route):
 
     def _per_sample(self, t):
         """Sum of ``t`` over everything but the batch and the parameters' dimensions."""
-        m = self._module
-        if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):  # parameters over the trailing normalized_shape
+        m = self.module
+        if isinstance(m, nn.LayerNorm | nn.RMSNorm):  # parameters over the trailing normalized_shape
             return t.reshape(t.shape[0], -1, *m.normalized_shape).sum(1)
         return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)  # parameters per channel (dimension 1)
 
-    def project(self, x, d):
-        grads = {
+    def gradients(self, x, d):
+        return {
             name: self._per_sample(d * self._normalized(x) if attr == "weight" else d)
             for attr, name in self.params.items()
         }
-        return self.projector(grads)
-
-    def project_full(self, grads):
-        return self.projector({n: grads[n] for n in self.params.values()})
 
 
-ROUTES: list[tuple[type, type[Route]]] = [
-    (nn.Linear, LinearRoute),
-    (nn.Conv2d, Conv2dRoute),
-    (nn.Embedding, EmbeddingRoute),
-    (nn.MultiheadAttention, MultiheadAttentionRoute),
-    (NormRoute.TYPES, NormRoute),
-]
+def assign_routes(module: nn.Module, names, exclude=frozenset()) -> tuple[list[Route], set[str]]:
+    """Routes for the differentiated parameters ``names`` of ``module`` (but those in
+    ``exclude``), and the parameters no route covers.
 
-
-def _route_class(module) -> type[Route] | None:
-    return next((route for types, route in ROUTES if isinstance(module, types)), None)
-
-
-def assign_routes(module: nn.Module, names, vmap_layers=frozenset()) -> tuple[list[Route], dict[str, str]]:
-    """Routes for the parameters ``names`` of ``module``, grouped by the module that
-    owns them (the parameters of an attention's ``out_proj`` belong to the
-    attention), and ``{parameter: layer}`` for those without a route or in
-    ``vmap_layers``."""
+    Every module holding one of them is considered, tied parameters included (one
+    name, several holders); the parameters of an attention's ``out_proj`` belong
+    to the attention. A parameter is covered only if every module holding it has a
+    route that accepts it, and a weight shared by several routes only if they
+    agree on its block's shape."""
+    names = set(names) - set(exclude)
+    canonical = {id(p): n for n, p in module.named_parameters()}
+    holders: dict[str, dict[str, str]] = defaultdict(dict)
     modules = dict(module.named_modules())
-    groups: dict[str, dict[str, str]] = {}
-    for name in names:
-        owner, _, attr = name.rpartition(".")
-        parent = owner
-        while parent and not isinstance(modules[parent], nn.MultiheadAttention):
-            parent = parent.rpartition(".")[0]
-        if parent and parent != owner:
-            owner, attr = parent, f"{owner[len(parent) + 1 :]}.{attr}"
-        groups.setdefault(owner, {})[attr] = name
-    routes, leftover = [], {}
-    for owner, params in groups.items():
-        cls = _route_class(modules[owner])
-        if cls is not None and owner not in vmap_layers and cls.accepts(modules[owner], params):
-            routes.append(cls(owner, params))
-        else:
-            leftover.update({name: owner for name in params.values()})
-    return routes, leftover
+    for mname, m in modules.items():
+        for attr, p in m.named_parameters(recurse=False, remove_duplicate=False):
+            name = canonical.get(id(p))
+            if name not in names:
+                continue
+            owner, path = mname, attr
+            parent = mname
+            while parent and not isinstance(modules[parent], nn.MultiheadAttention):
+                parent = parent.rpartition(".")[0]
+            if parent and parent != mname:
+                owner, path = parent, f"{mname[len(parent) + 1 :]}.{attr}"
+            holders[owner][path] = name
+    candidates = {}
+    for owner, params in holders.items():
+        cls = route_class(modules[owner])
+        if cls is not None and cls.accepts(modules[owner], params):
+            candidates[owner] = cls(owner, params, modules[owner])
+    while True:
+        held_by = defaultdict(set)
+        for owner, params in holders.items():
+            for name in params.values():
+                held_by[name].add(owner)
+        covered = {n for n, owners in held_by.items() if owners <= set(candidates)}
+        shapes: dict[str, set] = defaultdict(set)
+        for route in candidates.values():
+            for weight, shape in route.blocks().items():
+                shapes[weight].add(shape)
+        covered -= {w for w, s in shapes.items() if len(s) > 1}
+        dropped = [o for o, r in candidates.items() if not r.parameter_names <= covered]
+        if not dropped:
+            break
+        for owner in dropped:
+            del candidates[owner]
+    routes = list(candidates.values())
+    return routes, names - covered
 
 
 class LayerProjector:
-    """The projection of a member's gradient as a sum of per-layer blocks (see the
-    module docstring): the routes' Kronecker blocks share one ``k_out x k_in``
-    factorisation of ``proj_dim`` (the first ``proj_dim`` products are kept, rescaled
-    to stay unbiased, when it is not exact), and ``leftover`` parameters (``{name:
-    numel}``, differentiated with vmap) have a dense block."""
+    """The projection of a member's gradient as a sum of per-parameter blocks (see
+    the module docstring): the Kronecker blocks of the routes' weights (and their
+    biases) share one ``k_out x k_in`` factorisation of ``proj_dim`` (the first
+    ``proj_dim`` products are kept, rescaled to stay unbiased, when it is not
+    exact), and every other parameter of ``numels`` has a dense block. The
+    projection of a parameter is the same whichever way its gradient is computed."""
 
-    def __init__(self, module, routes, leftover, proj_dim, seed, kind="gaussian", device="cpu"):
-        self.routes = routes
+    def __init__(self, routes, numels: dict[str, int], proj_dim, seed, kind="gaussian", device="cpu"):
         self.out_dim = int(proj_dim)
-        factors = kronecker_factors(self.out_dim)
-        self._scale = math.sqrt(factors[0] * factors[1] / self.out_dim)
-        modules = dict(module.named_modules())
-        for i, route in enumerate(routes):
-            route.build(modules[route.name], factors, self.out_dim, _tile_seed(seed, i, 0), kind, device)
-        self.leftover = (
-            DenseProjector(leftover, self.out_dim, _tile_seed(seed, len(routes), 1), kind, device)
-            if leftover
+        self.factors = kronecker_factors(self.out_dim)
+        self._scale = math.sqrt(self.factors[0] * self.factors[1] / self.out_dim)
+        self._seed, self._kind, self._device = seed, kind, device
+        self.blocks: dict[str, KroneckerBlock] = {}
+        for route in routes:
+            route.build(self)
+        self._bias_blocks = {b: block for block in self.blocks.values() for b in block.bias_rows}
+        dense = {n: k for n, k in numels.items() if n not in self.blocks and n not in self._bias_blocks}
+        self.dense = (
+            DenseProjector(dense, self.out_dim, _tile_seed(seed, len(self.blocks), 1), kind, device)
+            if dense
             else None
         )
 
-    def finish(self, products, dense) -> torch.Tensor:
-        """Features from summed Kronecker products ``(batch, k_out, k_in)`` and dense
-        parts ``(batch, k)`` (either may be 0)."""
+    def block(self, weight: str, n_left: int, n_right: int, transposed: bool = False) -> KroneckerBlock:
+        """The Kronecker block of the weight ``weight`` (one per parameter, shared by
+        the routes of every module that holds it)."""
+        if weight not in self.blocks:
+            seed = _tile_seed(self._seed, len(self.blocks), 0)
+            self.blocks[weight] = KroneckerBlock(
+                weight, n_left, n_right, self.factors, seed, self._kind, self._device, transposed
+            )
+        return self.blocks[weight]
+
+    def project_full(self, grads: dict[str, torch.Tensor]):
+        """``(products, dense)``: the projection of full per-sample gradients of any of
+        the parameters, as Kronecker products ``(batch, k_out, k_in)`` and dense
+        features ``(batch, k)`` (either may be 0)."""
+        products = 0
+        for name, g in grads.items():
+            if name in self.blocks:
+                block = self.blocks[name]
+                products = products + torch.einsum(
+                    "blr,lo,ri->boi", block.view(g), block.p_left, block.p_right
+                )
+            elif name in self._bias_blocks:
+                block = self._bias_blocks[name]
+                products = products + torch.einsum("bl,lo,i->boi", g, block.p_left, block.bias_rows[name])
+        rest = {n: g for n, g in grads.items() if n not in self.blocks and n not in self._bias_blocks}
+        dense = self.dense(rest) if rest else 0
+        return products, dense
+
+    def finish(self, products, grads: dict[str, torch.Tensor], batch: int, device) -> torch.Tensor:
+        """Features ``(batch, k)`` from the routes' Kronecker products and the full
+        per-sample gradients of the other parameters."""
+        more, dense = self.project_full(grads)
+        products = products + more
+        out = torch.zeros(batch, self.out_dim, device=device) + dense
         if isinstance(products, torch.Tensor):
             flat = products.reshape(products.shape[0], -1)
             if flat.shape[1] != self.out_dim:
                 flat = flat[:, : self.out_dim] * self._scale
-            dense = dense + flat
-        return dense
+            out = out + flat
+        return out
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The projection of full per-sample gradients ``{name: (batch, ...)}``: the
-        reference the routes are tested against."""
-        products = sum(r.project_full(grads) for r in self.routes if r.kronecker)
-        dense = sum(r.project_full(grads) for r in self.routes if not r.kronecker)
-        if self.leftover is not None:
-            dense = dense + self.leftover(grads)
-        return self.finish(products, dense)
+        """The projection of full per-sample gradients ``{name: (batch, ...)}``."""
+        first = next(iter(grads.values()))
+        return self.finish(0, grads, first.shape[0], first.device)
+
+
+class ExactProjector:
+    """No projection: the flattened per-sample gradients of ``numels``' parameters,
+    in order (zeros for those without a gradient)."""
+
+    def __init__(self, numels: dict[str, int]):
+        self.numels = dict(numels)
+        self.out_dim = sum(self.numels.values())
+
+    def finish(self, products, grads, batch: int, device) -> torch.Tensor:
+        parts = [
+            grads[n].reshape(batch, -1) if n in grads else torch.zeros(batch, k, device=device)
+            for n, k in self.numels.items()
+        ]
+        return torch.cat(parts, 1)
+
+    def __call__(self, grads):
+        first = next(iter(grads.values()))
+        return self.finish(0, grads, first.shape[0], first.device)

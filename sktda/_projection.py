@@ -85,6 +85,8 @@ class DenseProjector:
         first = next(iter(grads.values()))
         out = torch.zeros(first.shape[0], self.out_dim, device=first.device, dtype=first.dtype)
         for i, (name, numel) in enumerate(self.numels.items()):
+            if name not in grads:  # a projection of some of the parameters' gradients
+                continue
             g = grads[name].reshape(first.shape[0], -1)
             if self._cache is not None:
                 out.addmm_(g, self._cache[name])
@@ -115,44 +117,58 @@ class KroneckerBlock:
     """``P_left (x) P_right``: the projection of one weight viewed as an
     ``(n_left, n_right)`` matrix whose per-sample gradient is a sum of outer
     products ``left_t right_t^T`` (over sequence positions, image patches or
-    calls). A bias is one more column of the weight, with a right factor of ones.
+    calls). A bias paired with the weight (its gradient is ``sum_t left_t``) is one
+    more column, with its own random row ``r_b`` in place of ``P_right^T right_t``;
+    several biases may pair with one (tied) weight, each with its own row.
 
     The projection of such a gradient is ``sum_t (P_left^T left_t) (x) (P_right^T
     right_t)``: ``O(n_left k_out + n_right k_in + k)`` per term instead of ``O(n_left
     n_right k)``, and the gradient is never formed. Entries are Gaussian or
     Rademacher scaled so that inner products are preserved in expectation.
+    ``transposed``: the parameter is stored as ``(n_right, n_left)`` (GPT-2's
+    ``Conv1D``).
     """
 
-    def __init__(self, weight, bias, n_left, n_right, factors, seed, kind="gaussian", device="cpu"):
-        self.weight, self.bias = weight, bias
-        self.n_right = n_right
+    def __init__(
+        self, weight, n_left, n_right, factors, seed, kind="gaussian", device="cpu", transposed=False
+    ):
+        self.weight, self.n_left, self.n_right, self.transposed = weight, n_left, n_right, transposed
+        self._factors, self._seed, self._kind, self._device = factors, seed, kind, device
         k_out, k_in = factors
         self.p_left = _random_tile(kind, n_left, k_out, _tile_seed(seed, 0, 0)).to(device)
-        self.p_right = _random_tile(kind, n_right + (bias is not None), k_in, _tile_seed(seed, 0, 1)).to(
-            device
-        )
+        self.p_right = _random_tile(kind, n_right, k_in, _tile_seed(seed, 0, 1)).to(device)
+        self.bias_rows: dict[str, torch.Tensor] = {}
 
-    def right(self, a: torch.Tensor) -> torch.Tensor:
-        """``P_right^T [a, 1]`` for right factors ``a`` (..., n_right)."""
-        out = a @ self.p_right[: self.n_right]
-        return out + self.p_right[self.n_right] if self.bias is not None else out
+    def add_bias(self, name: str) -> None:
+        if name not in self.bias_rows:
+            seed = _tile_seed(self._seed, 1 + len(self.bias_rows), 1)
+            self.bias_rows[name] = _random_tile(self._kind, 1, self._factors[1], seed)[0].to(self._device)
+
+    def right(self, a: torch.Tensor, bias: str | None = None) -> torch.Tensor:
+        """``P_right^T a (+ r_b)`` for right factors ``a`` (..., n_right)."""
+        out = a @ self.p_right
+        return out + self.bias_rows[bias] if bias is not None else out
 
     @staticmethod
     def combine(p_left: torch.Tensor, p_right: torch.Tensor) -> torch.Tensor:
         """``sum_t p_left_t (x) p_right_t`` of ``(batch, ..., k_out)`` and
-        ``(batch, ..., k_in)`` projected factors: ``(batch, k_out, k_in)``."""
-        b = p_left.shape[0]
-        return torch.einsum(
-            "bto,bti->boi", p_left.reshape(b, -1, p_left.shape[-1]), p_right.reshape(b, -1, p_right.shape[-1])
-        )
+        ``(batch, ..., k_in)`` projected factors: ``(batch, k_out, k_in)``. A
+        factor with batch 1 (a call made once for the whole batch) is broadcast."""
+        b = max(p_left.shape[0], p_right.shape[0])
+        p_left = p_left.reshape(p_left.shape[0], -1, p_left.shape[-1]).expand(b, -1, -1)
+        p_right = p_right.reshape(p_right.shape[0], -1, p_right.shape[-1]).expand(b, -1, -1)
+        return torch.einsum("bto,bti->boi", p_left, p_right)
+
+    def view(self, g: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradients ``(batch, *weight.shape)`` as ``(batch, n_left, n_right)``."""
+        return g.transpose(1, 2) if self.transposed else g.reshape(g.shape[0], self.n_left, self.n_right)
 
     def full(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """The same projection of full per-sample gradients ``{name: (batch, ...)}``."""
-        g = grads[self.weight]
-        g = g.reshape(g.shape[0], g.shape[1], -1)
-        if self.bias is not None:
-            g = torch.cat([g, grads[self.bias][..., None]], -1)
-        return torch.einsum("blr,lo,ri->boi", g, self.p_left, self.p_right)
+        out = torch.einsum("blr,lo,ri->boi", self.view(grads[self.weight]), self.p_left, self.p_right)
+        for bias, row in self.bias_rows.items():
+            out = out + torch.einsum("bl,lo,i->boi", grads[bias], self.p_left, row)
+        return out
 
 
 def make_projector(

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from torch import nn
 from sktda._data import take
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble, Member, member_from_module
 from sktda._gradients import GradientConfig, LayerEngine, VmapEngine, featurize, make_engine
-from sktda._layers import LayerProjector, assign_routes
+from sktda._layers import ExactProjector, LayerProjector, assign_routes
 from sktda._nets import NetTask, fit_net
 from sktda._projection import KroneckerBlock, kronecker_factors
 from sktda.models import MLP
@@ -48,18 +50,20 @@ def _data(n=12, d=6, classes=4, seed=0):
 
 
 def _projector(module, proj_dim, seed=0):
-    routes, leftover = assign_routes(module, dict(module.named_parameters()))
+    params = dict(module.named_parameters())
+    routes, leftover = assign_routes(module, params)
     assert not leftover
-    return LayerProjector(module, routes, {}, proj_dim, seed)
+    return LayerProjector(routes, {k: v.numel() for k, v in params.items()}, proj_dim, seed)
 
 
-def _same_features(member, X, y, proj_dim, task=TASK, vmap_layers=()):
+def _same_features(member, X, y, proj_dim, task=TASK, traced=(), rowwise=()):
     """The per-layer engine's features equal vmap's under the same projection, with
-    the routes checked on a probe and only ``vmap_layers`` left to vmap."""
+    the routes checked on a probe, only the parameters ``traced`` left to the
+    operations that use them and ``rowwise`` to row-by-row autograd."""
     config = GradientConfig(task=task, proj_dim=proj_dim, path="layers")
     engine = make_engine(member, config, (take(X, slice(0, 3)), y[:3]))
     assert isinstance(engine, LayerEngine)
-    assert engine.vmap_layers == set(vmap_layers)
+    assert set(engine.traced) == set(traced) and set(engine.rowwise) == set(rowwise)
     fast = featurize(engine, X, y, batch_size=5)
     slow = featurize(VmapEngine(member, task, CPU, engine.projector), X, y, batch_size=5)
     assert np.abs(slow.phi).max() > 0
@@ -79,15 +83,21 @@ def test_kronecker_factors():
 
 
 def test_factor_projection_equals_projection_of_the_full_gradient():
-    block = KroneckerBlock("fc.weight", "fc.bias", 3, 5, (3, 4), seed=0)
+    block = KroneckerBlock("fc.weight", 3, 5, (3, 4), seed=0)
+    block.add_bias("fc.bias")
     a, d = torch.randn(4, 5), torch.randn(4, 3)
     full = {"fc.weight": torch.einsum("bo,bi->boi", d, a), "fc.bias": d}
-    torch.testing.assert_close(block.combine(d @ block.p_left, block.right(a)), block.full(full))
+    torch.testing.assert_close(block.combine(d @ block.p_left, block.right(a, "fc.bias")), block.full(full))
     # positions in the middle dimensions are summed, as in the gradient
     a3, d3 = torch.randn(4, 7, 5), torch.randn(4, 7, 3)
     full3 = {"fc.weight": torch.einsum("bto,bti->boi", d3, a3), "fc.bias": d3.sum(1)}
     torch.testing.assert_close(
-        block.combine(d3 @ block.p_left, block.right(a3)), block.full(full3), rtol=1e-4, atol=1e-5
+        block.combine(d3 @ block.p_left, block.right(a3, "fc.bias")), block.full(full3), rtol=1e-4, atol=1e-5
+    )
+    # a factor of batch 1 (a call made once for the whole batch) is broadcast
+    torch.testing.assert_close(
+        block.combine(d3 @ block.p_left, block.right(a3[:1])),
+        block.combine(d3 @ block.p_left, block.right(a3[:1].expand(4, -1, -1))),
     )
 
 
@@ -103,7 +113,7 @@ def test_kronecker_projection_preserves_inner_products(proj_dim):
 
 @pytest.mark.parametrize("proj_dim", [7, 29, 257])
 def test_prime_proj_dim_projects_like_its_neighbours(proj_dim):
-    module = MLP(n_features=6, n_outputs=4, hidden=(8, 7), dropout=0.0)
+    module = MLP(n_features=6, n_outputs=4, hidden=(16, 12), dropout=0.0)  # 368 parameters
     member = _member(module)
     X, y = _data(n=40)
     fast = _same_features(member, X, y, proj_dim)
@@ -152,21 +162,30 @@ def test_linear_engine_on_dropout_and_lora_members(digits):
 
 def test_make_engine_picks_the_path():
     mlp = _member(MLP(n_features=6, n_outputs=4, hidden=(8,), dropout=0.0))
-    assert isinstance(make_engine(mlp, _config(16)), LayerEngine)
-    assert isinstance(make_engine(mlp, _config(None)), VmapEngine)  # exact gradients
+    assert isinstance(make_engine(mlp, _config(16)).projector, LayerProjector)
+    exact = make_engine(mlp, _config(None))  # exact gradients, on the same per-layer engine
+    assert isinstance(exact, LayerEngine) and isinstance(exact.projector, ExactProjector)
     assert isinstance(make_engine(mlp, _config(16, path="vmap")), VmapEngine)
-    assert isinstance(make_engine(mlp, _config(None, path="layers")), LayerEngine)
     with pytest.raises(ValueError, match="gradient_path"):
         make_engine(mlp, _config(16, path="fast"))
-    # a layer without a route is differentiated with vmap, alone, and named
+    # a layer without a route is differentiated from the operations that use it
     conv = _member(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4)))
-    with pytest.warns(UserWarning, match="Layer '0': Conv1d has no fast gradient route"):
-        engine = make_engine(conv, _config(16))
-    assert [r.name for r in engine.projector.routes] == ["2"]
     X, y = torch.randn(7, 1, 6), torch.randint(0, 4, (7,))
-    fast = featurize(engine, X, y, batch_size=3)
-    slow = featurize(VmapEngine(conv, TASK, CPU, engine.projector), X, y, batch_size=3)
-    np.testing.assert_allclose(fast.phi, slow.phi, rtol=1e-4, atol=1e-5)
+    for proj_dim in (16, None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # small: no warning
+            engine = make_engine(conv, _config(proj_dim), (X[:3], y[:3]))
+        assert [r.name for r in engine.routes] == ["2"] and engine.traced == ["0.bias", "0.weight"]
+        fast = featurize(engine, X, y, batch_size=3)
+        slow = featurize(VmapEngine(conv, TASK, CPU, engine.projector), X, y, batch_size=3)
+        np.testing.assert_allclose(fast.phi, slow.phi, rtol=1e-4, atol=1e-5)
+
+
+def test_large_layers_without_a_route_are_named():
+    big = _member(nn.Sequential(nn.Conv1d(64, 128, 9), nn.Flatten(), nn.Linear(256, 4)))
+    X, y = torch.randn(4, 64, 10), torch.randint(0, 4, (4,))
+    with pytest.warns(UserWarning, match=r"Layer '0' \(Conv1d\): 73856 parameters without a gradient route"):
+        make_engine(big, _config(16), (X[:3], y[:3]))
 
 
 def test_unused_linear_layers_give_zero_features():

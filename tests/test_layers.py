@@ -1,5 +1,7 @@
 """Every per-layer route against the dense vmap path under the same projection."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -162,27 +164,70 @@ def test_token_transformer_language_model():
     _same_features(_member(module), tokens[:, :-1], tokens[:, 1:], 40, task=task)
 
 
-def test_tied_and_broadcast_parameters_fall_back_to_vmap():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 8)
-            self.position = nn.Embedding(4, 8)
-            self.head = nn.Linear(8, 10, bias=False)
-            self.head.weight = self.emb.weight  # tied, as language models often are
-            self.norm = nn.LayerNorm(8)
+class Tied(nn.Module):
+    """A token model with the position idioms of real code and a tied output layer."""
 
-        def forward(self, x):
-            # one call for the whole batch, broadcast over it
-            h = self.emb(x) + self.position(torch.arange(x.shape[1]))
-            return self.head(self.norm(h).mean(1))
+    def __init__(self, positions="broadcast", head="linear"):
+        super().__init__()
+        self.positions = positions
+        self.emb = nn.Embedding(10, 8)
+        self.position = nn.Embedding(6, 8)
+        self.table = nn.Parameter(torch.randn(6, 8))
+        self.head = nn.Linear(8, 10, bias=False) if head == "linear" else Bilinear(8, 10)
+        self.head.weight = self.emb.weight  # tied, as language models often are
+        self.norm = nn.LayerNorm(8)
 
+    def forward(self, x):
+        T = x.shape[1]
+        if self.positions == "broadcast":  # one call for the whole batch (GPT-2, BERT)
+            pos = self.position(torch.arange(T)[None])
+        elif self.positions == "arange":  # (T, d), broadcast over the batch
+            pos = self.position(torch.arange(T))
+        elif self.positions == "weight":  # the table read directly
+            pos = self.position.weight[None, :T]
+        elif self.positions == "parameter":  # a bare parameter, transposed twice
+            pos = self.table.t().t()[:T] * 0.5
+        else:  # sequence-first, where rows are positions and not samples
+            h = self.emb(x).transpose(0, 1) + self.table[:T, None]
+            return self.head(self.norm(h.transpose(0, 1)).mean(1))
+        h = self.emb(x) + pos
+        return self.head(self.norm(h).mean(1))
+
+
+class Bilinear(nn.Module):
+    """A layer type without a route that holds the tied weight."""
+
+    def __init__(self, d, v):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(v, d))
+
+    def forward(self, h):
+        return torch.tanh(h @ self.weight.T) * (h @ self.weight.T)
+
+
+@pytest.mark.parametrize(
+    "positions, head, traced, rowwise",
+    [
+        # a bare parameter (the table) is always traced, whether used or not
+        ("broadcast", "linear", {"table"}, ()),  # every layer on its route
+        ("arange", "linear", {"table", "position.weight"}, ()),
+        ("weight", "linear", {"table", "position.weight"}, ()),
+        ("parameter", "linear", {"table"}, ()),
+        ("broadcast", "bilinear", {"table", "emb.weight"}, ()),  # tied to a layer without a route
+        ("sequence_first", "linear", (), {"table"}),
+    ],
+)
+def test_tied_broadcast_and_directly_read_parameters(positions, head, traced, rowwise):
     torch.manual_seed(0)
-    X = torch.randint(0, 10, (8, 4))
-    with pytest.warns(UserWarning) as record:
-        _same_features(_member(Tied()), X, _classes(8, 10), 32, vmap_layers={"emb", "position"})
-    messages = " ".join(str(w.message) for w in record)
-    assert "Layer 'emb'" in messages and "Layer 'position'" in messages and "vmap" in messages
+    X = torch.randint(0, 10, (8, 5))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _same_features(_member(Tied(positions, head)), X, _classes(8, 10), 32, traced=traced, rowwise=rowwise)
+    messages = [str(w.message) for w in record]
+    if rowwise:
+        assert any("one sample at a time" in m for m in messages)
+    else:
+        assert not messages
 
 
 def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
