@@ -37,7 +37,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
 
 from ._data import map_tensors, n_samples, take, to_torch
-from ._layers import ExactProjector, LayerProjector, assign_routes, route_class
+from ._layers import ExactProjector, LayerProjector, assign_routes
 from ._nets import NetTask
 from ._parallel import run, torch_threads
 from ._projection import make_projector
