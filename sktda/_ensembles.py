@@ -11,6 +11,7 @@ attribution methods never learn which strategy made a member.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -142,8 +143,9 @@ class EnsembleStrategy:
     def members_per_model(self) -> int:
         return 1
 
-    def check(self, module: torch.nn.Module) -> None:
-        """Raise ``ValueError`` if the strategy cannot work with ``module``."""
+    def check(self, module: torch.nn.Module, X_sample) -> None:
+        """Raise ``ValueError`` if the strategy cannot work with ``module`` (whose
+        input ``X_sample`` is one training sample)."""
 
     def fit(self, estimator, X, y, *, seed: int, device: torch.device, task: NetTask, callbacks=()):
         return fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
@@ -173,7 +175,10 @@ _MASKABLE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 class FixedMaskDropout(nn.Module):
     """Dropout whose mask is a buffer: the same for every sample, and supplied per
-    member as an explicit input of ``functional_call`` (ones: no dropout)."""
+    member as an explicit input of ``functional_call`` (ones: no dropout). ``p`` is
+    0 for code that reads a dropout module's rate (the mask is the dropout)."""
+
+    p = 0.0
 
     def __init__(self, mask_shape: tuple[int, ...]):
         super().__init__()
@@ -185,6 +190,29 @@ class FixedMaskDropout(nn.Module):
 
 def _dropout_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, _MASKABLE)}
+
+
+def _called_dropout_shapes(module: nn.Module, X_sample) -> dict[str, torch.Size]:
+    """The per-sample input shape of every dropout module that a forward pass in
+    eval mode calls (transformers' attention keeps an ``nn.Dropout`` but passes
+    only its rate to a fused kernel: that module is never called)."""
+    shapes = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, args, name=name: shapes.__setitem__(name, args[0].shape[1:])
+        )
+        for name, layer in _dropout_layers(module).items()
+    ]
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            call(module, to_torch(X_sample, next(module.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        module.train(training)
+    return shapes
 
 
 class DropoutEnsemble(EnsembleStrategy):
@@ -208,7 +236,7 @@ class DropoutEnsemble(EnsembleStrategy):
         rate = self.params["dropout_rate"]
         return float(layer.p if rate is None else rate)
 
-    def check(self, module):
+    def check(self, module, X_sample):
         layers = _dropout_layers(module)
         if not layers:
             raise ValueError(
@@ -216,25 +244,34 @@ class DropoutEnsemble(EnsembleStrategy):
                 f"in the module, and {type(module).__name__} has none. Add one, or use "
                 "ensemble='independent' or 'lora'."
             )
-        if all(self._rate(layer) == 0 for layer in layers.values()):
-            raise ValueError("Every dropout layer has rate 0; set dropout_rate in (0, 1).")
+        called = _called_dropout_shapes(module, X_sample)
+        if not called:
+            raise ValueError(
+                f"ensemble='dropout' masks the dropout modules that the forward pass calls, and "
+                f"{type(module).__name__} calls none of its {len(layers)} (its dropout is functional, "
+                "as in transformers' attention, which passes only the rate to a fused kernel). Use "
+                "ensemble='independent' or 'lora'."
+            )
+        uncalled = [name for name in layers if name not in called]
+        if uncalled:
+            shown = ", ".join(repr(n) for n in uncalled[:5]) + (", ..." if len(uncalled) > 5 else "")
+            warnings.warn(
+                f"ensemble='dropout': {len(uncalled)} dropout module(s) of {type(module).__name__} are never "
+                f"called by its forward pass ({shown}; transformers' attention passes only their rate to "
+                "a fused kernel), so they get no mask; the other "
+                f"{len(called)} do.",
+                UserWarning,
+                stacklevel=4,
+            )
+        if all(self._rate(layers[name]) == 0 for name in called):
+            raise ValueError("Every dropout layer the module calls has rate 0; set dropout_rate in (0, 1).")
 
     def members(self, net, model_seed, X_sample):
         module = trained_module(net)
         layers = _dropout_layers(module)
-        shapes = {}
-        hooks = [
-            layer.register_forward_pre_hook(
-                lambda m, args, name=name: shapes.__setitem__(name, args[0].shape[1:])
-            )
-            for name, layer in layers.items()
-        ]
-        with torch.no_grad():
-            call(module, to_torch(X_sample, next(module.parameters()).device))
-        for hook in hooks:
-            hook.remove()
+        shapes = _called_dropout_shapes(module, X_sample)
         masks = {}
-        for i, (name, layer) in enumerate(layers.items()):
+        for i, (name, layer) in enumerate((n, layer) for n, layer in layers.items() if n in shapes):
             shape = tuple(shapes[name])
             if not isinstance(layer, nn.Dropout):  # channel-wise
                 shape = shape[:1] + (1,) * (len(shape) - 1)
@@ -322,7 +359,7 @@ class LoraEnsemble(EnsembleStrategy):
             head.requires_grad_(True)
         return module
 
-    def check(self, module):
+    def check(self, module, X_sample):
         if _is_peft_model(module):
             raise ValueError(
                 "ensemble='lora' adds LoRA adapters of its own, and the net's module is already a "
@@ -454,7 +491,7 @@ class TrainedEnsemble:
         ``n_models`` models (seeded from ``random_state``) in parallel, recording
         ``n_checkpoints`` checkpoints along training when asked. Every model's
         training is guarded (see :class:`~sktda._nets.TrainingGuard`)."""
-        strategy.check(module)
+        strategy.check(module, take(X, slice(0, 1)))
         seeds = [int(s) for s in check_random_state(random_state).randint(0, 2**31 - 1, size=n_models)]
         callbacks = ()
         if n_checkpoints:

@@ -9,14 +9,16 @@ classifiers, the prediction for regressors) and into the training loss.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from sklearn.base import clone
-from skorch import NeuralNet, NeuralNetClassifier
+from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
 from skorch.utils import multi_indexing
+from torch.func import vmap
 
 _CLASSIFICATION_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
 _REGRESSION_LOSSES = (torch.nn.MSELoss,)
@@ -40,7 +42,10 @@ class NetTask:
     ``(n, T)`` token ids (a language model), tokens equal to ``ignore_index``
     left out. ``target`` is the attributed scalar (see :meth:`target_and_residual`)
     and ``role`` says whether features are taken of training samples (``"train"``)
-    or of the samples whose prediction is attributed (``"test"``).
+    or of the samples whose prediction is attributed (``"test"``). ``criterion``:
+    the net's own criterion, for a loss sktda has no closed form of (None: the
+    closed forms of cross-entropy, NLL and squared error), whose per-sample losses
+    are then taken from the criterion itself.
     """
 
     is_classifier: bool
@@ -49,6 +54,7 @@ class NetTask:
     is_sequence: bool = False
     ignore_index: int = -100
     role: str = "train"
+    criterion: torch.nn.Module | None = None
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         if self.output == PROBABILITIES:
@@ -75,7 +81,7 @@ class NetTask:
         language models. For ``"log_prob"`` and ``"sequence_log_likelihood"`` under
         cross-entropy the two coincide.
         """
-        if self.target == "auto" and not self.is_sequence:
+        if self.target == "auto" and not self.is_sequence and self.criterion is None:
             return self._auto(out, y)
         if self.role == "test" and callable(self.target):
             f = self.target(out, y)
@@ -107,6 +113,8 @@ class NetTask:
 
     def per_sample_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each sample's training loss (summed over its tokens or outputs)."""
+        if self.criterion is not None:
+            return criterion_losses(self.criterion, out, y)
         if not self.is_classifier:
             return (out.reshape(out.shape[0], -1) - y.reshape(out.shape[0], -1).to(out.dtype)).pow(2).sum(1)
         log_p = torch.log_softmax(self.logits(out), dim=-1)
@@ -114,8 +122,11 @@ class NetTask:
         picked = log_p.gather(-1, torch.where(keep, y, 0)[..., None])[..., 0] * keep
         return -(picked.reshape(out.shape[0], -1).sum(1))
 
-    def check_output(self, out: torch.Tensor, n_classes: int) -> None:
-        """Refuse a module output that the loss would silently mistreat."""
+    def check_output(self, out: torch.Tensor, n_classes: int, y=None) -> None:
+        """Refuse a module output that the loss would silently mistreat, and a
+        criterion that cannot be evaluated per sample (checked on ``y``)."""
+        if self.criterion is not None and y is not None:
+            check_per_sample(self.criterion, out, y)
         if not self.is_classifier:
             return
         if self.is_sequence:
@@ -125,7 +136,7 @@ class NetTask:
                     f"module returns {tuple(out.shape)}."
                 )
             n_classes = 0
-        elif out.ndim != 2 or out.shape[1] < n_classes:
+        elif self.criterion is None and (out.ndim != 2 or out.shape[1] < n_classes):
             raise ValueError(
                 f"The module returns outputs of shape {tuple(out.shape)} but y has {n_classes} "
                 "classes; a classifier's module must return one score per class, shape "
@@ -157,7 +168,10 @@ def check_net(estimator, target="auto", y=None) -> NetTask:
 
     ``y`` (the training targets) tells a language model apart: a plain
     ``NeuralNet`` with a classification loss and 2-D integer ``y`` is attributed
-    by ``"sequence_log_likelihood"`` under ``target="auto"``.
+    by ``"sequence_log_likelihood"`` under ``target="auto"``. A criterion sktda
+    has no closed form of is used as it is: its per-sample losses are taken with
+    ``reduction="none"``, or one sample at a time, and ``target="auto"`` then
+    attributes the loss.
     """
     if not isinstance(estimator, NeuralNet):
         raise TypeError(
@@ -171,6 +185,8 @@ def check_net(estimator, target="auto", y=None) -> NetTask:
         )
     criterion = estimator.criterion
     crit_cls = criterion if isinstance(criterion, type) else type(criterion)
+    if not issubclass(crit_cls, torch.nn.Module):
+        raise TypeError(f"criterion must be a torch.nn.Module class or instance (a loss), got {criterion!r}.")
     if issubclass(crit_cls, torch.nn.NLLLoss):
         output = PROBABILITIES if isinstance(estimator, NeuralNetClassifier) else LOG_PROBABILITIES
         task = NetTask(is_classifier=True, output=output)
@@ -178,12 +194,12 @@ def check_net(estimator, target="auto", y=None) -> NetTask:
         task = NetTask(is_classifier=True)
     elif issubclass(crit_cls, _REGRESSION_LOSSES):
         task = NetTask(is_classifier=False)
-    else:
-        raise TypeError(
-            f"sktda does not know the loss {crit_cls.__name__}. Use criterion="
-            "torch.nn.CrossEntropyLoss (logits) or torch.nn.NLLLoss (probabilities) for "
-            "classifiers, torch.nn.MSELoss for regressors, or a subclass of one of them."
+    else:  # the user's own loss, evaluated per sample by itself
+        is_classifier = isinstance(estimator, NeuralNetClassifier) or (
+            not isinstance(estimator, NeuralNetRegressor)
+            and (target in ("log_prob", "sequence_log_likelihood") or np.asarray(y).dtype.kind in "iu")
         )
+        task = NetTask(is_classifier=is_classifier, criterion=_criterion_instance(estimator))
     params = estimator.get_params()
     ignore_index = params.get("criterion__ignore_index", getattr(criterion, "ignore_index", -100))
     is_sequence = target == "sequence_log_likelihood" or (
@@ -205,6 +221,79 @@ def check_net(estimator, target="auto", y=None) -> NetTask:
             "y = next tokens (n_samples, T); a NeuralNetClassifier takes one label per sample."
         )
     return replace(task, target=target, is_sequence=is_sequence, ignore_index=int(ignore_index))
+
+
+def _criterion_instance(estimator) -> torch.nn.Module:
+    """The net's criterion as skorch builds it (with its ``criterion__`` arguments)."""
+    try:
+        return estimator.initialized_instance(estimator.criterion, estimator.get_params_for("criterion"))
+    except Exception as exc:
+        raise TypeError(
+            f"The criterion {estimator.criterion!r} cannot be built with the net's criterion__ "
+            f"arguments: {type(exc).__name__}: {exc}."
+        ) from exc
+
+
+def criterion_losses(criterion: torch.nn.Module, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each sample's loss under ``criterion``: its elements' losses with
+    ``reduction="none"``, summed, when the criterion has a ``reduction``; otherwise
+    the criterion on each sample alone (vectorised with ``vmap`` where it allows)."""
+    criterion = criterion.to(out.device)
+    n = out.shape[0]
+    if isinstance(getattr(criterion, "reduction", None), str):
+        elementwise = copy.copy(criterion)
+        elementwise.reduction = "none"
+        loss = elementwise(out, y)
+        if loss.dim() > 0 and loss.numel() >= n and loss.numel() % n == 0:
+            return loss.reshape(n, -1).sum(1)
+    try:
+        loss = vmap(lambda o, t: criterion(o[None], t[None]))(out, y)
+    except Exception:  # data-dependent control flow: one call per sample
+        loss = torch.stack([criterion(out[i : i + 1], y[i : i + 1]) for i in range(n)])
+    return loss.reshape(n)
+
+
+def check_per_sample(criterion, out, y) -> None:
+    """Refuse, before training, a criterion whose loss cannot be split per sample:
+    one that fails on a single sample, or whose batch loss couples the samples (its
+    gradient with respect to a sample's output is not along that sample's own)."""
+    out = out.detach().to(torch.float32).requires_grad_()
+    name = type(criterion).__name__
+    try:
+        with torch.enable_grad():
+            criterion(out, y)
+    except Exception as exc:
+        raise ValueError(
+            f"The criterion {name} fails on the module's outputs, shape {tuple(out.shape)}, and the "
+            f"targets, shape {tuple(y.shape)}: {type(exc).__name__}: {exc}. Use a criterion that "
+            "takes them (for a classifier, CrossEntropyLoss on logits)."
+        ) from exc
+    try:
+        with torch.enable_grad():
+            loss = criterion_losses(criterion, out, y)
+            (own,) = torch.autograd.grad(loss.sum(), out, allow_unused=True, materialize_grads=True)
+            (joint,) = torch.autograd.grad(criterion(out, y), out, allow_unused=True, materialize_grads=True)
+    except Exception as exc:
+        raise ValueError(
+            f"The criterion {name} cannot be evaluated on one sample at a time "
+            f"({type(exc).__name__}: {exc}), and per-sample gradients need each sample's loss. Give it "
+            "a reduction attribute that accepts 'none', or make it accept a batch of one."
+        ) from exc
+    if loss.shape != (out.shape[0],) or not bool(torch.isfinite(loss).all()):
+        raise ValueError(
+            f"The criterion {name} gives per-sample losses of shape "
+            f"{tuple(loss.shape)} for {out.shape[0]} samples (or non-finite ones); it must return one "
+            "scalar per sample when called on one sample."
+        )
+    own, joint = own.reshape(len(own), -1), joint.reshape(len(joint), -1)
+    cosine = (own * joint).sum(1) / (own.norm(dim=1) * joint.norm(dim=1)).clamp_min(1e-30)
+    moving = (own.norm(dim=1) > 0) | (joint.norm(dim=1) > 0)
+    if bool((moving & (cosine < 0.999)).any()):
+        raise ValueError(
+            f"The criterion {name} couples the samples of a batch: its gradient with "
+            "respect to one sample's output is not that of the sample's own loss, so the loss does not "
+            "split into per-sample losses, and per-sample gradients are not defined for it."
+        )
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -255,23 +344,30 @@ class LearningRateCheckpoints(Callback):
 class TrainingGuard(Callback):
     """Fail early and clearly: one forward pass on the first training samples
     before the first step (after the user's callbacks have sized the module), and
-    a finite loss after every epoch."""
+    a finite loss after every epoch. A module that returns a transformers
+    ``ModelOutput``, a dict or a tuple is trained and attributed on its logits
+    (see :func:`logits_output`)."""
 
     def __init__(self, task: NetTask | None = None, n_classes: int = 0):
         self.task = task
         self.n_classes = n_classes
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
+        use_logits(net.module_)
         head = multi_indexing(X, slice(0, 2))
         try:
             out = net.forward(head, training=False)
-        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
             raise ValueError(
-                f"The module cannot take the training inputs: its forward pass on "
-                f"{_describe(head)} failed with {type(exc).__name__}: {exc}. Make the module's "
-                "input size match the data (for example module__n_features)."
+                f"The module cannot take the training inputs: its forward pass on {_describe(head)} "
+                f"failed with {type(exc).__name__}: {exc}. Check that forward accepts them (a dict X is "
+                "passed as keyword arguments of those names) and that the module's sizes match the "
+                "data (for example module__n_features)."
             ) from exc
-        if self.task is not None:
+        if self.task is not None and y is not None:
+            y_head = torch.as_tensor(np.asarray(multi_indexing(y, slice(0, 2)))).to(out.device)
+            self.task.check_output(out, self.n_classes, y_head)
+        elif self.task is not None:
             self.task.check_output(out, self.n_classes)
 
     def on_epoch_end(self, net, **kwargs):
@@ -291,7 +387,45 @@ class TrainingGuard(Callback):
             )
 
 
+_WRAPPER = """class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__(); self.model = model
+    def forward(self, **inputs):
+        return self.model(**inputs).logits"""
+
+
+def logits_output(module, args, kwargs, output):
+    """Forward hook: the logits of a module that returns a transformers
+    ``ModelOutput`` or a dict (``output["logits"]``) or a tuple (its first
+    element), so that skorch trains on them and sktda attributes them."""
+    if isinstance(output, torch.Tensor):
+        return None
+    if isinstance(output, Mapping):
+        logits = output.get("logits")
+        if isinstance(logits, torch.Tensor):
+            return logits
+        keys = list(output.keys())
+    elif isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    else:
+        keys = None
+    what = f"a {type(output).__name__}" + (f" with keys {keys} but no 'logits'" if keys is not None else "")
+    raise TypeError(
+        f"The module returns {what}; sktda trains and attributes a tensor of scores (logits). "
+        f"Return one, for example with a wrapper:\n{_WRAPPER}"
+    )
+
+
+def use_logits(module: torch.nn.Module) -> torch.nn.Module:
+    """Register :func:`logits_output` on ``module`` (once)."""
+    if not any(hook is logits_output for hook in module._forward_hooks.values()):
+        module.register_forward_hook(logits_output, with_kwargs=True)
+    return module
+
+
 def _describe(X) -> str:
+    if isinstance(X, Mapping):
+        return "inputs " + ", ".join(f"{k}={_describe(v)[len('an input of ') :]}" for k, v in X.items())
     shape = getattr(X, "shape", None)
     return f"an input of shape {tuple(shape)}" if shape is not None else f"a {type(X).__name__} input"
 
@@ -340,6 +474,7 @@ def untrained_net(estimator, device: torch.device):
     net.set_params(device=str(device))
     with torch.random.fork_rng(devices=[]):
         net.initialize()
+    use_logits(net.module_)
     return net
 
 
@@ -407,7 +542,7 @@ def initialized_module(estimator) -> torch.nn.Module:
             f"The module {type(net.module_).__name__} has no trainable parameters: there is "
             "nothing to train or to differentiate."
         )
-    return net.module_
+    return use_logits(net.module_)
 
 
 def takes_token_ids(module: torch.nn.Module) -> bool:

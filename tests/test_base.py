@@ -97,7 +97,7 @@ def test_diverging_training_is_refused(make, digits):
 @pytest.mark.parametrize("make", ESTIMATORS)
 def test_input_size_mismatch_is_refused_before_training(make, digits):
     X, _, y, _ = digits
-    with pytest.raises(ValueError, match=r"cannot take the training inputs.*\(2, 64\).*input size"):
+    with pytest.raises(ValueError, match=r"cannot take the training inputs.*\(2, 64\).*sizes match the data"):
         make(make_classifier_net(module__n_features=30)).fit(X, y)
 
 
