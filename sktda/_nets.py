@@ -357,6 +357,8 @@ class TrainingGuard(Callback):
         head = multi_indexing(X, slice(0, 2))
         try:
             out = net.forward(head, training=False)
+        except NoLogitsError:
+            raise
         except (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
             raise ValueError(
                 f"The module cannot take the training inputs: its forward pass on {_describe(head)} "
@@ -387,6 +389,10 @@ class TrainingGuard(Callback):
             )
 
 
+class NoLogitsError(TypeError):
+    """The module returns no tensor of scores that sktda could train and attribute."""
+
+
 _WRAPPER = """class Logits(torch.nn.Module):
     def __init__(self, model):
         super().__init__(); self.model = model
@@ -410,9 +416,9 @@ def logits_output(module, args, kwargs, output):
     else:
         keys = None
     what = f"a {type(output).__name__}" + (f" with keys {keys} but no 'logits'" if keys is not None else "")
-    raise TypeError(
+    raise NoLogitsError(
         f"The module returns {what}; sktda trains and attributes a tensor of scores (logits). "
-        f"Return one, for example with a wrapper:\n{_WRAPPER}"
+        f"Return one, for example with a wrapper (or a head on the hidden states):\n{_WRAPPER}"
     )
 
 
