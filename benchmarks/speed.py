@@ -11,7 +11,11 @@ and featurizing alike:
   images (114k parameters);
 - ``transformer``: ``TokenTransformer`` classifier, 2 layers, d_model 64, on 64
   token ids of a 128-token vocabulary (token and position embeddings, attention,
-  layer norms; 80k parameters).
+  layer norms; 80k parameters);
+- ``gpt2``: a transformers GPT-2 language model, 4 layers, n_embd 128, tied
+  embeddings, on 64 tokens of a 128-token vocabulary (0.8M parameters);
+- ``bert``: a transformers BERT classifier, 4 layers, hidden size 128, on 64 token
+  ids padded to random lengths with a 2-D attention mask (0.8M parameters).
 
 Every measurement runs in its own process so its peak resident memory (ru_maxrss)
 is its own. The dense vmap path and dattri 0.3.0's TRAK cache (MLP only) run on a
@@ -31,10 +35,10 @@ import time
 import numpy as np
 import torch
 from _common import _sgd, emit, markdown_table, parser
-from skorch import NeuralNetClassifier
+from skorch import NeuralNet, NeuralNetClassifier
 
 from sktda import EnsembleAttributor
-from sktda.models import MLP, ConvNet, TokenTransformer
+from sktda.models import MLP, ConvNet, TokenCrossEntropy, TokenTransformer
 
 BATCH = 256
 
@@ -53,9 +57,18 @@ def synthetic(model: str, n: int, seed: int = 0):
     if model == "cnn":
         X = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
         return X, _labels(X.reshape(n, 3, 4, 8, 4, 8).mean((3, 5)).reshape(n, -1))
+    if model == "gpt2":
+        tokens = rng.integers(0, 128, (n, 65))
+        return tokens[:, :-1], tokens[:, 1:]
     X = rng.integers(0, 128, (n, 64))
     counts = np.stack([np.bincount(row // 8, minlength=16) for row in X]).astype(np.float32)
-    return X, _labels(counts - counts.mean(0))
+    y = _labels(counts - counts.mean(0))
+    if model == "bert":
+        from skorch.helper import SliceDict
+
+        mask = (np.arange(64)[None] < rng.integers(16, 65, (n, 1))).astype(np.int64)
+        return SliceDict(input_ids=X * mask, attention_mask=mask), y
+    return X, y
 
 
 def net(model: str, max_epochs: int = 1, device: str = "cpu") -> NeuralNetClassifier:
@@ -68,9 +81,18 @@ def net(model: str, max_epochs: int = 1, device: str = "cpu") -> NeuralNetClassi
     if model == "cnn":
         params = dict(module__in_channels=3, module__channels=(32, 64, 128), module__image_size=32)
         return NeuralNetClassifier(ConvNet, **params, module__dropout=0.0, **recipe)
-    params = dict(module__vocab_size=128, module__n_outputs=10, module__d_model=64, module__max_len=64)
     del recipe["optimizer__momentum"]
     recipe.update(optimizer=torch.optim.Adam, lr=1e-3)
+    if model == "gpt2":
+        from _hf import GPT2LM
+
+        recipe["criterion"] = TokenCrossEntropy
+        return NeuralNet(GPT2LM, module__dropout=0.0, **recipe)
+    if model == "bert":
+        from _hf import BertClassifier
+
+        return NeuralNetClassifier(BertClassifier, module__n_labels=10, module__dropout=0.0, **recipe)
+    params = dict(module__vocab_size=128, module__n_outputs=10, module__d_model=64, module__max_len=64)
     return NeuralNetClassifier(TokenTransformer, **params, module__dropout=0.0, **recipe)
 
 
@@ -147,12 +169,17 @@ def main():
         print(json.dumps(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:])))
         return
     p = parser(__doc__)
-    p.add_argument("--models", nargs="*", default=["mlp", "cnn", "transformer"], help="none: scaling only")
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=["mlp", "cnn", "transformer", "gpt2", "bert"],
+        help="none: scaling only",
+    )
     p.add_argument("--n", type=int, default=4000)
     p.add_argument("--vmap-n", type=int, default=256, help="samples for the slow dense vmap path")
     p.add_argument("--dattri-n", type=int, default=200)
-    p.add_argument("--mlp-sizes", type=int, nargs="+", default=[1000, 10000, 100000, 1000000])
-    p.add_argument("--cnn-sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    p.add_argument("--mlp-sizes", type=int, nargs="*", default=[1000, 10000, 100000, 1000000])
+    p.add_argument("--cnn-sizes", type=int, nargs="*", default=[1000, 10000, 100000])
     p.add_argument(
         "--device",
         default="cpu",
@@ -168,14 +195,10 @@ def main():
         epoch_rate = args.n / epoch["seconds"]
         gpu = [epoch["gpu_mib"]] if suffix else []
         rows.append([model, "one training epoch", args.n, epoch_rate, epoch["peak_mib"], *gpu, 1.0, ""])
-        results = [
-            ("sktda, per-layer routes", args.n, run("featurize", model, args.n, "layers", device)),
-            (
-                "sktda, vmap + dense projection",
-                args.vmap_n,
-                run("featurize", model, args.vmap_n, "vmap", device),
-            ),
-        ]
+        results = [("sktda, per-layer routes", args.n, run("featurize", model, args.n, "layers", device))]
+        if model != "bert":  # transformers' padding-mask code cannot run under vmap
+            vmap = run("featurize", model, args.vmap_n, "vmap", device)
+            results.append(("sktda, vmap + dense projection", args.vmap_n, vmap))
         if model == "mlp" and device == "cpu":
             try:
                 import dattri  # noqa: F401
@@ -207,7 +230,13 @@ def main():
         emit(
             f"speed{suffix}",
             f"Featurization speed (proj_dim 2048, batch {BATCH}, {device})",
-            markdown_table(header, rows),
+            markdown_table(header, rows)
+            + (
+                "\n\nbert has no vmap row: transformers' padding-mask code branches on the data, "
+                "which vmap cannot run."
+                if "bert" in args.models
+                else ""
+            ),
             args.readme,
         )
 

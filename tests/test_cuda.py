@@ -72,3 +72,57 @@ def test_detector_on_cuda(digits):
     gpu = OutlierGradientDetector(net, device="cuda", **kwargs).fit(X_train, y_train)
     np.testing.assert_allclose(gpu.train_scores_, cpu.train_scores_, rtol=1e-3)
     np.testing.assert_allclose(gpu.score_samples(X_test), cpu.score_samples(X_test), rtol=1e-3)
+
+
+def _features_on(device, member_factory, X, y, task, proj_dim):
+    from sktda._data import map_tensors, take
+    from sktda._gradients import GradientConfig, featurize, make_engine
+
+    member = member_factory()
+    config = GradientConfig(task=task, proj_dim=proj_dim, device=torch.device(device))
+    X = map_tensors(lambda t: t.to(device), X)
+    y = y.to(device)
+    engine = make_engine(member, config, (take(X, slice(0, 3)), y[:3]))
+    return featurize(engine, X, y, batch_size=4).phi, engine
+
+
+@pytest.mark.parametrize("model", ["bert", "gpt2", "tied-arange", "tied-sequence-first"])
+def test_routes_traced_and_row_by_row_gradients_agree(model):
+    """Every way the engine takes gradients (routes, operations that use a
+    parameter, row by row) gives the CPU's features on CUDA."""
+    pytest.importorskip("transformers")
+    from .test_huggingface import CLASSIFY, GENERATE, GPT2, BertClassifier, _frozen, padded_tokens
+    from .test_layers import Tied
+
+    ids, mask, labels = padded_tokens(10)
+    if model == "bert":
+        X = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        y, task, make = torch.from_numpy(labels), CLASSIFY, BertClassifier
+    elif model == "gpt2":
+        X, y, task, make = torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:]), GENERATE, GPT2
+    else:
+        X, y, task = torch.from_numpy(ids[:, :5] % 10), torch.from_numpy(labels), CLASSIFY
+        make = lambda: Tied(model.split("-", 1)[1].replace("-", "_"))  # noqa: E731
+
+    def factory():
+        torch.manual_seed(0)
+        return _frozen(make())
+
+    for proj_dim in (64, None):
+        cpu, engine_cpu = _features_on("cpu", factory, X, y, task, proj_dim)
+        gpu, engine_gpu = _features_on("cuda", factory, X, y, task, proj_dim)
+        assert (engine_gpu.traced, engine_gpu.rowwise) == (engine_cpu.traced, engine_cpu.rowwise)
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-3, atol=1e-4 * np.abs(cpu).max())
+
+
+def test_padded_bert_attribution_on_cuda():
+    pytest.importorskip("transformers")
+    from skorch.helper import SliceDict
+
+    from .test_huggingface import _bert_net, padded_tokens
+
+    ids, mask, y = padded_tokens(40)
+    X = SliceDict(input_ids=ids, attention_mask=mask)
+    net = _bert_net(module__hidden_dropout_prob=0.0, module__attention_probs_dropout_prob=0.0)
+    cpu, gpu = _fit_both(net, X, y, proj_dim=64, random_state=0)
+    _assert_close(gpu.attribute(X[:5], y[:5]), cpu.attribute(X[:5], y[:5]))
