@@ -180,9 +180,9 @@ class Tied(nn.Module):
     def forward(self, x):
         T = x.shape[1]
         if self.positions == "broadcast":  # one call for the whole batch (GPT-2, BERT)
-            pos = self.position(torch.arange(T)[None])
+            pos = self.position(torch.arange(T, device=x.device)[None])
         elif self.positions == "arange":  # (T, d), broadcast over the batch
-            pos = self.position(torch.arange(T))
+            pos = self.position(torch.arange(T, device=x.device))
         elif self.positions == "weight":  # the table read directly
             pos = self.position.weight[None, :T]
         elif self.positions == "parameter":  # a bare parameter, transposed twice
