@@ -185,6 +185,7 @@ def main():
         default="cpu",
         help="torch device of training and featurization; 'cuda' writes *_cuda tables",
     )
+    p.add_argument("--name", default="speed", help="name of the featurization table in results/")
     args = p.parse_args()
     device = args.device
     suffix = "" if device == "cpu" else f"_{torch.device(device).type}"
@@ -228,7 +229,7 @@ def main():
     ]
     if rows:
         emit(
-            f"speed{suffix}",
+            f"{args.name}{suffix}",
             f"Featurization speed (proj_dim 2048, batch {BATCH}, {device})",
             markdown_table(header, rows)
             + (
