@@ -107,6 +107,9 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
         def get_influence_tracked_modules(self):
             return tracked
 
+    # kronfluence supports nn.Linear and nn.Conv2d only: GPT-2's Conv1D layers are
+    # rewritten as nn.Linear, as its documentation asks of users
+    modules = [_conv1d_as_linear(copy.deepcopy(m)) for m in modules]
     # the layer types kronfluence supports (not MultiheadAttention's out_proj subclass)
     tracked = [
         name for name, m in modules[0].named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
@@ -134,6 +137,20 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
             )
             total = total + analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
     return -total / len(modules), time.perf_counter() - start
+
+
+def _conv1d_as_linear(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every transformers ``Conv1D`` replaced by the equivalent
+    ``nn.Linear`` (its weight transposed)."""
+    for name, child in list(module.named_modules()):
+        if type(child).__name__ == "Conv1D" and hasattr(child, "nf"):
+            linear = torch.nn.Linear(child.weight.shape[0], child.nf)
+            with torch.no_grad():
+                linear.weight.copy_(child.weight.T)
+                linear.bias.copy_(child.bias)
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent), attr, linear)
+    return module
 
 
 def check_kronfluence_sign(module, X_train, y_train, kind="margin") -> None:

@@ -5,9 +5,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble
+from sktda._gradients import GradientConfig, featurize, make_engine
 from sktda._nets import NetTask, fit_net
 from sktda.models import ConvNet, TokenCrossEntropy, TokenTransformer
 
@@ -276,3 +278,33 @@ def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
     lm_net = lora.fit(lm, tokens[:, :-1], tokens[:, 1:], seed=0, device=CPU, task=task)
     (adapter,) = lora.members(lm_net, 0, X[:1])
     _same_features(adapter, X, y, 32, task=task)
+
+
+def test_max_pool_ties_keep_the_routes():
+    """Near-ties in a max-pool resolve differently when a sample is computed alone
+    than within its batch (float rounding depends on the batch): the reference
+    gradients come from the batch's own forward pass, so no route is demoted."""
+
+    class BatchRounding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 1, 1, bias=False)
+            nn.init.ones_(self.conv.weight)  # h = x_0 + x_1, equal across each image
+            self.out = nn.Linear(1, 3)
+            self.register_buffer("jitter", torch.tensor([[-1.0, 1.0], [1.0, -1.0]]).repeat(2, 2))
+
+        def forward(self, x):
+            h = self.conv(x)
+            if len(x) > 1:  # rounding that differs in a batch, far below any tolerance
+                h = h + 1e-6 * self.jitter
+            return self.out(F.max_pool2d(h, 2).mean((2, 3)))
+
+    torch.manual_seed(0)
+    t = torch.rand(6, 1, 4, 4)
+    X, y = torch.cat([t, 1 - t], 1), _classes(6, 3)  # every window ties in h, with different inputs
+    engine = make_engine(_member(BatchRounding()), GradientConfig(task=TASK, proj_dim=16), (X[:3], y[:3]))
+    assert [r.name for r in engine.routes] == ["conv", "out"] and not engine.traced and not engine.rowwise
+    reference, _ = engine._reference_gradients(X, y)
+    np.testing.assert_allclose(
+        featurize(engine, X, y, batch_size=6).phi, engine.projector(reference), rtol=1e-5
+    )
