@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import pickle
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -183,23 +184,31 @@ def subset_retraining(
     seeds = rng.randint(0, 2**31 - 1, size=n_subsets)
     device = resolve_device(device)
 
-    key = joblib.hash(
-        (joblib.hash(clone(estimator)), X, y, X_test, y_test, subsets, seeds, str(device), task.target)
-    )
+    try:
+        key = joblib.hash(
+            (joblib.hash(clone(estimator)), X, y, X_test, y_test, subsets, seeds, str(device), task.target)
+        )
+    except (
+        pickle.PicklingError,
+        TypeError,
+        AttributeError,
+    ):  # a module class defined where pickle cannot find it
+        key = None
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
 
     compute = _retrain
-    if memory is not None:
+    if memory is not None and key is not None:
         compute = (joblib.Memory(memory, verbose=0) if isinstance(memory, str) else memory).cache(
             _retrain, ignore=["n_jobs"]
         )
     outputs = compute(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jobs)
     result = SubsetRetraining(subsets=subsets, outputs=outputs)
-    _CACHE[key] = result
-    if len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    if key is not None:
+        _CACHE[key] = result
+        if len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
     return result
 
 

@@ -5,6 +5,7 @@ results. (CI builds the site itself, with warnings as errors, after the tests.)"
 import importlib
 import re
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ PUBLIC_MODULES = [
     "sktda.datasets",
     "sktda.models",
     "sktda.plotting",
+    "sktda.routes",
 ]
 
 
@@ -71,3 +73,22 @@ def test_read_parses_a_result_file(tables, tmp_path, monkeypatch):
     assert result.header == ["method", "LDS"]
     assert result.rows == [{"method": "a", "LDS": "0.5"}, {"method": "b", "LDS": ""}]
     assert result.made_by == "Made by `python benchmarks/toy.py` on here."
+
+
+def test_hugging_face_recipes_run(tmp_path, monkeypatch):
+    """Every code block of the Hugging Face page, in order, in one namespace."""
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "doc" / "user_guide" / "huggingface.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 5
+    # a module of its own, as a user's script is, so that its classes pickle
+    module = types.ModuleType("huggingface_recipes")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
+    for block in blocks:
+        exec(compile(block, "huggingface.md", "exec"), namespace)
+    assert namespace["A"].shape == (5, 60)
+    assert len(namespace["y_kept"]) == 54 and type(namespace["X_kept"]).__name__ == "SliceDict"
+    assert namespace["top"].proponents.shape == (3, 5)
+    assert namespace["lora"].n_members_ == 2 and namespace["best"]["ensemble"] in ("independent", "dropout")

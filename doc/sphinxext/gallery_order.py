@@ -8,6 +8,7 @@ ORDER = [
     "plot_images_cnn.py",
     "text_transformer.py",
     "finetune_attribution.py",
+    "plot_huggingface_text.py",
     "plot_grid_search_strategies.py",
     "dask_cluster.py",
 ]
