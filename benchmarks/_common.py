@@ -137,13 +137,30 @@ def relatif(A, self_influence):
     return A / np.maximum(root, 1e-6 * root.max())[None, :]
 
 
-def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=(), kind="margin"):
+DATTRI_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def compare(
+    net,
+    data,
+    *,
+    methods,
+    sizes,
+    proj_dim,
+    n_subsets,
+    n_jobs,
+    variants=(),
+    kind="margin",
+    dattri_sizes=None,
+    dattri_grid=DATTRI_GRID,
+):
     """LDS, identical-class rate and time of sktda's methods (default RelatIF
     normalisation and raw scores, from one fit) and of the installed peers on the
     same trained models. ``variants``: extra ``(label, params)`` sktda rows;
     ``kind``: "margin" (classifiers) or "sequence" (language models, whose rows
-    have no identical-class rate). Returns the table's rows and the ground truth's
-    seconds."""
+    have no identical-class rate). dattri runs on ``dattri_sizes`` (default
+    ``sizes``), its regularization the best of ``dattri_grid`` on the largest of
+    them. Returns the table's rows and the ground truth's seconds."""
     from _peers import check_kronfluence_sign, dattri_trak, kronfluence_ekfac
 
     from sktda import EnsembleAttributor
@@ -199,16 +216,16 @@ def compare(net, data, *, methods, sizes, proj_dim, n_subsets, n_jobs, variants=
     except ImportError:
         print("dattri is not installed: its rows are skipped.")
     else:
-        grid = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-        largest = max(sizes)
+        dattri_sizes = sizes if dattri_sizes is None else dattri_sizes
+        largest = max(dattri_sizes)
         best = max(
-            grid,
+            dattri_grid,
             key=lambda reg: linear_datamodeling_score(
                 dattri_trak(modules(largest), X_train, y_train, X_test, y_test, proj_dim, reg, kind)[0],
                 *truth,
             ),
         )
-        for n in sizes:
+        for n in dattri_sizes:
             A, seconds = dattri_trak(modules(n), X_train, y_train, X_test, y_test, proj_dim, best, kind)
             row(
                 f"dattri 0.3.0 trak (reg={best:g})",
