@@ -81,15 +81,16 @@ def emit(name: str, title: str, table: str, readme: bool = False) -> None:
 
 
 def write_headline() -> None:
-    """Replace README.md's ``<!-- bench:headline -->`` block with the headline table
-    made from the saved results."""
-    start, end = "<!-- bench:headline -->", "<!-- /bench:headline -->"
+    """Replace README.md's ``<!-- bench:NAME -->`` blocks (the headline table, the
+    GPU table) with the summaries made from the saved results."""
     content = README.read_text()
-    if start not in content or end not in content:
-        raise SystemExit(f"README.md has no {start} ... {end} block to replace.")
-    head, rest = content.split(start, 1)
-    text = f"{tables.headline()}\n"
-    README.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
+    for name, make in (("headline", tables.headline), ("gpu", tables.gpu)):
+        start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        if start not in content or end not in content:
+            raise SystemExit(f"README.md has no {start} ... {end} block to replace.")
+        head, rest = content.split(start, 1)
+        content = f"{head}{start}\n{make()}\n{end}{rest.split(end, 1)[1]}"
+    README.write_text(content)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -54,13 +54,15 @@ HEADLINE = [
     ("lds_digits", "LDS, MLP on digits (10 models)", {"models": "10"}),
     ("cnn_digits", "LDS, CNN on digit images (10 models)", {"models": "10"}),
     ("sequence", "LDS, transformer language model on text (10 models)", {"models": "10"}),
+    ("huggingface_gpt2", "LDS, transformers GPT-2 language model on text (5 models)", {"models": "5"}),
     ("detection", "AUROC of mislabeled digits (30% flipped)", {"noise": "30%"}),
     ("finetune_detection", "AUROC of mislabeled fine-tuning data (LoRA fine-tune)", {}),
+    ("huggingface_bert", "AUROC of mislabeled text, padded transformers BERT (20% flipped)", {}),
 ]
 
 
 HEADLINE_NOTE = (
-    "Cells: score (seconds). LDS rows: TRAK over 10 models, the seconds those of "
+    "Cells: score (seconds). LDS rows: TRAK over the models named, the seconds those of "
     "featurizing the training set and attributing the test set (the peers run on "
     "sktda's trained models); AUROC rows: the seconds of the whole detection, "
     "training included. Made from `benchmarks/results/` by `python benchmarks/publish.py`; "
@@ -144,12 +146,43 @@ def detection() -> str:
     return markdown(["noise", "method", "AUROC", "test accuracy after filtering", "wall s"], rows)
 
 
+GPU_RESULTS = ("speed_cuda", "speed_transformers_cuda")
+
+
+def _device(made_by: str) -> str:
+    """The machine a result names first: 'Made by `...` on NVIDIA H100 80GB HBM3, ...'."""
+    return made_by.split("` on ", 1)[-1].split(",")[0]
+
+
+def gpu() -> str:
+    """Featurization on a GPU: samples per second of one training epoch and of
+    sktda's featurization, and their ratio, per model and device."""
+    rows = []
+    for name in GPU_RESULTS:
+        result = read(name)
+        for model in dict.fromkeys(row["model"] for row in result.rows):
+            epoch = _find(result.rows, model=model, featurization="one training epoch")
+            ours = _find(result.rows, model=model, featurization="sktda, per-layer routes")
+            rows.append(
+                [
+                    model,
+                    _device(result.made_by),
+                    f"{float(epoch['samples/s']):.0f}",
+                    f"{float(ours['samples/s']):.0f}",
+                    f"{float(ours['time vs one epoch']):.2f}x",
+                ]
+            )
+    header = ["model", "device", "training samples/s", "featurization samples/s", "time vs one epoch"]
+    return markdown(header, rows)
+
+
 # name: (the summary, the result files it is made from)
 SUMMARIES = {
     "headline": (headline, [name for name, _, _ in HEADLINE]),
     "speed_summary": (speed, ["speed"]),
     "methods": (methods, [name for name, _ in METHOD_SETTINGS]),
     "detection_summary": (detection, ["detection"]),
+    "gpu": (gpu, list(GPU_RESULTS)),
 }
 
 

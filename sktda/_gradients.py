@@ -224,17 +224,18 @@ class LayerEngine(GradientEngine):
         try:
             _accumulate(grads, self._traced_gradients(traced, params, n))
         except NotPerSample:  # this chunk's shapes do not split by sample: row by row
-            _accumulate(grads, self._row_gradients(x, y, self.traced)[0])
+            _accumulate(grads, self._row_gradients(x, y, self.traced))
         if self.rowwise:
-            _accumulate(grads, self._row_gradients(x, y, self.rowwise)[0])
+            _accumulate(grads, self._row_gradients(x, y, self.rowwise))
         with torch.no_grad():
             phi = self.projector.finish(products, grads, n, self.device)
         return phi, f, r
 
-    def _row_gradients(self, x, y, names):
-        """``({name: (n, *shape)}, targets)``: the gradients of ``names`` taken one
-        sample at a time, by plain autograd (the reference of every other way)."""
-        rows, targets = [], []
+    def _row_gradients(self, x, y, names) -> dict[str, torch.Tensor]:
+        """``{name: (n, *shape)}``: the gradients of ``names``, one forward and one
+        backward pass per sample, by plain autograd (for parameters whose operations
+        do not act sample by sample)."""
+        rows = []
         for i in range(n_samples(x)):
             params = {k: v.detach().requires_grad_(k in names) for k, v in self.member.params.items()}
             with torch.enable_grad():
@@ -248,9 +249,7 @@ class LayerEngine(GradientEngine):
                     else [None] * len(wanted)
                 )
             rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(wanted, gs)])
-            targets.append(f.detach())
-        grads = {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(names)}
-        return grads, torch.cat(targets)
+        return {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(names)}
 
     def _reference_gradients(self, x, y):
         """``({name: (n, *shape)}, targets)``: every parameter's gradient of each

@@ -89,7 +89,7 @@ def _frozen(module):
 
 def _row_by_row(engine, X, y):
     """The reference: each sample's gradient by plain autograd, same projection."""
-    grads, _ = engine._row_gradients(X, y, sorted(engine.member.params))
+    grads = engine._row_gradients(X, y, sorted(engine.member.params))
     return engine.projector(grads).numpy()
 
 
