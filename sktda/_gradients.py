@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -37,7 +37,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
 
 from ._data import map_tensors, n_samples, take, to_torch
-from ._layers import ExactProjector, LayerProjector, assign_routes
+from ._layers import ExactProjector, LayerProjector, assign_routes, registered_routes
 from ._nets import NetTask
 from ._parallel import run, torch_threads
 from ._projection import make_projector
@@ -52,8 +52,8 @@ _CPU = torch.device("cpu")
 @dataclass(frozen=True)
 class GradientConfig:
     """How per-sample gradients are computed and stored: the task (target and
-    residual), the projection, the engine path, the chunk size, the device and
-    the storage type of ``phi``."""
+    residual), the projection, the engine path, the chunk size, the device, the
+    storage type of ``phi`` and the gradient routes registered when it was made."""
 
     task: NetTask
     proj_dim: int | None
@@ -62,6 +62,7 @@ class GradientConfig:
     batch_size: int = 256
     device: torch.device = _CPU
     dtype: type = np.float32
+    routes: tuple = field(default_factory=registered_routes)
 
 
 @dataclass
@@ -413,7 +414,7 @@ def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
         projector = make_projector(numels, proj_dim, member.seed, config.projection, config.device)
         return VmapEngine(member, config.task, config.device, projector)
     member = member.to(config.device)
-    routes, traced = assign_routes(member.module, member.params)
+    routes, traced = assign_routes(member.module, member.params, registry=config.routes)
     if proj_dim is None or sum(numels.values()) <= proj_dim:
         projector = ExactProjector(numels)
     else:

@@ -59,10 +59,17 @@ def register_route(module_type: type | str, route: type) -> None:
     _REGISTRY.insert(0, (module_type, route))
 
 
-def route_class(module: nn.Module) -> type | None:
+def registered_routes() -> tuple:
+    """The routes registered now, most recent first: handed to every featurization
+    job, so that a process of a parallel backend uses the routes a user registered
+    in the driver."""
+    return tuple(_REGISTRY)
+
+
+def route_class(module: nn.Module, registry=None) -> type | None:
     """The route registered for ``module``'s type (or one of its bases), if any."""
     names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
-    for module_type, route in _REGISTRY:
+    for module_type, route in _REGISTRY if registry is None else registry:
         if (module_type in names) if isinstance(module_type, str) else isinstance(module, module_type):
             return route
     return None
@@ -95,8 +102,8 @@ class Route:
 
     @classmethod
     def accepts(cls, module: nn.Module, params: dict[str, str]) -> bool:
-        """Whether the route can take the gradients of these of the module's
-        parameters (``{attribute: name}``)."""
+        """Whether the route can take the per-sample gradients of these parameters
+        of the module (``{attribute: name}``)."""
         return True
 
     def build(self, projection) -> None:
@@ -445,7 +452,9 @@ class NormRoute(Route, module_type=(nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.m
         }
 
 
-def assign_routes(module: nn.Module, names, exclude=frozenset()) -> tuple[list[Route], set[str]]:
+def assign_routes(
+    module: nn.Module, names, exclude=frozenset(), registry=None
+) -> tuple[list[Route], set[str]]:
     """Routes for the differentiated parameters ``names`` of ``module`` (but those in
     ``exclude``), and the parameters no route covers.
 
@@ -472,7 +481,7 @@ def assign_routes(module: nn.Module, names, exclude=frozenset()) -> tuple[list[R
             holders[owner][path] = name
     candidates = {}
     for owner, params in holders.items():
-        cls = route_class(modules[owner])
+        cls = route_class(modules[owner], registry)
         if cls is not None and cls.accepts(modules[owner], params):
             candidates[owner] = cls(owner, params, modules[owner])
     while True:

@@ -1,7 +1,9 @@
 """Every per-layer route against the dense vmap path under the same projection."""
 
+import sys
 import warnings
 
+import cloudpickle
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from sktda._ensembles import DropoutEnsemble, LoraEnsemble
 from sktda._gradients import GradientConfig, featurize, make_engine
 from sktda._nets import NetTask, fit_net
 from sktda.models import ConvNet, TokenCrossEntropy, TokenTransformer
+from sktda.routes import WeightRoute
 
 from .test_gradients import STRATEGY_PARAMS, TASK, _member, _same_features
 
@@ -308,3 +311,41 @@ def test_max_pool_ties_keep_the_routes():
     np.testing.assert_allclose(
         featurize(engine, X, y, batch_size=6).phi, engine.projector(reference), rtol=1e-5
     )
+
+
+class ScaledLinear(nn.Module):
+    """A layer type of the user's, with a route of the user's."""
+
+    def __init__(self, n_in, n_out, scale=2.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.scale * x @ self.weight.T
+
+
+class ScaledLinearRoute(WeightRoute, module_type=ScaledLinear):
+    def factors(self, x, d):
+        return self.module.scale * d, x
+
+
+def test_a_user_route_is_used_and_travels_to_parallel_jobs():
+    from sktda._gradients import featurize_members
+
+    torch.manual_seed(0)
+    member = _member(nn.Sequential(ScaledLinear(6, 8), nn.Tanh(), nn.Linear(8, 4)))
+    X, y = torch.randn(12, 6), _classes(12, 4)
+    _same_features(member, X, y, 20)  # every parameter on a route, the user's included
+    config = GradientConfig(task=TASK, proj_dim=20, batch_size=4)
+    assert ScaledLinearRoute in {route for _, route in config.routes}
+    (one,) = featurize_members([member], X.numpy(), y, config=config, n_jobs=None)
+    # other processes, where the classes arrive by value as from a user's script
+    # (__main__), and so are not registered there
+    this = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(this)
+    try:
+        (two,) = featurize_members([member], X.numpy(), y, config=config, n_jobs=2)
+    finally:
+        cloudpickle.unregister_pickle_by_value(this)
+    np.testing.assert_array_equal(two.phi, one.phi)
