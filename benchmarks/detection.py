@@ -27,24 +27,16 @@ from sktda import OutlierGradientDetector
 from sktda.datasets import flip_labels, load_digits_split
 
 EPOCHS = 80
+LAST = dict(layers="last", proj_dim=None)  # the output layer, exact
 CONFIGS = [
-    ("paper: output layer, iforest, final model", dict(detector="iforest", n_checkpoints=None)),
-    ("output layer, l2, final model", dict(detector="l2", n_checkpoints=None)),
-    (
-        "output layer, iforest per class, final model",
-        dict(detector="iforest", per_class=True, n_checkpoints=None),
-    ),
-    ("output layer, iforest, 8 checkpoints", dict(detector="iforest", n_checkpoints=8)),
-    (
-        "output layer, iforest per class, 8 checkpoints",
-        dict(detector="iforest", per_class=True, n_checkpoints=8),
-    ),
-    ("output layer, l1, 8 checkpoints", dict(detector="l1", n_checkpoints=8)),
-    ("default: output layer, l2, 8 checkpoints", dict()),
-    ("output layer, l2, 4 checkpoints", dict(n_checkpoints=4)),
-    ("output layer, l2, 8 checkpoints, dropout 1x5", dict(ensemble="dropout", n_masks=5)),
-    ("output layer, l2, 8 checkpoints, 2 models", dict(n_models=2)),
-    ("all layers (proj 1024), l2, 8 checkpoints", dict(layers="all", proj_dim=1024)),
+    ("paper: output layer, iforest, final model", dict(**LAST, n_checkpoints=None)),
+    ("output layer, l2, final model", dict(**LAST, detector="l2", n_checkpoints=None)),
+    ("output layer, iforest per class, 8 checkpoints", dict(**LAST, per_class=True)),
+    ("output layer, iforest, 8 checkpoints", dict(**LAST)),
+    ("output layer, l2, 8 checkpoints", dict(**LAST, detector="l2")),
+    ("all layers (proj 1024), l2, 8 checkpoints", dict(detector="l2")),
+    ("default: all layers (proj 1024), iforest, 8 checkpoints", dict()),
+    ("default, 2 models", dict(n_models=2)),
 ]
 
 

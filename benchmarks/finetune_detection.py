@@ -40,10 +40,10 @@ from sktda.models import TokenTransformer
 torch.backends.mha.set_fastpath_enabled(False)
 
 CONFIGS = [
-    ("default: head, l2, 8 checkpoints", dict()),
-    ("paper: head, iforest, final model", dict(detector="iforest", n_checkpoints=None)),
-    ("head, l2, final model", dict(n_checkpoints=None)),
-    ("adapters + head, l2, 8 checkpoints", dict(layers=None)),
+    ("default: adapters + head (proj 1024), iforest, 8 checkpoints", dict()),
+    ("paper: head, iforest, final model", dict(layers="last", proj_dim=None, n_checkpoints=None)),
+    ("head, l2, 8 checkpoints", dict(layers="last", proj_dim=None, detector="l2")),
+    ("adapters + head (proj 1024), l2, 8 checkpoints", dict(detector="l2")),
 ]
 
 
@@ -134,7 +134,7 @@ def main():
         f"language model pretrained on {args.n_pretrain} passages of other topics ({pretrain_seconds:.0f} s, "
         f"not counted); LoRA fine-tune: {n_trained} trained parameters (rank-8 adapters on the feed-forward "
         f"layers, the head and the final layer norm), {args.epochs} epochs, Adam lr {args.lr:g}. 'head' "
-        "is the detector's default layers='last'."
+        "is layers='last'; 'adapters + head' every parameter the fine-tune trains."
     )
     emit(
         "finetune_detection", "Mislabeled fine-tuning data: detection and re-fine-tuning", table, args.readme
