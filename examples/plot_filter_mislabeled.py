@@ -3,8 +3,8 @@ Find mislabeled digits from gradient outliers, then filter them before fitting
 ================================================================================
 
 Flips 30% of the labels of 1200 training digits, trains an MLP long enough to
-memorise them, and scores every training sample by the norm of its loss gradient
-at checkpoints along training (sktda's default
+memorise them, and scores every training sample by an isolation forest on its loss
+gradient at checkpoints along training (sktda's default
 :class:`~sktda.OutlierGradientDetector`). Draws the most suspicious digits with
 their given and predicted labels and the ROC curve (also saved under
 ``examples/output/``), prints the test accuracy before and after filtering, and
@@ -59,10 +59,11 @@ def test_accuracy(X, y, X_test, y_test):
 # %%
 # Detect
 # ------
-# The detector trains the net on the noisy labels and averages the L2 norm of
-# each sample's output-layer loss gradient over 8 checkpoints. A net that
-# trains long enough memorises its mislabeled samples, and their final
-# gradients shrink; along the way they are the largest. ``contamination`` is the
+# The detector trains the net on the noisy labels and averages, over 8
+# checkpoints, an isolation forest's score of each sample's loss gradient (all
+# layers, projected to 1024 features). A net that trains long enough memorises
+# its mislabeled samples, and their final gradients shrink; along the way they
+# stand out. ``contamination`` is the
 # fraction flagged.
 X, X_test, y, y_test = load_digits_split(n_train=1200, n_test=597, random_state=0)
 y_noisy, flipped = flip_labels(y, NOISE, random_state=0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -37,7 +37,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
 
 from ._data import map_tensors, n_samples, take, to_torch
-from ._layers import ExactProjector, LayerProjector, assign_routes, registered_routes
+from ._layers import ExactProjector, LayerProjector, assign_routes, registered_routes, routes_for
 from ._nets import NetTask
 from ._parallel import run, torch_threads
 from ._projection import make_projector
@@ -521,6 +521,8 @@ def featurize_members(
     step = max(1, math.ceil(n / parts / config.batch_size)) * config.batch_size  # whole batches
     ranges = [(start, min(start + step, n)) for start in range(0, n, step)]
     probe = (take(X, slice(0, _PROBE_ROWS)), y[:_PROBE_ROWS])
+    modules = [m for member in members for m in member.module.modules()]
+    config = replace(config, routes=routes_for(modules, config.routes))
     jobs = [
         delayed(_featurize_rows)(
             m,

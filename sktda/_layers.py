@@ -66,6 +66,13 @@ def registered_routes() -> tuple:
     return tuple(_REGISTRY)
 
 
+def routes_for(modules, registry) -> tuple:
+    """The entries of ``registry`` that some of ``modules`` would use: what a job
+    needs to carry (other registered routes may not even be importable there)."""
+    used = {route_class(m, registry) for m in modules}
+    return tuple(entry for entry in registry if entry[1] in used)
+
+
 def route_class(module: nn.Module, registry=None) -> type | None:
     """The route registered for ``module``'s type (or one of its bases), if any."""
     names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}

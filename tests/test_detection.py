@@ -54,7 +54,9 @@ def test_finds_flipped_labels(fitted, noisy_digits):
 
 def test_l2_score_is_the_loss_gradient_norm(noisy_digits):
     X, _, y_noisy, _, _ = noisy_digits
-    det = OutlierGradientDetector(_net(max_epochs=3), n_checkpoints=None, random_state=0).fit(X, y_noisy)
+    det = OutlierGradientDetector(
+        _net(max_epochs=3), detector="l2", layers="last", n_checkpoints=None, random_state=0
+    ).fit(X, y_noisy)
     module = det.estimators_[0].module_.eval()
     norms = []
     for x, label in zip(torch.from_numpy(X[:10]), torch.from_numpy(y_noisy[:10])):
@@ -129,9 +131,9 @@ def test_regressor(regression_data):
     X, _, y, _ = regression_data
     y = y.copy()
     y[:5] += 10  # gross target errors
-    det = OutlierGradientDetector(make_regressor_net(max_epochs=10), contamination=0.1, random_state=0).fit(
-        X, y
-    )
+    det = OutlierGradientDetector(
+        make_regressor_net(max_epochs=10), detector="l2", contamination=0.1, random_state=0
+    ).fit(X, y)
     assert set(np.flatnonzero(det.labels_ == -1)) >= {0, 1, 2, 3, 4}
 
 
@@ -185,6 +187,7 @@ def test_per_class_detectors_are_fitted_on_their_class_only(noisy_digits):
     det = OutlierGradientDetector(
         _net(max_epochs=3),
         detector=LocalOutlierFactor(n_neighbors=5, novelty=True),
+        layers="last",
         per_class=True,
         n_checkpoints=None,
         random_state=0,

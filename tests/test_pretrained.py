@@ -190,7 +190,7 @@ def test_the_detector_takes_a_peft_models_new_head(digits, pretrained):
     X_train, _, y_train, _ = digits
     config = LoraConfig(r=2, lora_alpha=2, target_modules=["layers.0"], modules_to_save=["layers.3"])
     net = _fine_tuning_net(get_peft_model(copy.deepcopy(pretrained), config))
-    detector = OutlierGradientDetector(net, n_checkpoints=2, pretrained=True, random_state=0)
+    detector = OutlierGradientDetector(net, layers="last", n_checkpoints=2, pretrained=True, random_state=0)
     detector.fit(X_train[75:], y_train[75:])
     members = detector.ensemble_.members()
     assert all(
