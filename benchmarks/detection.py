@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 from _common import digits_net, emit, markdown_table, parser
 from sklearn.metrics import roc_auc_score
 
@@ -89,6 +90,20 @@ def self_confidence_row(net, X, y_noisy, flipped, accuracy_of_kept) -> list:
     issues = find_label_issues(y_noisy, probs)
     seconds = time.perf_counter() - start
     return filter_row(-quality, ~issues, seconds, flipped, accuracy_of_kept)
+
+
+def recipe_self_confidence_row(recipe, X, y_noisy, flipped, accuracy_of_kept) -> list | None:
+    """The labelled cleanlab row of :func:`self_confidence_row` for a net factory
+    ``recipe`` (seeded), or None when cleanlab is not installed."""
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            row = self_confidence_row(recipe(), X, y_noisy, flipped, accuracy_of_kept)
+    except ImportError:
+        print("cleanlab is not installed (pip install -e .[bench]): its row is skipped.")
+        return None
+    print(row, flush=True)
+    return ["cleanlab 2.9 self-confidence (5-fold CV probabilities)", *row]
 
 
 def main():

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 from _common import emit, markdown_table, parser, pydoc_topic_passages
-from detection import detector_row, self_confidence_row
+from detection import detector_row, recipe_self_confidence_row
 from finetune import fine_tuning_net, pretrain
 from skorch import NeuralNetClassifier
 
@@ -115,14 +115,8 @@ def main():
         )
         rows.append([f"sktda {name}", *detector_row(det, X_train, y_noisy, flipped, test_accuracy)])
         print(rows[-1], flush=True)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            row = self_confidence_row(recipe(), X_train, y_noisy, flipped, test_accuracy)
-        rows.append(["cleanlab 2.9 self-confidence (5-fold CV probabilities)", *row])
-        print(rows[-1], flush=True)
-    except ImportError:
-        print("cleanlab is not installed (pip install -e .[bench]): its row is skipped.")
+    cleanlab = recipe_self_confidence_row(recipe, X_train, y_noisy, flipped, test_accuracy)
+    rows.extend([cleanlab] if cleanlab else [])
 
     header = ["method", "AUROC", "precision@k", "wall s", "removed", "test accuracy"]
     n_params = sum(p.numel() for p in base.parameters())

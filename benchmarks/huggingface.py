@@ -36,7 +36,7 @@ from _common import (
     pydoc_topic_passages,
 )
 from _hf import GPT2LM, BertClassifier
-from detection import detector_row, self_confidence_row
+from detection import detector_row, recipe_self_confidence_row
 from skorch import NeuralNet, NeuralNetClassifier
 from skorch.helper import SliceDict
 
@@ -138,14 +138,8 @@ def detection(args) -> None:
     det = OutlierGradientDetector(recipe(), contamination=args.noise, random_state=0)
     rows.append(["sktda default", *detector_row(det, X_train, y_noisy, flipped, test_accuracy)])
     print(rows[-1], flush=True)
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            row = self_confidence_row(recipe(), X_train, y_noisy, flipped, test_accuracy)
-        rows.append(["cleanlab 2.9 self-confidence (5-fold CV probabilities)", *row])
-        print(rows[-1], flush=True)
-    except ImportError:
-        print("cleanlab is not installed (pip install -e .[bench]): its row is skipped.")
+    cleanlab = recipe_self_confidence_row(recipe, X_train, y_noisy, flipped, test_accuracy)
+    rows.extend([cleanlab] if cleanlab else [])
     header = ["method", "AUROC", "precision@k", "wall s", "removed", "test accuracy"]
     n_params = sum(p.numel() for p in recipe().initialize().module_.parameters())
     table = markdown_table(header, rows) + (

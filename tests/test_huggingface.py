@@ -149,6 +149,19 @@ def _bert_net(module=BertClassifier, **kwargs):
     return NeuralNetClassifier(module, **{**params, **kwargs})
 
 
+def _gpt2_net():
+    """A GPT-2 language model with a token cross-entropy written by hand."""
+    return NeuralNet(
+        GPT2,
+        criterion=TokenCE,
+        optimizer=torch.optim.Adam,
+        lr=1e-3,
+        max_epochs=1,
+        train_split=None,
+        verbose=0,
+    )
+
+
 @pytest.fixture(scope="module")
 def padded_data():
     ids, mask, y = padded_tokens(40)
@@ -190,16 +203,8 @@ def test_dropout_ensembles_mask_the_dropout_modules_that_are_called(model, padde
         net, inputs, targets, kwargs = _bert_net(), X, y, {}
     else:
         ids = X["input_ids"]
-        net = NeuralNet(
-            GPT2,
-            criterion=TokenCE,
-            optimizer=torch.optim.Adam,
-            lr=1e-3,
-            max_epochs=1,
-            train_split=None,
-            verbose=0,
-        )
-        inputs, targets, kwargs = ids[:, :-1], ids[:, 1:], {"target": "sequence_log_likelihood"}
+        net, inputs, targets = _gpt2_net(), ids[:, :-1], ids[:, 1:]
+        kwargs = {"target": "sequence_log_likelihood"}
     attr = EnsembleAttributor(net, ensemble="dropout", n_masks=2, proj_dim=32, random_state=0, **kwargs)
     # the attention's dropout is passed to scaled_dot_product_attention as a rate only
     with pytest.warns(UserWarning, match=r"dropout module\(s\) .* are never called"):
@@ -229,16 +234,7 @@ def test_dropout_ensemble_without_called_dropout_is_refused_before_training(padd
 
 def test_language_model_with_a_hand_written_criterion():
     ids, _, _ = padded_tokens(30, T=10)
-    net = NeuralNet(
-        GPT2,
-        criterion=TokenCE,
-        optimizer=torch.optim.Adam,
-        lr=1e-3,
-        max_epochs=1,
-        train_split=None,
-        verbose=0,
-    )
-    attr = EnsembleAttributor(net, target="sequence_log_likelihood", proj_dim=32, random_state=0)
+    attr = EnsembleAttributor(_gpt2_net(), target="sequence_log_likelihood", proj_dim=32, random_state=0)
     attr.fit(ids[:, :-1], ids[:, 1:])
     A = attr.attribute(ids[:3, :-1], ids[:3, 1:])
     assert A.shape == (3, 30) and np.isfinite(A).all() and np.abs(A).max() > 0
