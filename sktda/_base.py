@@ -28,10 +28,14 @@ from ._nets import NetTask, check_net, check_pretrained, initialized_module, res
 # estimators' docstrings by :func:`fill_doc` (``%(name)s`` markers).
 _PARAMETER_DOCS = {
     "estimator": """estimator : skorch.NeuralNetClassifier, skorch.NeuralNetRegressor or skorch.NeuralNet
-        Unfitted skorch net, cloned for every trained model. Its criterion must be
-        ``CrossEntropyLoss`` (the module returns logits), ``NLLLoss`` (the module
-        returns probabilities in a ``NeuralNetClassifier``, log-probabilities in a
-        plain ``NeuralNet``) or ``MSELoss`` (one output per sample).""",
+        Unfitted skorch net, cloned for every trained model. ``CrossEntropyLoss``
+        (the module returns logits), ``NLLLoss`` (the module returns probabilities
+        in a ``NeuralNetClassifier``, log-probabilities in a plain ``NeuralNet``)
+        and ``MSELoss`` (one output per sample) have closed forms; any other
+        criterion that splits into per-sample losses is evaluated per sample (and
+        ``target="auto"`` then attributes the loss). A module that returns a
+        transformers ``ModelOutput``, a dict or a tuple is trained and attributed
+        on its logits.""",
     "n_models": """n_models : int, default=1
         Independently trained models, each from its own seed.""",
     "n_masks": """n_masks : int, default=5
@@ -41,15 +45,15 @@ _PARAMETER_DOCS = {
     "projection": """projection : {"gaussian", "rademacher"}, default="gaussian"
         Distribution of the random projection's entries.""",
     "gradient_path": """gradient_path : {"auto", "layers", "vmap"}, default="auto"
-        How per-sample gradients are computed. ``"layers"``: one forward and
-        backward pass per chunk, each layer projected from its inputs and output
-        gradients by a structured random projection, the per-sample gradient
-        never formed (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``,
-        ``nn.MultiheadAttention`` and normalisation layers; any other layer is
-        differentiated with vmap, alone, with a warning). ``"vmap"``:
-        ``torch.func.vmap(grad)`` and a dense projection of the whole gradient.
-        ``"auto"``: ``"layers"`` when a projection is needed, exact gradients
-        through vmap otherwise.""",
+        How per-sample gradients are computed. ``"auto"`` (or ``"layers"``): one
+        forward and backward pass per chunk, each layer's share taken by its route
+        from its inputs and output gradients (``nn.Linear``, transformers'
+        ``Conv1D``, ``nn.Conv2d``, ``nn.Embedding``, ``nn.MultiheadAttention`` and
+        normalisation layers, see :mod:`sktda.routes`), projected without forming
+        the per-sample gradient when the member has more than ``proj_dim``
+        parameters, exact otherwise; parameters without a route are differentiated
+        from the operations that use them. ``"vmap"``: ``torch.func.vmap(grad)``
+        over the whole model and a dense projection of the whole gradient.""",
     "pretrained": """pretrained : bool, default=False
         The net's ``module`` is an instance holding pretrained weights, and the
         ensemble fine-tunes them: independent members fine-tune them fully, each

@@ -9,15 +9,15 @@ loss gradient is ``-residual * phi`` without a second backward pass.
 Two engines, chosen by :func:`make_engine`, meet the rest of the library only
 through :class:`Features`:
 
-- :class:`LayerEngine` (whenever a projection is needed): one ordinary forward
-  and backward pass per chunk, and each differentiated layer projected by its own
-  route from its inputs and output gradients (``_layers``: Linear, Conv2d,
-  Embedding, attention, normalisation layers), without forming the per-sample
-  gradient: near the cost of a training step. Layers without a route are
-  differentiated with ``vmap``, alone.
-- :class:`VmapEngine`: any module. ``torch.func.vmap(grad(...))`` per chunk of
-  samples, then a dense (or identity) projection of the full gradients: exact
-  gradients of small models, and the reference the routes are tested against.
+- :class:`LayerEngine` (the default): one ordinary forward and backward pass per
+  chunk, and each differentiated layer's share taken by its own route from its
+  inputs and output gradients (``_layers``), projected without forming the
+  per-sample gradient, or exact: near the cost of a training step. Parameters
+  without a route are differentiated from the operations that use them
+  (``_uses``), and row by row where those do not act sample by sample.
+- :class:`VmapEngine` (``gradient_path="vmap"`` only): ``torch.func.vmap(grad(...))``
+  over the whole model per chunk of samples, then a dense (or identity)
+  projection of the full gradients.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from ._projection import make_projector
 from ._uses import NotPerSample, UseTracer, mark_batched, release, use_gradients
 
 GRADIENT_PATHS = ("auto", "layers", "vmap")
-# samples on which every layer route is checked against vmap before featurizing
+# samples on which every route is checked against plain autograd before featurizing
 _PROBE_ROWS = 3
 _CPU = torch.device("cpu")
 
@@ -232,45 +232,32 @@ class LayerEngine(GradientEngine):
             phi = self.projector.finish(products, grads, n, self.device)
         return phi, f, r
 
+    def _targets(self, x, y, names):
+        """The targets of ``(x, y)`` with the parameters ``names`` as fresh leaves:
+        ``(f, {name: leaf})``, ``f`` differentiable."""
+        params = {k: v.detach().requires_grad_(k in names) for k, v in self.member.params.items()}
+        with torch.enable_grad():
+            f, _ = self.task.target_and_residual(self.member.forward(params, x), y)
+        return f, {k: params[k] for k in names}
+
     def _row_gradients(self, x, y, names) -> dict[str, torch.Tensor]:
         """``{name: (n, *shape)}``: the gradients of ``names``, one forward and one
         backward pass per sample, by plain autograd (for parameters whose operations
         do not act sample by sample)."""
         rows = []
         for i in range(n_samples(x)):
-            params = {k: v.detach().requires_grad_(k in names) for k, v in self.member.params.items()}
-            with torch.enable_grad():
-                f, _ = self.task.target_and_residual(
-                    self.member.forward(params, take(x, slice(i, i + 1))), y[i : i + 1]
-                )
-                wanted = [params[k] for k in names]
-                gs = (
-                    torch.autograd.grad(f.sum(), wanted, allow_unused=True)
-                    if f.requires_grad and wanted
-                    else [None] * len(wanted)
-                )
-            rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(wanted, gs)])
-        return {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(names)}
+            f, leaves = self._targets(take(x, slice(i, i + 1)), y[i : i + 1], names)
+            rows.append(_gradients_of(f[0], leaves))
+        return _stack(rows)
 
     def _reference_gradients(self, x, y):
         """``({name: (n, *shape)}, targets)``: every parameter's gradient of each
         sample's target, by plain autograd, one backward pass per sample through
         one forward pass of the chunk (so that a kink, a tie in a max-pool, is
         resolved as in the engine's own pass)."""
-        names = sorted(self.member.params)
-        params = {k: v.detach().requires_grad_() for k, v in self.member.params.items()}
-        leaves = [params[k] for k in names]
-        rows = []
-        with torch.enable_grad():
-            f, _ = self.task.target_and_residual(self.member.forward(params, x), y)
-            for i in range(len(f)):
-                gs = (
-                    torch.autograd.grad(f[i], leaves, retain_graph=True, allow_unused=True)
-                    if f.requires_grad
-                    else [None] * len(leaves)
-                )
-                rows.append([torch.zeros_like(p) if g is None else g for p, g in zip(leaves, gs)])
-        return {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(names)}, f.detach()
+        f, leaves = self._targets(x, y, set(self.member.params))
+        rows = [_gradients_of(f[i], leaves, retain_graph=True) for i in range(len(f))]
+        return _stack(rows), f.detach()
 
     def _row_targets(self, x, y) -> torch.Tensor:
         """Each sample's target from a forward pass of that sample alone."""
@@ -329,20 +316,15 @@ class LayerEngine(GradientEngine):
                     )
                 if bad:
                     failed_routes.extend(component)
-        failed_traced = set()
+        failed_traced, grads = set(), {}
         for use, ds in traced:
             try:
-                if any(d is not None for d in ds):
-                    use_gradients(use, params, ds, n_samples(x))
+                _accumulate(grads, self._traced_gradients([(use, ds)], params, n_samples(x)))
             except NotPerSample:
                 failed_traced |= use.names
-        if failed_traced != set(self.traced):
-            grads = self._traced_gradients(
-                [(u, ds) for u, ds in traced if not (u.names & failed_traced)], params, n_samples(x)
-            )
-            for k in set(self.traced) - failed_traced:
-                if differs(grads.get(k, torch.zeros_like(reference[k])), reference[k]):
-                    failed_traced.add(k)
+        for k in set(self.traced) - failed_traced:
+            if differs(grads.get(k, torch.zeros_like(reference[k])), reference[k]):
+                failed_traced.add(k)
         return failed_routes, failed_traced
 
 
@@ -389,6 +371,22 @@ def _components(routes):
     return groups
 
 
+def _gradients_of(f: torch.Tensor, leaves: dict, retain_graph: bool = False) -> dict[str, torch.Tensor]:
+    """``{name: d f / d leaf}`` by autograd, zeros for leaves ``f`` does not use."""
+    with torch.enable_grad():
+        gs = (
+            torch.autograd.grad(f, list(leaves.values()), retain_graph=retain_graph, allow_unused=True)
+            if f.requires_grad and leaves
+            else [None] * len(leaves)
+        )
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), gs)}
+
+
+def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Per-sample dicts of gradients stacked along a first, sample dimension."""
+    return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+
+
 def _accumulate(total: dict, part: dict) -> None:
     for k, v in part.items():
         total[k] = total[k] + v if k in total else v
@@ -400,7 +398,7 @@ def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
     ``"auto"`` and ``"layers"``: the per-layer engine, projected when the member
     has more than ``proj_dim`` differentiated parameters, exact otherwise.
     ``probe``: a few ``(x, y)`` samples on which every route and traced
-    parameter is compared with row-by-row autograd; a route that disagrees leaves
+    parameter is compared with plain autograd; a route that disagrees leaves
     its parameters to the operations that use them, and a parameter whose uses
     cannot be split per sample is differentiated row by row, with a warning. The
     same probe gives every engine of a member (row ranges in parallel) the same
