@@ -261,7 +261,7 @@ def check_per_sample(criterion, out, y) -> None:
     name = type(criterion).__name__
     try:
         with torch.enable_grad():
-            criterion(out, y)
+            batch_loss = criterion(out, y)
     except Exception as exc:
         raise ValueError(
             f"The criterion {name} fails on the module's outputs, shape {tuple(out.shape)}, and the "
@@ -272,7 +272,7 @@ def check_per_sample(criterion, out, y) -> None:
         with torch.enable_grad():
             loss = criterion_losses(criterion, out, y)
             (own,) = torch.autograd.grad(loss.sum(), out, allow_unused=True, materialize_grads=True)
-            (joint,) = torch.autograd.grad(criterion(out, y), out, allow_unused=True, materialize_grads=True)
+            (joint,) = torch.autograd.grad(batch_loss, out, allow_unused=True, materialize_grads=True)
     except Exception as exc:
         raise ValueError(
             f"The criterion {name} cannot be evaluated on one sample at a time "
