@@ -206,8 +206,12 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             y = self.ensemble_.predict_targets(X, task, self.batch_size, device)
         return task, X, y, device
 
-    def _featurize(self, members, X, y, *, task, device, dtype=np.float32, out_file=None):
-        config = GradientConfig(
+    def _per_layer(self) -> bool:
+        """Whether each layer keeps its own block of features."""
+        return False
+
+    def _gradient_config(self, task, device, dtype=np.float32) -> GradientConfig:
+        return GradientConfig(
             task=task,
             proj_dim=self.proj_dim,
             projection=self.projection,
@@ -215,9 +219,18 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             batch_size=self.batch_size,
             device=device,
             dtype=dtype,
+            per_layer=self._per_layer(),
         )
+
+    def _featurize(self, members, X, y, *, task, device, dtype=np.float32, out_file=None):
         return featurize_members(
-            members, X, y, config=config, n_jobs=self.n_jobs, verbose=self.verbose, out_file=out_file
+            members,
+            X,
+            y,
+            config=self._gradient_config(task, device, dtype),
+            n_jobs=self.n_jobs,
+            verbose=self.verbose,
+            out_file=out_file,
         )
 
     def __sklearn_tags__(self):

@@ -37,10 +37,17 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
 
 from ._data import map_tensors, n_samples, take, to_torch
-from ._layers import ExactProjector, LayerProjector, assign_routes, registered_routes, routes_for
+from ._layers import (
+    ExactProjector,
+    LayerProjector,
+    assign_routes,
+    layer_widths,
+    registered_routes,
+    routes_for,
+)
 from ._nets import NetTask
 from ._parallel import run, torch_threads
-from ._projection import make_projector
+from ._projection import KroneckerBlock, make_projector
 from ._uses import NotPerSample, UseTracer, mark_batched, release, use_gradients
 
 GRADIENT_PATHS = ("auto", "layers", "vmap")
@@ -53,7 +60,9 @@ _CPU = torch.device("cpu")
 class GradientConfig:
     """How per-sample gradients are computed and stored: the task (target and
     residual), the projection, the engine path, the chunk size, the device, the
-    storage type of ``phi`` and the gradient routes registered when it was made."""
+    storage type of ``phi``, the gradient routes registered when it was made, and
+    whether each layer keeps its own block of features (``per_layer``, for the
+    per-layer curvature methods) or all share one projection."""
 
     task: NetTask
     proj_dim: int | None
@@ -63,6 +72,7 @@ class GradientConfig:
     device: torch.device = _CPU
     dtype: type = np.float32
     routes: tuple = field(default_factory=registered_routes)
+    per_layer: bool = False
 
 
 @dataclass
@@ -71,12 +81,20 @@ class Features:
 
     ``phi`` (n, k): projected gradient of the target; ``residual`` (n,):
     ``-dL/df`` at the given label (``1 - p_y`` for classifiers, twice ``y - f`` for
-    regressors); ``output`` (n,): the target itself.
+    regressors); ``output`` (n,): the target itself; ``layout``: the blocks of
+    ``phi``'s columns, ``((start, stop, shape), ...)``, ``shape`` a Kronecker
+    block's ``(k_out, k_in)`` or None for a dense one; ``factors`` (per-layer
+    features of training samples): for each Kronecker block in layout order, the
+    sums over samples and positions ``(sum p_left p_left^T, sum p_right
+    p_right^T)`` of its projected factors (float64), or None where its gradients
+    were not taken by its route.
     """
 
     phi: np.ndarray
     residual: np.ndarray
     output: np.ndarray
+    layout: tuple = ()
+    factors: tuple | None = None
 
     @property
     def loss_gradients(self) -> np.ndarray:
@@ -93,6 +111,11 @@ class GradientEngine:
         self.member = member.to(device)
         self.task = task
         self.device = device
+
+    @property
+    def layout(self) -> tuple:
+        """The blocks of the features' columns (see :class:`Features`)."""
+        return getattr(self.projector, "layout", ((0, self.out_dim, None),))
 
     def chunk(self, x: torch.Tensor, y: torch.Tensor):
         phi, f, r = self._chunk(x, y)
@@ -160,6 +183,9 @@ class LayerEngine(GradientEngine):
         self.traced = sorted(traced)
         self.rowwise = sorted(rowwise)
         self._exact = isinstance(projector, ExactProjector)
+        # per-layer curvature of training samples: each chunk's sums of the routes'
+        # projected factors over positions, {weight: (S, A)}, kept chunk by chunk
+        self.factor_sums = [] if getattr(projector, "per_layer", False) and task.role == "train" else None
         modules = dict(self.member.module.named_modules())
         self._hooked = [(route, modules[route.name]) for route in self.routes]
 
@@ -213,15 +239,21 @@ class LayerEngine(GradientEngine):
     def _chunk(self, x, y):
         n = n_samples(x)
         f, r, routed, traced, params = self._pass(x, y)
-        products, grads = 0, {}
+        products, grads, sums = {}, {}, {}
         with torch.no_grad():
             for route, context, d in routed:
-                if d is not None:
-                    part = self._route_part(route, context, d)
-                    if isinstance(part, dict):
-                        _accumulate(grads, part)
-                    else:
-                        products = products + part
+                if d is None:
+                    continue
+                if not route.kronecker or self._exact:
+                    _accumulate(grads, route.gradients(context, d))
+                    continue
+                p_left, p_right = route.pair(context, d)
+                block = route.block_of(context)
+                _accumulate(products, {block: KroneckerBlock.combine(p_left, p_right)})
+                if self.factor_sums is not None:
+                    _accumulate(sums, {block: (_second_moment(p_left, n), _second_moment(p_right, n))})
+        if self.factor_sums is not None:
+            self.factor_sums.append(sums)
         try:
             _accumulate(grads, self._traced_gradients(traced, params, n))
         except NotPerSample:  # this chunk's shapes do not split by sample: row by row
@@ -298,14 +330,18 @@ class LayerEngine(GradientEngine):
         with torch.no_grad():
             for component in _components(self.routes):
                 own = set().union(*(r.parameter_names for r in component))
-                parts = [
-                    self._route_part(rt, c, d) for rt, c, d in routed if rt in component and d is not None
-                ]
+                calls = [(rt, c, d) for rt, c, d in routed if rt in component and d is not None]
+                parts = [self._route_part(rt, c, d) for rt, c, d in calls]
                 if component[0].kronecker and not self._exact:
-                    got = sum(parts) if parts else 0
+                    got = {}
+                    for (rt, c, _), part in zip(calls, parts):
+                        _accumulate(got, {rt.block_of(c): part})
                     expected = self.projector.project_full({k: reference[k] for k in own})[0]
-                    bad = differs(
-                        got if isinstance(got, torch.Tensor) else torch.zeros_like(expected), expected
+                    n = len(f_batch)
+                    # a call whose output has no sample dimension gives a product of another batch
+                    bad = any(t.shape[0] not in (1, n) for t in got.values()) or differs(
+                        self.projector.flatten(got, n, self.device),
+                        self.projector.flatten(expected, n, self.device),
                     )
                 else:
                     grads = {}
@@ -361,6 +397,14 @@ def _check_independent(f_batch, f_rows) -> None:
         )
 
 
+def _second_moment(factors: torch.Tensor, n: int) -> torch.Tensor:
+    """``sum_t f_t f_t^T`` over the samples' positions of projected factors ``(batch,
+    ..., k)``, a factor of batch 1 counted once per sample (float64)."""
+    f = factors.reshape(factors.shape[0], -1, factors.shape[-1]).float()
+    moment = torch.einsum("bti,btj->ij", f, f).double()
+    return moment * n if factors.shape[0] == 1 and n > 1 else moment
+
+
 def _components(routes):
     """Routes grouped by shared parameters (tied weights)."""
     groups: list[list] = []
@@ -389,7 +433,12 @@ def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 def _accumulate(total: dict, part: dict) -> None:
     for k, v in part.items():
-        total[k] = total[k] + v if k in total else v
+        if k not in total:
+            total[k] = v
+        elif isinstance(v, tuple):
+            total[k] = tuple(a + b for a, b in zip(total[k], v))
+        else:
+            total[k] = total[k] + v
 
 
 def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
@@ -408,15 +457,23 @@ def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
     if path not in GRADIENT_PATHS:
         raise ValueError(f"gradient_path={path!r} is not one of {GRADIENT_PATHS}.")
     numels = {k: v.numel() for k, v in member.params.items()}
-    if path == "vmap":
+    if path == "vmap" and not config.per_layer:
         projector = make_projector(numels, proj_dim, member.seed, config.projection, config.device)
         return VmapEngine(member, config.task, config.device, projector)
     member = member.to(config.device)
     routes, traced = assign_routes(member.module, member.params, registry=config.routes)
     if proj_dim is None or sum(numels.values()) <= proj_dim:
-        projector = ExactProjector(numels)
+        matrices = {}
+        if config.per_layer:
+            weights = {w for r in routes if r.kronecker for w in r.blocks()}
+            matrices = {w: (p.shape[0], p[0].numel()) for w, p in member.params.items() if w in weights}
+        projector = ExactProjector(numels, matrices)
     else:
-        projector = LayerProjector(routes, numels, proj_dim, member.seed, config.projection, config.device)
+        projector = LayerProjector(
+            routes, numels, proj_dim, member.seed, config.projection, config.device, config.per_layer
+        )
+    if path == "vmap":
+        return VmapEngine(member, config.task, config.device, projector)
     engine = LayerEngine(member, config.task, config.device, projector, routes, traced)
     while probe is not None:
         failed_routes, failed_traced = engine.check(*probe)
@@ -493,13 +550,28 @@ def featurize(engine: GradientEngine, X, y: torch.Tensor, batch_size: int, out=N
         phi[rows] = p.cpu().numpy()
         residual[rows] = r.cpu().numpy()
         output[rows] = f.cpu().numpy()
-    return Features(phi=phi, residual=residual, output=output)
+    factors = getattr(engine, "factor_sums", None)
+    if factors is not None:  # per chunk, in block order, summed in order by featurize_members
+        factors = [
+            tuple(
+                tuple(t.cpu().numpy() for t in sums[w]) if w in sums else None for w in engine.projector.blocks
+            )
+            for sums in factors
+        ]
+    return Features(phi=phi, residual=residual, output=output, layout=engine.layout, factors=factors)
 
 
-def feature_dim(member, proj_dim) -> int:
+def feature_dim(member, config: GradientConfig) -> int:
     """Width of a member's features, without building its projector."""
-    p = sum(v.numel() for v in member.params.values())
-    return p if proj_dim is None or p <= proj_dim else int(proj_dim)
+    numels = {k: v.numel() for k, v in member.params.items()}
+    p, proj_dim = sum(numels.values()), config.proj_dim
+    if proj_dim is None or p <= proj_dim:
+        return p
+    if not config.per_layer:
+        return int(proj_dim)
+    routes, _ = assign_routes(member.module, member.params, registry=config.routes)
+    blocks, dense = layer_widths(routes, numels, int(proj_dim))
+    return sum(a * b for a, b in blocks.values()) + dense
 
 
 def featurize_members(
@@ -512,7 +584,7 @@ def featurize_members(
     the jobs write their rows of one ``(n_members, n, k)`` ``.npy`` file,
     memory-mapped, so the features never need to fit in memory."""
     n = n_samples(X)
-    shape = (len(members), n, feature_dim(members[0], config.proj_dim))
+    shape = (len(members), n, feature_dim(members[0], config))
     if out_file is not None:
         np.lib.format.open_memmap(out_file, mode="w+", dtype=config.dtype, shape=shape).flush()
     parts = math.ceil(effective_n_jobs(n_jobs) / len(members))
@@ -550,9 +622,24 @@ def featurize_members(
                 phi=phi,
                 residual=np.concatenate([f.residual for f in own]),
                 output=np.concatenate([f.output for f in own]),
+                layout=own[0].layout,
+                factors=_sum_chunks([chunk for f in own for chunk in f.factors or ()]),
             )
         )
     return features
+
+
+def _sum_chunks(chunks: list) -> tuple | None:
+    """The per-chunk factor sums of :func:`featurize`, added chunk by chunk in row
+    order (so the total is the same whatever ``n_jobs``)."""
+    if not chunks:
+        return None
+    total = list(chunks[0])
+    for chunk in chunks[1:]:
+        for i, part in enumerate(chunk):
+            if part is not None:
+                total[i] = part if total[i] is None else (total[i][0] + part[0], total[i][1] + part[1])
+    return tuple(total)
 
 
 def _featurize_rows(member, X, y, *, probe, config, n_jobs, out_file, member_index, start) -> Features:

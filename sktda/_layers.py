@@ -127,8 +127,18 @@ class Route:
         """Exact per-sample gradients ``{parameter name: (batch, *shape)}``."""
         raise NotImplementedError
 
+    def pair(self, context, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kronecker routes: the projected factors of every position, ``(P_left^T
+        left, P_right^T right (+ bias row))``, ``(batch, ..., k_out)`` and
+        ``(batch, ..., k_in)``, of the block :meth:`block_of` names."""
+        raise NotImplementedError
+
     def project(self, context, d: torch.Tensor) -> torch.Tensor:
         """Kronecker routes: the projected gradients, ``(batch, k_out, k_in)``."""
+        return KroneckerBlock.combine(*self.pair(context, d))
+
+    def block_of(self, context) -> str:
+        """Kronecker routes: the weight whose block a call's :meth:`project` fills."""
         raise NotImplementedError
 
     @property
@@ -173,6 +183,9 @@ class WeightRoute(Route):
         if self.bias is not None:
             self.block.add_bias(self.bias)
 
+    def block_of(self, context) -> str:
+        return self.block.weight
+
     def factors(self, context, d) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ``(left, right)`` factors, ``(batch, ..., n_left)`` and ``(batch, ...,
         n_right)`` (a factor of batch 1 is broadcast over the batch)."""
@@ -183,11 +196,11 @@ class WeightRoute(Route):
         left, right = self.factors(context, d)
         return left @ self.block.p_left, right @ self.block.p_right
 
-    def project(self, context, d):
+    def pair(self, context, d):
         p_left, p_right = self.projected_factors(context, d)
         if self.bias is not None:
             p_right = p_right + self.block.bias_rows[self.bias]
-        return KroneckerBlock.combine(p_left, p_right)
+        return p_left, p_right
 
     def gradients(self, context, d):
         left, right = self.factors(context, d)
@@ -238,7 +251,7 @@ class Conv2dRoute(WeightRoute, module_type=nn.Conv2d):
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         return F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
 
-    def project(self, x, d):
+    def pair(self, x, d):
         m = self.module
         p_right = F.conv2d(self._padded(x), self._kernels, None, m.stride, 0, m.dilation, m.groups)
         b, g, L = x.shape[0], m.groups, d.shape[-2] * d.shape[-1]
@@ -250,7 +263,7 @@ class Conv2dRoute(WeightRoute, module_type=nn.Conv2d):
             d.reshape(b, g, -1, L),
             self.block.p_left.reshape(g, -1, self.block.p_left.shape[-1]),
         )
-        return KroneckerBlock.combine(p_left, p_right)
+        return p_left, p_right
 
     def gradients(self, x, d):
         m = self.module
@@ -403,10 +416,13 @@ class MultiheadAttentionRoute(Route, module_type=nn.MultiheadAttention):
             mask = mask + padding.reshape(-1, 1, 1, S)
         return mask
 
-    def project(self, context, d):
+    def block_of(self, context):
+        return self._blocks[context[0]].weight
+
+    def pair(self, context, d):
         part, x, rows = context
         block, bias = self._blocks[part], self.parts[part][1]
-        return block.combine(d @ block.p_left[rows], block.right(x, bias))
+        return d @ block.p_left[rows], block.right(x, bias)
 
     def gradients(self, context, d):
         part, x, rows = context
@@ -511,84 +527,155 @@ def assign_routes(
     return routes, names - covered
 
 
-class LayerProjector:
-    """The projection of a member's gradient as a sum of per-parameter blocks (see
-    the module docstring): the Kronecker blocks of the routes' weights (and their
-    biases) share one ``k_out x k_in`` factorisation of ``proj_dim`` (the first
-    ``proj_dim`` products are kept, rescaled to stay unbiased, when it is not
-    exact), and every other parameter of ``numels`` has a dense block. The
-    projection of a parameter is the same whichever way its gradient is computed."""
+def layer_widths(routes, numels: dict[str, int], proj_dim: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Per-layer features: ``({weight: (k_out, k_in)}, k_dense)``, one Kronecker
+    block per routed weight and one dense block for every other parameter.
 
-    def __init__(self, routes, numels: dict[str, int], proj_dim, seed, kind="gaussian", device="cpu"):
-        self.out_dim = int(proj_dim)
-        self.factors = kronecker_factors(self.out_dim)
-        self._scale = math.sqrt(self.factors[0] * self.factors[1] / self.out_dim)
+    Every weight's block has the ``k_out x k_in`` shape that the single projection
+    of ``proj_dim`` gives each weight (:func:`~sktda._projection.kronecker_factors`),
+    capped by the layer's own sizes so that no layer is projected onto more dimensions than it has (a
+    ``10``-output layer gets at most ``10 x k_in``), and the dense block gets
+    ``min(proj_dim, its parameters)``. The features are these blocks side by side,
+    so they are about ``n_layers x proj_dim`` wide."""
+    k_out, k_in = kronecker_factors(proj_dim)
+    shapes = {}
+    for route in routes:
+        if route.kronecker:
+            biased = len(route.parameter_names) > len(route.blocks())  # a bias adds a column
+            for weight, (n_left, n_right, _) in route.blocks().items():
+                cols = max(shapes.get(weight, (0, 0))[1], n_right + biased)
+                shapes[weight] = (n_left, cols)
+    kron = set().union(*(r.parameter_names for r in routes if r.kronecker)) if routes else set()
+    n_dense = sum(k for name, k in numels.items() if name not in kron)
+    blocks = {w: (min(n_left, k_out), min(n_right, k_in)) for w, (n_left, n_right) in shapes.items()}
+    return blocks, min(n_dense, proj_dim)
+
+
+class LayerProjector:
+    """The projection of a member's gradient from per-parameter blocks (see the
+    module docstring): a Kronecker block per routed weight (and its biases), and a
+    dense block for every other parameter of ``numels``.
+
+    ``per_layer=False``: the blocks share one ``k_out x k_in`` factorisation of
+    ``proj_dim`` and are summed (the first ``proj_dim`` products are kept,
+    rescaled to stay unbiased, when it is not exact). ``per_layer=True``: each
+    block has its own size (:func:`layer_widths`) and the features are the blocks
+    side by side, ``layout`` says where, so that a method can treat each layer's
+    curvature on its own. The projection of a parameter is the same whichever way
+    its gradient is computed."""
+
+    def __init__(
+        self, routes, numels: dict[str, int], proj_dim, seed, kind="gaussian", device="cpu", per_layer=False
+    ):
+        self.per_layer = per_layer
+        self.factors = kronecker_factors(int(proj_dim))
+        self._scale = math.sqrt(self.factors[0] * self.factors[1] / int(proj_dim))
+        if per_layer:
+            self._widths, dense_dim = layer_widths(routes, numels, int(proj_dim))
         self._seed, self._kind, self._device = seed, kind, device
         self.blocks: dict[str, KroneckerBlock] = {}
         for route in routes:
             route.build(self)
         self._bias_blocks = {b: block for block in self.blocks.values() for b in block.bias_rows}
         dense = {n: k for n, k in numels.items() if n not in self.blocks and n not in self._bias_blocks}
+        if not per_layer:
+            dense_dim = int(proj_dim)
         self.dense = (
-            DenseProjector(dense, self.out_dim, _tile_seed(seed, len(self.blocks), 1), kind, device)
-            if dense
+            DenseProjector(dense, dense_dim, _tile_seed(seed, len(self.blocks), 1), kind, device)
+            if dense and dense_dim
             else None
         )
+        if per_layer:
+            sizes = [(math.prod(b.factors), b.factors) for b in self.blocks.values()]
+            sizes += [(self.dense.out_dim, None)] if self.dense is not None else []
+            self.layout = _layout(sizes)
+            self.out_dim = self.layout[-1][1] if self.layout else 0
+        else:
+            self.out_dim = int(proj_dim)
+            self.layout = ((0, self.out_dim, None),)
 
     def block(self, weight: str, n_left: int, n_right: int, transposed: bool = False) -> KroneckerBlock:
         """The Kronecker block of the weight ``weight`` (one per parameter, shared by
         the routes of every module that holds it)."""
         if weight not in self.blocks:
             seed = _tile_seed(self._seed, len(self.blocks), 0)
+            factors = self._widths[weight] if self.per_layer else self.factors
             self.blocks[weight] = KroneckerBlock(
-                weight, n_left, n_right, self.factors, seed, self._kind, self._device, transposed
+                weight, n_left, n_right, factors, seed, self._kind, self._device, transposed
             )
         return self.blocks[weight]
 
     def project_full(self, grads: dict[str, torch.Tensor]):
         """``(products, dense)``: the projection of full per-sample gradients of any of
-        the parameters, as Kronecker products ``(batch, k_out, k_in)`` and dense
-        features ``(batch, k)`` (either may be 0)."""
-        products = 0
+        the parameters, as Kronecker products ``{weight: (batch, k_out, k_in)}`` and
+        dense features ``(batch, k)`` (0 when there are none)."""
+        products = {}
         for name, g in grads.items():
             if name in self.blocks:
                 block = self.blocks[name]
-                products = products + torch.einsum(
-                    "blr,lo,ri->boi", block.view(g), block.p_left, block.p_right
-                )
+                part = torch.einsum("blr,lo,ri->boi", block.view(g), block.p_left, block.p_right)
             elif name in self._bias_blocks:
                 block = self._bias_blocks[name]
-                products = products + torch.einsum("bl,lo,i->boi", g, block.p_left, block.bias_rows[name])
+                part = torch.einsum("bl,lo,i->boi", g, block.p_left, block.bias_rows[name])
+            else:
+                continue
+            _add(products, block.weight, part)
         rest = {n: g for n, g in grads.items() if n not in self.blocks and n not in self._bias_blocks}
-        dense = self.dense(rest) if rest else 0
+        dense = self.dense(rest) if rest and self.dense is not None else 0
         return products, dense
 
-    def finish(self, products, grads: dict[str, torch.Tensor], batch: int, device) -> torch.Tensor:
-        """Features ``(batch, k)`` from the routes' Kronecker products and the full
-        per-sample gradients of the other parameters."""
+    def flatten(self, products: dict, batch: int, device) -> torch.Tensor:
+        """The Kronecker part of the features, ``(batch, width)``, from the products
+        ``{weight: (batch, k_out, k_in)}`` (absent blocks are zero)."""
+        if self.per_layer:
+            parts = [
+                products[w].expand(batch, -1, -1).reshape(batch, -1)  # a product of batch 1 is shared
+                if w in products
+                else torch.zeros(batch, math.prod(b.factors), device=device)
+                for w, b in self.blocks.items()
+            ]
+            return torch.cat(parts, 1) if parts else torch.zeros(batch, 0, device=device)
+        if not products:
+            return torch.zeros(batch, self.out_dim, device=device)
+        flat = sum(products.values()).expand(batch, -1, -1).reshape(batch, -1)
+        return flat[:, : self.out_dim] * self._scale if flat.shape[1] != self.out_dim else flat
+
+    def finish(self, products: dict, grads: dict[str, torch.Tensor], batch: int, device) -> torch.Tensor:
+        """Features ``(batch, out_dim)`` from the routes' Kronecker products
+        ``{weight: (batch, k_out, k_in)}`` and the full per-sample gradients of the
+        other parameters."""
         more, dense = self.project_full(grads)
-        products = products + more
-        out = torch.zeros(batch, self.out_dim, device=device) + dense
-        if isinstance(products, torch.Tensor):
-            flat = products.reshape(products.shape[0], -1)
-            if flat.shape[1] != self.out_dim:
-                flat = flat[:, : self.out_dim] * self._scale
-            out = out + flat
-        return out
+        for weight, part in more.items():
+            _add(products, weight, part)
+        kron = self.flatten(products, batch, device)
+        if not self.per_layer:
+            return kron + dense
+        if self.dense is None:
+            return kron
+        if not isinstance(dense, torch.Tensor):
+            dense = torch.zeros(batch, self.dense.out_dim, device=device)
+        return torch.cat([kron, dense], 1)
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """The projection of full per-sample gradients ``{name: (batch, ...)}``."""
         first = next(iter(grads.values()))
-        return self.finish(0, grads, first.shape[0], first.device)
+        return self.finish({}, grads, first.shape[0], first.device)
 
 
 class ExactProjector:
     """No projection: the flattened per-sample gradients of ``numels``' parameters,
-    in order (zeros for those without a gradient)."""
+    in order (zeros for those without a gradient). ``matrices``: ``{name: (rows,
+    cols)}`` of the parameters whose gradients ``layout`` marks as Kronecker blocks
+    (the routed weights, as stored), the others being dense."""
 
-    def __init__(self, numels: dict[str, int]):
+    def __init__(self, numels: dict[str, int], matrices=None):
         self.numels = dict(numels)
         self.out_dim = sum(self.numels.values())
+        matrices = matrices or {}
+        self.layout = _layout([(k, matrices.get(n)) for n, k in self.numels.items()])
+
+    def flatten(self, products, batch, device):
+        return torch.zeros(batch, 0, device=device)
 
     def finish(self, products, grads, batch: int, device) -> torch.Tensor:
         parts = [
@@ -599,4 +686,18 @@ class ExactProjector:
 
     def __call__(self, grads):
         first = next(iter(grads.values()))
-        return self.finish(0, grads, first.shape[0], first.device)
+        return self.finish({}, grads, first.shape[0], first.device)
+
+
+def _layout(sizes) -> tuple:
+    """``((start, stop, shape), ...)`` of blocks of ``(width, shape)``, consecutive;
+    ``shape`` is ``(k_out, k_in)`` for a Kronecker block, None for a dense one."""
+    layout, start = [], 0
+    for width, shape in sizes:
+        layout.append((start, start + width, shape))
+        start += width
+    return tuple(layout)
+
+
+def _add(total: dict, key, value) -> None:
+    total[key] = total[key] + value if key in total else value

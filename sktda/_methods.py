@@ -88,10 +88,14 @@ class AttributionMethod:
     needs_checkpoints = False
     inverts = False
     scales_by_residual = False
+    per_layer = False  # features kept per layer, as blocks side by side
+    default_damping = 1.0  # damping="auto"
 
-    def fit(self, phi, residual, damping: float, device):
+    def fit(self, phi, residual, damping: float, device, layout=None, factors=None):
         """Per-member state from the training features (numpy arrays of any float
-        dtype, possibly memory-mapped), e.g. an inverse Gram matrix."""
+        dtype, possibly memory-mapped), e.g. an inverse Gram matrix; ``layout`` and
+        ``factors``: the blocks of ``phi``'s columns and their Kronecker factors
+        (see ``_gradients.Features``)."""
         return None
 
     def train_side(self, state, phi: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -135,7 +139,7 @@ class InfluenceFunction(AttributionMethod):
     name = "if"
     inverts = True
 
-    def fit(self, phi, residual, damping, device):
+    def fit(self, phi, residual, damping, device, layout=None, factors=None):
         return _damped_inverse(_gram(phi, residual, device, True) / phi.shape[0], damping, phi.shape[0])
 
     def test_side(self, state, phi):
@@ -152,7 +156,7 @@ class TRAK(AttributionMethod):
     inverts = True
     scales_by_residual = True
 
-    def fit(self, phi, residual, damping, device):
+    def fit(self, phi, residual, damping, device, layout=None, factors=None):
         return _damped_inverse(_gram(phi, residual, device, False), damping, phi.shape[0])
 
     def train_side(self, state, phi, residual):
@@ -162,8 +166,134 @@ class TRAK(AttributionMethod):
         return phi @ state
 
 
+class LayerInverse:
+    """``phi -> phi H^-1`` for a block-diagonal ``H``, one block per layer of the
+    features' layout: a Kronecker block is inverted in its eigenbasis, ``Q_out (
+    (Q_out^T G Q_in) / (Lambda + lambda)) Q_in^T``; the dense blocks together are
+    one damped Gauss-Newton matrix, inverted."""
+
+    def __init__(self, kron, dense_columns, dense_inverse):
+        self.kron = kron  # [(start, stop, q_out, q_in, 1 / (Lambda + lambda))]
+        self.dense_columns, self.dense_inverse = dense_columns, dense_inverse
+
+    def to(self, dtype):
+        return LayerInverse(
+            [(a, b, *(t.to(dtype) for t in ts)) for a, b, *ts in self.kron],
+            self.dense_columns,
+            None if self.dense_inverse is None else self.dense_inverse.to(dtype),
+        )
+
+    def __call__(self, phi: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(phi)
+        for start, stop, q_out, q_in, inverse in self.kron:
+            g = phi[:, start:stop].reshape(len(phi), q_out.shape[0], q_in.shape[0])
+            g = q_out @ ((q_out.T @ g @ q_in) * inverse) @ q_in.T
+            out[:, start:stop] = g.reshape(len(phi), -1)
+        if self.dense_inverse is not None:
+            out[:, self.dense_columns] = phi[:, self.dense_columns] @ self.dense_inverse
+        return out
+
+
+def _layer_inverse(phi, layout, damping: float, device, corrected: bool, factors=None) -> LayerInverse:
+    """The damped inverse of the features' Gauss-Newton matrix ``Phi^T Phi``,
+    block-diagonal over the layers of ``layout``.
+
+    A Kronecker block, with ``G_j`` training sample ``j``'s projected gradient as a
+    ``k_out x k_in`` matrix, has the factors ``S`` and ``A`` of ``factors`` (K-FAC's:
+    the second moments of the projected output gradients and inputs over every
+    sample's positions) or, where its route gave none, ``S = sum_j G_j G_j^T`` and
+    ``A = sum_j G_j^T G_j``. K-FAC's eigenvalues are ``lambda_S (x) lambda_A``,
+    scaled to the block's trace ``sum_j ||G_j||^2``; EK-FAC's (``corrected``) are
+    the exact second moments of the projected gradients in the Kronecker
+    eigenbasis, ``sum_j (Q_S^T G_j Q_A)^2`` (George et al., 2018). Each block is
+    damped on its own, relative to its mean nonzero eigenvalue, ``trace / min(n,
+    width)``. The dense blocks together get one damped Gauss-Newton matrix."""
+    n = phi.shape[0]
+    kron = [(a, b, shape) for a, b, shape in layout if shape is not None]
+    factors = factors or (None,) * len(kron)
+    dense = [torch.arange(a, b) for a, b, shape in layout if shape is None and b > a]
+    dense = torch.cat(dense).to(device) if dense else None
+    moments = [
+        None if given is None else tuple(torch.as_tensor(t, device=device, dtype=torch.float64) for t in given)
+        for given in factors
+    ]
+    missing = [i for i, m in enumerate(moments) if m is None]
+    for i in missing:
+        ko, ki = kron[i][2]
+        moments[i] = (
+            torch.zeros(ko, ko, dtype=torch.float64, device=device),
+            torch.zeros(ki, ki, dtype=torch.float64, device=device),
+        )
+    traces = [0.0] * len(kron)
+    gram = None if dense is None else torch.zeros(len(dense), len(dense), dtype=torch.float64, device=device)
+
+    def blocks(rows):
+        g = torch.as_tensor(phi[rows], device=device, dtype=torch.float32)
+        return g, [g[:, a:b].reshape(len(g), *shape) for a, b, shape in kron]
+
+    batches = list(_row_batches(n, 8 * phi.shape[1]))
+    for rows in batches:
+        g, gs = blocks(rows)
+        for i, G in enumerate(gs):
+            traces[i] += float((G.double() ** 2).sum())
+        for i in missing:
+            G = gs[i]
+            s, a = moments[i]
+            s += torch.einsum("noi,npi->op", G, G).double()
+            a += torch.einsum("noi,noj->ij", G, G).double()
+        if gram is not None:
+            d = g[:, dense]
+            gram += (d.T @ d).double()
+    bases = []
+    for (s, a), trace in zip(moments, traces):
+        (l_out, q_out), (l_in, q_in) = torch.linalg.eigh(s), torch.linalg.eigh(a)
+        scale = float(torch.diagonal(s).sum()) * float(torch.diagonal(a).sum())
+        eig = torch.outer(l_out.clamp(min=0), l_in.clamp(min=0))
+        bases.append([q_out, q_in, eig * (trace / scale) if scale > 0 else eig * 0])
+    if corrected:
+        for basis in bases:
+            basis[2] = torch.zeros_like(basis[2])
+        for rows in batches:
+            _, gs = blocks(rows)
+            for G, basis in zip(gs, bases):
+                q_out, q_in = basis[0].float(), basis[1].float()
+                basis[2] += ((q_out.T @ G @ q_in) ** 2).sum(0).double()
+    layers = []
+    for (a, b, _), (q_out, q_in, eig), trace in zip(kron, bases, traces):
+        lam = damping * trace / min(n, b - a)
+        layers.append((a, b, q_out, q_in, 1.0 / (eig + (lam if lam > 0 else _EPS))))
+    dense_inverse = None if gram is None else _damped_inverse(gram, damping, n)
+    return LayerInverse(layers, dense, dense_inverse)
+
+
+class KFAC(TRAK):
+    """TRAK's attribution with per-layer curvature: ``Phi^T Phi`` replaced by its
+    block-diagonal K-FAC approximation in the projected space of each layer, every
+    layer damped on its own (see :func:`_layer_inverse`)."""
+
+    name = "kfac"
+    per_layer = True
+    corrected = False
+    default_damping = 0.1
+
+    def fit(self, phi, residual, damping, device, layout=None, factors=None):
+        layout = ((0, phi.shape[1], None),) if layout is None else layout
+        return _layer_inverse(phi, layout, damping, device, self.corrected, factors)
+
+    def test_side(self, state, phi):
+        return state(phi)
+
+
+class EKFAC(KFAC):
+    """K-FAC with eigenvalue correction (George et al., 2018): the exact second
+    moments of the projected gradients in each layer's Kronecker eigenbasis."""
+
+    name = "ekfac"
+    corrected = True
+
+
 METHODS: dict[str, type[AttributionMethod]] = {
-    cls.name: cls for cls in (TRAK, InfluenceFunction, TracIn, GradDot, GradCos)
+    cls.name: cls for cls in (TRAK, InfluenceFunction, TracIn, GradDot, GradCos, KFAC, EKFAC)
 }
 
 
@@ -176,7 +306,7 @@ def _reduce_members(
     for m, member in enumerate(members):
         phi = torch.as_tensor(member.phi[rows], device=device, dtype=dtype)
         residual = torch.as_tensor(member.residual[rows], device=device, dtype=dtype)
-        state = member.state.to(dtype) if isinstance(member.state, torch.Tensor) else member.state
+        state = member.state.to(dtype) if hasattr(member.state, "to") else member.state
         part = score(m, state, phi, method.train_side(state, phi, residual)).mul_(member.coef)
         out = part if out is None else out.add_(part)
         if method.scales_by_residual:

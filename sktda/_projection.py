@@ -133,7 +133,7 @@ class KroneckerBlock:
         self, weight, n_left, n_right, factors, seed, kind="gaussian", device="cpu", transposed=False
     ):
         self.weight, self.n_left, self.n_right, self.transposed = weight, n_left, n_right, transposed
-        self._factors, self._seed, self._kind, self._device = factors, seed, kind, device
+        self.factors, self._seed, self._kind, self._device = tuple(factors), seed, kind, device
         k_out, k_in = factors
         self.p_left = _random_tile(kind, n_left, k_out, _tile_seed(seed, 0, 0)).to(device)
         self.p_right = _random_tile(kind, n_right, k_in, _tile_seed(seed, 0, 1)).to(device)
@@ -142,7 +142,7 @@ class KroneckerBlock:
     def add_bias(self, name: str) -> None:
         if name not in self.bias_rows:
             seed = _tile_seed(self._seed, 1 + len(self.bias_rows), 1)
-            self.bias_rows[name] = _random_tile(self._kind, 1, self._factors[1], seed)[0].to(self._device)
+            self.bias_rows[name] = _random_tile(self._kind, 1, self.factors[1], seed)[0].to(self._device)
 
     def right(self, a: torch.Tensor, bias: str | None = None) -> torch.Tensor:
         """``P_right^T a (+ r_b)`` for right factors ``a`` (..., n_right)."""

@@ -53,12 +53,19 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     Parameters
     ----------
     %(estimator)s
-    method : {"trak", "if", "tracin", "grad_dot", "grad_cos"}, default="trak"
+    method : {"auto", "trak", "if", "tracin", "grad_dot", "grad_cos", "kfac", "ekfac"}, \
+            default="auto"
         Scoring rule. ``"trak"``: TRAK (Park et al., 2023); ``"if"``: influence
         function with a damped empirical-Fisher inverse in projected gradient
         space; ``"tracin"``: TracIn over ``n_checkpoints`` checkpoints weighted by
         the learning rate; ``"grad_dot"`` / ``"grad_cos"``: inner product / cosine
-        of test-target and training-loss gradients.
+        of test-target and training-loss gradients; ``"kfac"`` / ``"ekfac"``:
+        TRAK's attribution with per-layer curvature, each layer's projected
+        Gauss-Newton matrix approximated by Kronecker factors (K-FAC) or by their
+        eigenbasis with exact eigenvalues (EK-FAC), each layer damped on its own.
+        ``"auto"``: EK-FAC for a language model's sequence log-likelihood (where
+        it attributes better than TRAK), TRAK otherwise (where it attributes
+        better than EK-FAC on images). See "Choosing a method" in the user guide.
     ensemble : {"independent", "dropout", "lora"}, default="independent"
         How members are made (Deng et al., 2024). ``"independent"``: ``n_models``
         nets trained from different seeds; ``"dropout"``: each trained model
@@ -90,20 +97,24 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     proj_dim : int or None, default=2048
         Dimension of the random projection of the gradients. When a member has at
         most ``proj_dim`` differentiated parameters (or with None), the exact
-        gradient is used.
+        gradient is used. With ``"kfac"`` and ``"ekfac"``, every layer keeps its
+        own block of features, each projected as TRAK projects that layer
+        (``k_out x k_in = proj_dim``, capped by the layer's sizes), so the
+        features are about ``n_layers x proj_dim`` wide.
     %(projection)s
     %(gradient_path)s
     %(pretrained)s
-    damping : float, default=1.0
-        Damping of the inverses of TRAK and the influence function, relative to
-        the mean nonzero eigenvalue of the matrix inverted, ``trace / min(n_train,
-        proj_dim)``: blind to the scale of the gradients, and to how far
-        ``proj_dim`` exceeds the training set. 1.0 was at or near the best LDS for
-        both methods on an MLP and a CNN on images and a transformer language
-        model (0.25 to 8 tried): it keeps the inverse from
-        amplifying directions the training gradients barely span. 0 (no damping) warns:
-        the matrix is then singular whenever ``proj_dim`` exceeds what the
-        training gradients span.
+    damping : float or "auto", default="auto"
+        Damping of the inverses of TRAK, the influence function, K-FAC and EK-FAC,
+        relative to the mean nonzero eigenvalue of the matrix inverted, ``trace /
+        min(n_train, proj_dim)`` (for K-FAC and EK-FAC, of each layer's block):
+        blind to the scale of the gradients, and to how far ``proj_dim`` exceeds
+        the training set. ``"auto"``: 1.0 for TRAK and the influence function (at
+        or near the best LDS for both on an MLP and a CNN on images and a
+        transformer language model, 0.25 to 8 tried), 0.1 for K-FAC and EK-FAC
+        (kronfluence's heuristic, and at or near the best on the same models,
+        0.03 to 3 tried). 0 (no damping) warns: the matrix is then singular
+        whenever ``proj_dim`` exceeds what the training gradients span.
     target : {"auto", "log_prob", "loss", "sequence_log_likelihood"} or callable, default="auto"
         The scalar attributed per test sample. ``"auto"``: the correct-class
         margin (classifiers), the output (regressors), or the sequence
@@ -162,9 +173,12 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     %(classes_)s
     %(n_features_in_)s
     %(feature_names_in_)s
+    method_ : str
+        The method used (``method="auto"`` resolved).
     train_features_ : ndarray of shape (n_feature_sets, n_train, k)
         Projected training gradients, one set per member (and per TracIn
-        checkpoint of each member).
+        checkpoint of each member); per layer, side by side, for ``"kfac"`` and
+        ``"ekfac"``.
     train_residuals_ : ndarray of shape (n_feature_sets, n_train)
         The residual ``-dL/df`` of every training sample in every feature set
         (``1 - p`` for classifiers, twice ``y - f`` for regressors).
@@ -203,7 +217,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
 
     _parameter_constraints: dict = {
         **GradientEstimator._parameter_constraints,
-        "method": [StrOptions(set(METHODS))],
+        "method": [StrOptions(set(METHODS) | {"auto"})],
         "ensemble": [StrOptions({"independent", "dropout", "lora"})],
         "n_adapters": [Interval(numbers.Integral, 1, None, closed="left")],
         "mask_gradients": ["boolean"],
@@ -211,7 +225,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         "lora_target_modules": [list, None],
         "lora_epochs": [Interval(numbers.Integral, 1, None, closed="left")],
         "n_checkpoints": [Interval(numbers.Integral, 1, None, closed="left")],
-        "damping": [Interval(numbers.Real, 0, None, closed="left")],
+        "damping": [Interval(numbers.Real, 0, None, closed="left"), StrOptions({"auto"})],
         "target": [StrOptions(set(TARGETS)), callable],
         "normalize": [StrOptions({"relatif"}), None],
         "feature_dtype": [StrOptions({"float32", "float16"})],
@@ -224,7 +238,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self,
         estimator,
         *,
-        method="trak",
+        method="auto",
         ensemble="independent",
         n_models=1,
         n_masks=5,
@@ -239,7 +253,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         projection="gaussian",
         gradient_path="auto",
         pretrained=False,
-        damping=1.0,
+        damping="auto",
         target="auto",
         normalize="relatif",
         layers=None,
@@ -284,8 +298,19 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
+    def _method(self):
+        """The method's class: ``method="auto"`` is EK-FAC for a language model's
+        sequence log-likelihood and TRAK otherwise."""
+        name = self.method
+        if name == "auto":
+            name = "ekfac" if self._task.is_sequence else "trak"
+        return METHODS[name]
+
+    def _damping(self, method) -> float:
+        return method.default_damping if self.damping == "auto" else self.damping
+
     def _check_fit(self, task):
-        method = METHODS[self.method]
+        method = self._method()
         if method.needs_checkpoints and self.ensemble == "lora":
             raise ValueError(
                 "method='tracin' needs checkpoints of the differentiated parameters, and "
@@ -296,7 +321,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             warnings.warn(
                 f"damping=0 with method={self.method!r}: the matrix inverted is singular "
                 "whenever proj_dim exceeds what the training gradients span, and the "
-                "attributions are then numerically unstable. Use damping > 0 (default 1.0).",
+                "attributions are then numerically unstable. Use damping > 0 (default 'auto').",
                 UserWarning,
                 stacklevel=3,
             )
@@ -317,15 +342,21 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         return self.target
 
     def _n_checkpoints(self):
-        return self.n_checkpoints if METHODS[self.method].needs_checkpoints else None
+        return self.n_checkpoints if self._method().needs_checkpoints else None
+
+    def _per_layer(self):
+        return self._method().per_layer
 
     def _fit_features(self, X, y, *, task, device):
         start = time.perf_counter()
-        method = METHODS[self.method]()
+        method = self._method()()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
         dtype = np.dtype(self.feature_dtype)
         out_file = self._features_file(
-            len(members) * len(X) * feature_dim(members[0], self.proj_dim) * dtype.itemsize
+            len(members)
+            * len(X)
+            * feature_dim(members[0], self._gradient_config(task, device, dtype))
+            * dtype.itemsize
         )
         features = self._featurize(members, X, y, task=task, device=device, dtype=dtype, out_file=out_file)
         if out_file is not None:
@@ -335,10 +366,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         else:
             self.train_features_ = np.stack([f.phi for f in features])
         self.train_residuals_ = np.stack([f.residual for f in features])
+        self.method_ = method.name
         self._members = [
             FittedMember(
                 coef=m.coef,
-                state=method.fit(f.phi, f.residual, self.damping, device),
+                state=method.fit(f.phi, f.residual, self._damping(method), device, f.layout, f.factors),
                 phi=phi,
                 residual=f.residual,
             )
@@ -382,7 +414,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         check_is_fitted(self)
         _check_dense_fits(_num_samples(X), self.train_features_.shape[1])
         test_phis, device = self._test_features(X, y)
-        A = self._columns(METHODS[self.method](), test_phis, slice(None), device)
+        A = self._columns(self._method()(), test_phis, slice(None), device)
         return A.cpu().numpy().astype(np.float64)
 
     def transform(self, X) -> np.ndarray:
@@ -410,7 +442,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             The diagonal of ``attribute(X_train, y_train)``, in row chunks.
         """
         check_is_fitted(self)
-        scores = self_attribution(METHODS[self.method](), self._members, resolve_device(self.device))
+        scores = self_attribution(self._method()(), self._members, resolve_device(self.device))
         return _finite(scores, "self-attribution scores").cpu().numpy().astype(np.float64)
 
     def most_influential(self, X, y=None, k: int = 10) -> Influence:
@@ -439,7 +471,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         n_train = self.train_features_.shape[1]
         check_scalar(k, "k", numbers.Integral, min_val=1, max_val=n_train)
         test_phis, device = self._test_features(X, y)
-        method = METHODS[self.method]()
+        method = self._method()()
         n_test = test_phis[0].shape[0]
         # per training sample: its float64 scores (twice, while merging) and features
         row_bytes = 8 * (2 * n_test + self.train_features_.shape[2])
@@ -529,7 +561,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
 
     def _test_features(self, X, y):
         task, X, y, device = self._prepare_predict(X, y)
-        members = self.ensemble_.members(checkpoints=METHODS[self.method].needs_checkpoints)
+        members = self.ensemble_.members(checkpoints=self._method().needs_checkpoints)
         features = self._featurize(members, X, y, task=task.as_test(), device=device)
         return [to_torch(f.phi).to(device, SCORE_DTYPE) for f in features], device
 
