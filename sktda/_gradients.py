@@ -554,7 +554,8 @@ def featurize(engine: GradientEngine, X, y: torch.Tensor, batch_size: int, out=N
     if factors is not None:  # per chunk, in block order, summed in order by featurize_members
         factors = [
             tuple(
-                tuple(t.cpu().numpy() for t in sums[w]) if w in sums else None for w in engine.projector.blocks
+                tuple(t.cpu().numpy() for t in sums[w]) if w in sums else None
+                for w in engine.projector.blocks
             )
             for sums in factors
         ]

@@ -214,7 +214,9 @@ def _layer_inverse(phi, layout, damping: float, device, corrected: bool, factors
     dense = [torch.arange(a, b) for a, b, shape in layout if shape is None and b > a]
     dense = torch.cat(dense).to(device) if dense else None
     moments = [
-        None if given is None else tuple(torch.as_tensor(t, device=device, dtype=torch.float64) for t in given)
+        None
+        if given is None
+        else tuple(torch.as_tensor(t, device=device, dtype=torch.float64) for t in given)
         for given in factors
     ]
     missing = [i for i, m in enumerate(moments) if m is None]
