@@ -255,6 +255,17 @@ def compare(
     return rows, truth_seconds
 
 
+def kronfluence_layers_variant(net):
+    """An extra row of compare(): sktda's EK-FAC on the layers kronfluence tracks,
+    its default set (every ``nn.Linear`` and ``nn.Conv2d``, transformers' ``Conv1D``
+    rewritten as ``nn.Linear``; not the ``out_proj`` subclass inside
+    ``nn.MultiheadAttention``, which its default wrapping cannot take)."""
+    from _peers import kronfluence_layers
+
+    module = net.initialize().module_
+    return ("ekfac, kronfluence's layers", {"method": "ekfac", "layers": kronfluence_layers(module)})
+
+
 # the dense reference path, as an extra row of compare()
 VMAP_VARIANT = ("trak, vmap + dense projection", {"method": "trak", "gradient_path": "vmap"})
 VARIANT_NOTE = (

@@ -110,10 +110,7 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
     # kronfluence supports nn.Linear and nn.Conv2d only: GPT-2's Conv1D layers are
     # rewritten as nn.Linear, as its documentation asks of users
     modules = [_conv1d_as_linear(copy.deepcopy(m)) for m in modules]
-    # the layer types kronfluence supports (not MultiheadAttention's out_proj subclass)
-    tracked = [
-        name for name, m in modules[0].named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)
-    ]
+    tracked = kronfluence_layers(modules[0])
 
     train = TensorDataset(torch.from_numpy(X_train), torch.from_numpy(y_train))
     test = TensorDataset(torch.from_numpy(X_test), torch.from_numpy(y_test))
@@ -137,6 +134,19 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
             )
             total = total + analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
     return -total / len(modules), time.perf_counter() - start
+
+
+def kronfluence_layers(module: torch.nn.Module) -> list[str]:
+    """The modules kronfluence tracks by default: its supported layer types
+    (``nn.Linear``, ``nn.Conv2d``; transformers' ``Conv1D``, which users rewrite as
+    ``nn.Linear``), not MultiheadAttention's ``out_proj`` subclass, which its
+    default wrapping fails on."""
+    kinds = (torch.nn.Linear, torch.nn.Conv2d)
+    return [
+        name
+        for name, m in module.named_modules()
+        if type(m) in kinds or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+    ]
 
 
 def _conv1d_as_linear(module: torch.nn.Module) -> torch.nn.Module:

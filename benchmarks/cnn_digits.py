@@ -32,7 +32,7 @@ def main():
     rows, truth_seconds = compare(
         net,
         data,
-        methods=["trak", "if", "grad_cos"],
+        methods=["trak", "if", "grad_cos", "kfac", "ekfac"],
         sizes=args.sizes,
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,

@@ -31,6 +31,7 @@ from _common import (
     compare,
     compare_parser,
     emit,
+    kronfluence_layers_variant,
     markdown_table,
     pydoc_passages,
     pydoc_topic_passages,
@@ -98,7 +99,8 @@ def lds(args) -> None:
     rows, truth_seconds = compare(
         net,
         (X[:n], X[n:], y[:n], y[n:]),
-        methods=["trak"],
+        methods=["trak", "kfac", "ekfac"],
+        variants=[kronfluence_layers_variant(net)],
         sizes=args.sizes,
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,

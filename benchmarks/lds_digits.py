@@ -34,7 +34,7 @@ def main():
     rows, truth_seconds = compare(
         digits_net(),
         digits_data(),
-        methods=["trak", "if", "tracin", "grad_dot", "grad_cos"],
+        methods=["trak", "if", "tracin", "grad_dot", "grad_cos", "kfac", "ekfac"],
         sizes=args.sizes,
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,

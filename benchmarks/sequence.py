@@ -17,6 +17,7 @@ from _common import (
     compare,
     compare_parser,
     emit,
+    kronfluence_layers_variant,
     lm_net,
     markdown_table,
     pydoc_passages,
@@ -36,12 +37,12 @@ def main():
     rows, truth_seconds = compare(
         net,
         (X[:n], X[n:], y[:n], y[n:]),
-        methods=["trak", "if", "grad_cos"],
+        methods=["trak", "if", "grad_cos", "kfac", "ekfac"],
         sizes=args.sizes,
         proj_dim=args.proj_dim,
         n_subsets=args.n_subsets,
         n_jobs=args.n_jobs,
-        variants=[VMAP_VARIANT],
+        variants=[VMAP_VARIANT, kronfluence_layers_variant(net)],
         kind="sequence",
     )
     n_params = sum(p.numel() for p in net.initialize().module_.parameters())

@@ -17,6 +17,9 @@ and featurizing alike:
 - ``bert``: a transformers BERT classifier, 4 layers, hidden size 128, on 64 token
   ids padded to random lengths with a 2-D attention mask (0.8M parameters).
 
+The per-layer routes' row projects every layer into one feature vector (TRAK's
+features); the EK-FAC row keeps every layer's block side by side, accumulates its
+Kronecker factors and fits EK-FAC's per-layer inverses (``method="ekfac"``).
 Every measurement runs in its own process so its peak resident memory (ru_maxrss)
 is its own. The dense vmap path and dattri 0.3.0's TRAK cache (MLP only) run on a
 slice (they are slow). The scaling table fits TRAK (one training epoch, features,
@@ -104,7 +107,9 @@ def peak_gpu_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
-def measure(kind: str, model: str, n: int, path: str = "auto", device: str = "cpu") -> dict:
+def measure(
+    kind: str, model: str, n: int, path: str = "auto", device: str = "cpu", method: str = "grad_dot"
+) -> dict:
     """One measurement, in this process."""
     X, y = synthetic(model, n)
     if kind == "epoch":
@@ -119,7 +124,7 @@ def measure(kind: str, model: str, n: int, path: str = "auto", device: str = "cp
     if kind == "featurize":
         attr = EnsembleAttributor(
             net(model),
-            method="grad_dot",
+            method=method,
             gradient_path=path,
             batch_size=BATCH,
             device=device,
@@ -154,9 +159,9 @@ def measure(kind: str, model: str, n: int, path: str = "auto", device: str = "cp
     raise ValueError(kind)
 
 
-def run(kind: str, model: str, n: int, path: str = "auto", device: str = "cpu") -> dict:
+def run(kind: str, model: str, n: int, path: str = "auto", device: str = "cpu", method="grad_dot") -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--one", kind, model, str(n), path, device],
+        [sys.executable, __file__, "--one", kind, model, str(n), path, device, method],
         capture_output=True,
         text=True,
         check=True,
@@ -197,6 +202,8 @@ def main():
         gpu = [epoch["gpu_mib"]] if suffix else []
         rows.append([model, "one training epoch", args.n, epoch_rate, epoch["peak_mib"], *gpu, 1.0, ""])
         results = [("sktda, per-layer routes", args.n, run("featurize", model, args.n, "layers", device))]
+        per_layer = run("featurize", model, args.n, "layers", device, "ekfac")
+        results.append(("sktda, per-layer blocks + EK-FAC", args.n, per_layer))
         if model != "bert":  # transformers' padding-mask code cannot run under vmap
             vmap = run("featurize", model, args.vmap_n, "vmap", device)
             results.append(("sktda, vmap + dense projection", args.vmap_n, vmap))

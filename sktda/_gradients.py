@@ -87,7 +87,8 @@ class Features:
     features of training samples): for each Kronecker block in layout order, the
     sums over samples and positions ``(sum p_left p_left^T, sum p_right
     p_right^T)`` of its projected factors (float64), or None where its gradients
-    were not taken by its route.
+    were not taken by its route (:func:`featurize` gives them as a
+    :class:`FactorSums` of its row range, :func:`featurize_members` added up).
     """
 
     phi: np.ndarray
@@ -183,9 +184,9 @@ class LayerEngine(GradientEngine):
         self.traced = sorted(traced)
         self.rowwise = sorted(rowwise)
         self._exact = isinstance(projector, ExactProjector)
-        # per-layer curvature of training samples: each chunk's sums of the routes'
-        # projected factors over positions, {weight: (S, A)}, kept chunk by chunk
-        self.factor_sums = [] if getattr(projector, "per_layer", False) and task.role == "train" else None
+        # per-layer curvature of training samples: the last chunk's sums of the routes'
+        # projected factors over positions, {weight: (S, A)}
+        self.factor_sums = {} if getattr(projector, "per_layer", False) and task.role == "train" else None
         modules = dict(self.member.module.named_modules())
         self._hooked = [(route, modules[route.name]) for route in self.routes]
 
@@ -253,7 +254,7 @@ class LayerEngine(GradientEngine):
                 if self.factor_sums is not None:
                     _accumulate(sums, {block: (_second_moment(p_left, n), _second_moment(p_right, n))})
         if self.factor_sums is not None:
-            self.factor_sums.append(sums)
+            self.factor_sums = sums
         try:
             _accumulate(grads, self._traced_gradients(traced, params, n))
         except NotPerSample:  # this chunk's shapes do not split by sample: row by row
@@ -530,16 +531,71 @@ def _owners(module) -> dict[str, str]:
     return {name: name.rpartition(".")[0] for name, _ in module.named_parameters()}
 
 
-def featurize(engine: GradientEngine, X, y: torch.Tensor, batch_size: int, out=None) -> Features:
+class FactorSums:
+    """The per-layer factor sums of a row range's chunks, kept so that their total
+    is the same however the rows are split into ranges (``n_jobs``): chunks are
+    added in order within aligned groups of ``GROUP`` chunks (numbered from the
+    first row of the data), then the groups in order. A range keeps the groups it
+    may share with a neighbouring range (its first and last) chunk by chunk, so
+    memory stays bounded by ``2 GROUP`` chunks' sums plus one per group."""
+
+    GROUP = 64
+
+    def __init__(self, blocks, first_chunk: int, n_chunks: int):
+        self.blocks = list(blocks)
+        self.edges = {first_chunk // self.GROUP, (first_chunk + n_chunks - 1) // self.GROUP}
+        self.groups: dict[int, list] = {}
+
+    def add(self, index: int, sums: dict) -> None:
+        """The sums ``{weight: (S, A)}`` of the chunk numbered ``index``."""
+        part = tuple(tuple(t.cpu().numpy() for t in sums[w]) if w in sums else None for w in self.blocks)
+        group = index // self.GROUP
+        kept = self.groups.setdefault(group, [])
+        if group in self.edges or not kept:
+            kept.append(part)
+        else:
+            kept[0] = _add_factors(kept[0], part)
+
+    @staticmethod
+    def total(ranges: list[FactorSums]) -> tuple | None:
+        """The total of consecutive ranges' sums, in the fixed order."""
+        groups: dict[int, list] = {}
+        for sums in ranges:
+            for group, parts in sums.groups.items():
+                groups.setdefault(group, []).extend(parts)
+        total = None
+        for group in sorted(groups):
+            parts = groups[group]
+            group_sum = parts[0]
+            for part in parts[1:]:
+                group_sum = _add_factors(group_sum, part)
+            total = group_sum if total is None else _add_factors(total, group_sum)
+        return total
+
+
+def _add_factors(total: tuple, part: tuple) -> tuple:
+    return tuple(
+        b if a is None else a if b is None else (a[0] + b[0], a[1] + b[1]) for a, b in zip(total, part)
+    )
+
+
+def featurize(
+    engine: GradientEngine, X, y: torch.Tensor, batch_size: int, out=None, first_chunk: int = 0
+) -> Features:
     """Features of ``(X, y)`` in chunks of ``batch_size`` (memory bounded by one
     chunk of gradients, or of layer factors on the fast path). ``phi`` is written
     into ``out`` when given (any float dtype, possibly a memory-mapped file).
-    Non-finite gradients, residuals or targets are refused, naming the rows."""
+    ``first_chunk``: the number of the first chunk in the whole data (for the
+    order of the factor sums). Non-finite gradients, residuals or targets are
+    refused, naming the rows."""
     n = n_samples(X)
     phi = np.empty((n, engine.out_dim), dtype=np.float32) if out is None else out
     residual = np.empty(n, dtype=np.float32)
     output = np.empty(n, dtype=np.float32)
-    for rows in gen_batches(n, batch_size):
+    factors = None
+    if getattr(engine, "factor_sums", None) is not None:
+        factors = FactorSums(engine.projector.blocks, first_chunk, -(-n // batch_size))
+    for index, rows in enumerate(gen_batches(n, batch_size)):
         p, f, r = engine.chunk(to_torch(take(X, rows), engine.device), y[rows].to(engine.device))
         for name, t in (("per-sample gradients", p), ("targets", f), ("residuals -dL/df", r)):
             if not bool(torch.isfinite(t).all()):
@@ -550,15 +606,8 @@ def featurize(engine: GradientEngine, X, y: torch.Tensor, batch_size: int, out=N
         phi[rows] = p.cpu().numpy()
         residual[rows] = r.cpu().numpy()
         output[rows] = f.cpu().numpy()
-    factors = getattr(engine, "factor_sums", None)
-    if factors is not None:  # per chunk, in block order, summed in order by featurize_members
-        factors = [
-            tuple(
-                tuple(t.cpu().numpy() for t in sums[w]) if w in sums else None
-                for w in engine.projector.blocks
-            )
-            for sums in factors
-        ]
+        if factors is not None:
+            factors.add(first_chunk + index, engine.factor_sums)
     return Features(phi=phi, residual=residual, output=output, layout=engine.layout, factors=factors)
 
 
@@ -624,23 +673,10 @@ def featurize_members(
                 residual=np.concatenate([f.residual for f in own]),
                 output=np.concatenate([f.output for f in own]),
                 layout=own[0].layout,
-                factors=_sum_chunks([chunk for f in own for chunk in f.factors or ()]),
+                factors=FactorSums.total([f.factors for f in own]) if own[0].factors is not None else None,
             )
         )
     return features
-
-
-def _sum_chunks(chunks: list) -> tuple | None:
-    """The per-chunk factor sums of :func:`featurize`, added chunk by chunk in row
-    order (so the total is the same whatever ``n_jobs``)."""
-    if not chunks:
-        return None
-    total = list(chunks[0])
-    for chunk in chunks[1:]:
-        for i, part in enumerate(chunk):
-            if part is not None:
-                total[i] = part if total[i] is None else (total[i][0] + part[0], total[i][1] + part[1])
-    return tuple(total)
 
 
 def _featurize_rows(member, X, y, *, probe, config, n_jobs, out_file, member_index, start) -> Features:
@@ -651,9 +687,16 @@ def _featurize_rows(member, X, y, *, probe, config, n_jobs, out_file, member_ind
         n = n_samples(X)
         if out_file is None:
             out = np.empty((n, engine.out_dim), dtype=config.dtype)
-            return featurize(engine, X, y, config.batch_size, out)
+            return featurize(engine, X, y, config.batch_size, out, start // config.batch_size)
         stored = np.load(out_file, mmap_mode="r+")
-        features = featurize(engine, X, y, config.batch_size, stored[member_index, start : start + n])
+        features = featurize(
+            engine,
+            X,
+            y,
+            config.batch_size,
+            stored[member_index, start : start + n],
+            start // config.batch_size,
+        )
         stored.flush()
         features.phi = None  # the rows live in the file; the caller maps them
         return features

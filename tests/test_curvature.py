@@ -2,6 +2,8 @@
 layout, the Kronecker factors against a dense reference, and the scores against
 numpy.linalg on one Linear, one Conv2d and one Embedding layer."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from skorch import NeuralNet
 from torch import nn
 
 from sktda import EnsembleAttributor
-from sktda._gradients import GradientConfig, featurize, featurize_members, make_engine
+from sktda._gradients import FactorSums, GradientConfig, featurize, featurize_members, make_engine
 from sktda._layers import assign_routes, layer_widths
 from sktda._methods import EKFAC, KFAC, FittedMember, attribution_columns
 from sktda.models import MLP, TokenCrossEntropy, TokenTransformer
@@ -187,7 +189,9 @@ def test_per_layer_features_of_a_transformer_match_vmap():
     fast = featurize(engine, X, y, batch_size=4)
     slow = featurize(make_engine(member, GradientConfig(**{**config.__dict__, "path": "vmap"})), X, y, 4)
     assert fast.layout == slow.layout and fast.layout[-1][2] is None  # the norms' dense block
-    assert len(fast.factors) == 3  # one sum per chunk
+    # token and position embeddings, attention in and out, two linear layers, the head
+    factors = FactorSums.total([fast.factors])
+    assert len(factors) == 7 and all(f is not None for f in factors)
     np.testing.assert_allclose(fast.phi, slow.phi, rtol=1e-4, atol=1e-5)
 
 
@@ -248,3 +252,29 @@ def test_auto_method_and_damping():
     assert not np.allclose(
         attr.attribute(tokens[30:, :-1], tokens[30:, 1:]), other.attribute(tokens[30:, :-1], tokens[30:, 1:])
     )
+
+
+def test_factor_sums_are_the_same_whatever_the_row_ranges(monkeypatch):
+    """Chunk sums of very different scales (so that the order of the additions
+    shows in the last bits) give one total whichever ranges the chunks come in."""
+    monkeypatch.setattr(FactorSums, "GROUP", 3)
+    rng = np.random.default_rng(0)
+    chunks = [
+        {"w": (torch.tensor(rng.normal(size=(2, 2)) * 10.0 ** rng.integers(-8, 8)), torch.ones(1, 1))}
+        for _ in range(10)
+    ]
+
+    def total(bounds):
+        ranges = []
+        for a, b in itertools.pairwise(bounds):
+            sums = FactorSums(["w"], a, b - a)
+            for i in range(a, b):
+                sums.add(i, chunks[i])
+            ranges.append(sums)
+        return FactorSums.total(ranges)[0][0]
+
+    whole = total([0, 10])
+    for bounds in ([0, 4, 10], [0, 1, 5, 7, 10], [0, 8, 10]):
+        np.testing.assert_array_equal(total(bounds), whole)
+    naive = sum(c["w"][0].numpy() for c in chunks[::-1])
+    np.testing.assert_allclose(whole, naive, rtol=1e-12)
