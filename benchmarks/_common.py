@@ -197,15 +197,13 @@ def compare(
                 predicted = attr.classes_[
                     np.argmax(sum(e.predict_proba(X_test) for e in attr.estimators_), 1)
                 ]
-            row(
-                f"sktda {label}",
-                n,
-                relatif(A, self_influence),
-                predicted,
-                seconds,
-                attr.costs_["train_seconds"],
+            # the default normalize="auto": RelatIF on classifiers, raw scores on language models
+            normalised = relatif(A, self_influence)
+            default, other, suffix = (
+                (A, normalised, "relatif") if kind == "sequence" else (normalised, A, "raw")
             )
-            row(f"sktda {label}, raw", n, A, predicted, seconds, attr.costs_["train_seconds"])
+            row(f"sktda {label}", n, default, predicted, seconds, attr.costs_["train_seconds"])
+            row(f"sktda {label}, {suffix}", n, other, predicted, seconds, attr.costs_["train_seconds"])
             if label == "trak":
                 trained[n] = (attr, predicted)
 
@@ -276,8 +274,9 @@ HEADER = ["method", "models", "LDS", "identical class", "attribution s", "train 
 NOTES = (
     "'attribution s' = featurizing the training set + attributing the test samples (training "
     "excluded); peers run on sktda TRAK's trained models, dattri at its best regularization of a grid chosen "
-    "on the same ground truth. sktda rows use the default normalize='relatif'; ', raw' rows are the same "
-    "fit's raw scores (normalize=None). 'identical class' = how often the top proponent has the ensemble's "
+    "on the same ground truth. sktda rows use the default normalize='auto' (RelatIF on classifiers, raw "
+    "scores on language models); ', raw' and ', relatif' rows are the same fit's other scores. "
+    "'identical class' = how often the top proponent has the ensemble's "
     "predicted class (Hanawa et al., 2021)."
 )
 

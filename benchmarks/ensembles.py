@@ -89,11 +89,11 @@ def pareto_figure(results, path, title="Efficient ensembles on digits"):
 
 
 def run_config(name, net, config, data, truth):
-    """Fit TRAK with ``config`` on ``net`` and measure it: ``(name, LDS, costs, serve
-    seconds)``, serving being featurizing the training set plus attributing the
-    test samples."""
+    """Fit ``config`` (TRAK unless it names a method) on ``net`` and measure it:
+    ``(name, LDS, costs, serve seconds)``, serving being featurizing the training
+    set plus attributing the test samples."""
     X_train, X_test, y_train, y_test = data
-    attr = EnsembleAttributor(net, method="trak", random_state=0, **config).fit(X_train, y_train)
+    attr = EnsembleAttributor(net, **{"method": "trak", **config}, random_state=0).fit(X_train, y_train)
     start = time.perf_counter()
     A = attr.attribute(X_test, y_test)
     serve = attr.costs_["featurize_seconds"] + time.perf_counter() - start

@@ -1,7 +1,7 @@
 """Attributing the fine-tuning data of a pretrained transformer: LDS against
 training time, serving time, feature bytes and model bytes for independent full
 fine-tunes, LoRA adapters on the frozen pretrained model, and dropout masks of one
-fine-tune (TRAK, ``pretrained=True``).
+fine-tune (TRAK, and EK-FAC, the default on language models; ``pretrained=True``).
 
     python benchmarks/finetune.py --readme
 
@@ -38,6 +38,14 @@ CONFIGS = [
     ("lora 2x5, rank 4", dict(ensemble="lora", n_models=2, n_adapters=5, lora_rank=4)),
     ("lora 1x10, rank 8", dict(ensemble="lora", n_models=1, n_adapters=10, lora_rank=8)),
     ("lora 2x5, rank 8", dict(ensemble="lora", n_models=2, n_adapters=5, lora_rank=8)),
+    ("independent 1, ekfac", dict(ensemble="independent", n_models=1, method="ekfac")),
+    ("independent 5, ekfac", dict(ensemble="independent", n_models=5, method="ekfac")),
+    ("independent 10, ekfac", dict(ensemble="independent", n_models=10, method="ekfac")),
+    ("dropout 1x10, ekfac", dict(ensemble="dropout", n_models=1, n_masks=10, method="ekfac")),
+    (
+        "lora 1x10, rank 4, ekfac",
+        dict(ensemble="lora", n_models=1, n_adapters=10, lora_rank=4, method="ekfac"),
+    ),
 ]
 
 
@@ -111,7 +119,7 @@ def main():
 
     table = cost_table(results, "independent 10")
     table += (
-        f"\n\nTRAK, proj_dim 2048; a transformer language model of {n_params} parameters pretrained on "
+        f"\n\nTRAK unless the row says EK-FAC, proj_dim 2048; a transformer language model of {n_params} parameters pretrained on "
         f"{args.n_pretrain} passages of {args.length} characters ({pretrain_seconds:.0f} s, not counted), "
         f"fine-tuned on {args.n_train} passages of other topics ({args.epochs} epochs, Adam lr 5e-4); "
         f"{args.n_test} held-out passages of the fine-tuning topics, target their log-likelihood. LoRA: "
@@ -121,7 +129,7 @@ def main():
         f"on the same base, seeded apart. Ground truth: {args.n_subsets} full fine-tunes on 50% subsets "
         f"({truth_seconds:.0f} s)."
     )
-    emit("finetune", "Attributing fine-tuning data of a pretrained transformer (TRAK)", table, args.readme)
+    emit("finetune", "Attributing fine-tuning data of a pretrained transformer", table, args.readme)
     pareto_figure(
         results,
         RESULTS / "finetune_pareto.png",

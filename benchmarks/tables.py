@@ -138,7 +138,7 @@ def methods() -> str:
         (_method(row), name, row["models"]): row["LDS"]
         for name, _ in METHOD_SETTINGS
         for row in read(name).rows
-        if not row["method"].endswith(", raw") and "vmap" not in row["method"]
+        if not row["method"].endswith((", raw", ", relatif")) and "vmap" not in row["method"]
     }
     columns = [(name, setting, models) for name, setting in METHOD_SETTINGS for models in ("1", "10")]
     plural = {"1": "1 model", "10": "10 models"}

@@ -67,12 +67,13 @@ net = NeuralNet(
     train_split=None,
     verbose=0,
 )
-attr = EnsembleAttributor(net, method="trak", n_models=1, proj_dim=1024, normalize="relatif", random_state=0)
+# the default method="auto" is EK-FAC here: per-layer curvature, for a language model
+attr = EnsembleAttributor(net, n_models=1, proj_dim=1024, random_state=0)
 attr.fit(X_train, y_train)
 print(
     f"language model of {sum(p.numel() for p in attr.estimators_[0].module_.parameters())} parameters "
     f"trained on {N_TRAIN} passages in {attr.costs_['train_seconds']:.0f} s; "
-    f"featurized in {attr.costs_['featurize_seconds']:.0f} s"
+    f"featurized with {attr.method_} in {attr.costs_['featurize_seconds']:.0f} s"
 )
 top = attr.most_influential(X_test, y_test, k=2)
 for i in range(4):

@@ -130,14 +130,17 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         ``Q = I``, so the training side is the training-loss gradient, as TRAK
         does for language models. ``score`` and ``subset_retraining`` measure the
         same target.
-    normalize : {"relatif"} or None, default="relatif"
+    normalize : {"auto", "relatif"} or None, default="auto"
         ``"relatif"`` divides each training sample's scores by the square root of
         its absolute self-influence (RelatIF, Barshan et al., 2020), so that
         high-loss training samples do not rank first for every test sample; None
-        keeps the raw scores. ``self_attribute`` stays un-normalised. The default
-        raised the LDS of TRAK, IF, TracIn and Grad-Dot in every setting measured
-        (the digits MLP on two splits, a CNN on digit images; see the
-        documentation's Benchmarks page) and left Grad-Cos unchanged (its self-influence is one).
+        keeps the raw scores. ``self_attribute`` stays un-normalised. ``"auto"``:
+        RelatIF, but raw scores for a language model's sequence log-likelihood.
+        RelatIF raised the LDS of TRAK, IF, TracIn and Grad-Dot on every
+        classifier measured (the digits MLP on two splits, a CNN on digit images;
+        see the documentation's Benchmarks page) and left Grad-Cos unchanged (its
+        self-influence is one); on the language models it left TRAK unchanged and
+        lowered K-FAC's and EK-FAC's.
     layers : None, "all", "last" or list of str, default=None
         Parameters to differentiate: all (None or "all"), the output layer's
         ("last"), or those of the named modules. LoRA members differentiate their
@@ -227,7 +230,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         "n_checkpoints": [Interval(numbers.Integral, 1, None, closed="left")],
         "damping": [Interval(numbers.Real, 0, None, closed="left"), StrOptions({"auto"})],
         "target": [StrOptions(set(TARGETS)), callable],
-        "normalize": [StrOptions({"relatif"}), None],
+        "normalize": [StrOptions({"auto", "relatif"}), None],
         "feature_dtype": [StrOptions({"float32", "float16"})],
         "features_dir": [str, os.PathLike, None],
         "score_n_subsets": [Interval(numbers.Integral, 3, None, closed="left")],
@@ -255,7 +258,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         pretrained=False,
         damping="auto",
         target="auto",
-        normalize="relatif",
+        normalize="auto",
         layers=None,
         batch_size=256,
         feature_dtype="float32",
@@ -377,7 +380,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             for m, f, phi in zip(members, features, self.train_features_)
         ]
         self._column_scale = None
-        if self.normalize == "relatif":
+        if self.normalize == "relatif" or (self.normalize == "auto" and not self._task.is_sequence):
             # a scale per training sample: float32 is ample, and halves this step's cost
             self_influence = self_attribution(method, self._members, device, torch.float32)
             self._column_scale = _relatif_scale(self_influence)

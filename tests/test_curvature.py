@@ -240,7 +240,9 @@ def test_auto_method_and_damping():
     assert attr.method_ == "ekfac"
     X = np.random.default_rng(1).normal(size=(40, 20)).astype(np.float32)
     y = (X[:, 0] > 0).astype(np.int64)
-    clf = EnsembleAttributor(make_classifier_net(module__n_features=20, module__n_outputs=2), proj_dim=32)
+    clf = EnsembleAttributor(
+        make_classifier_net(module__n_features=20, module__n_outputs=2), proj_dim=32, random_state=0
+    )
     assert clf.fit(X, y).method_ == "trak"
     # damping="auto" is each method's own: 0.1 for EK-FAC, as an explicit 0.1 gives
     explicit = clone(attr).set_params(method="ekfac", damping=0.1).fit(tokens[:30, :-1], tokens[:30, 1:])
@@ -249,9 +251,17 @@ def test_auto_method_and_damping():
         explicit.attribute(tokens[30:, :-1], tokens[30:, 1:]),
     )
     other = clone(attr).set_params(damping=1.0).fit(tokens[:30, :-1], tokens[:30, 1:])
-    assert not np.allclose(
-        attr.attribute(tokens[30:, :-1], tokens[30:, 1:]), other.attribute(tokens[30:, :-1], tokens[30:, 1:])
+    A = attr.attribute(tokens[30:, :-1], tokens[30:, 1:])
+    assert not np.allclose(A, other.attribute(tokens[30:, :-1], tokens[30:, 1:]))
+    # normalize="auto": raw scores on a language model, RelatIF on a classifier
+    np.testing.assert_array_equal(
+        A,
+        explicit.set_params(normalize=None)
+        .fit(tokens[:30, :-1], tokens[:30, 1:])
+        .attribute(tokens[30:, :-1], tokens[30:, 1:]),
     )
+    relatif = clone(clf).set_params(normalize="relatif").fit(X, y)
+    np.testing.assert_array_equal(clf.attribute(X[:5], y[:5]), relatif.attribute(X[:5], y[:5]))
 
 
 def test_factor_sums_are_the_same_whatever_the_row_ranges(monkeypatch):

@@ -199,3 +199,24 @@ def test_the_detector_takes_a_peft_models_new_head(digits, pretrained):
         for m in members
     )
     assert np.isfinite(detector.train_scores_).all()
+
+
+@pytest.mark.parametrize("ensemble", ["independent", "lora"])
+def test_per_layer_curvature_on_a_pretrained_module(digits, pretrained, ensemble):
+    """EK-FAC on fine-tuned members and on LoRA members: each adapter's ``lora_A``
+    and ``lora_B`` is a layer with its own Kronecker block."""
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(
+        _fine_tuning_net(pretrained),
+        method="ekfac",
+        ensemble=ensemble,
+        n_adapters=2,
+        lora_rank=2,
+        lora_epochs=1,
+        pretrained=True,
+        proj_dim=16,
+        random_state=0,
+    ).fit(X_train[75:], y_train[75:])
+    # fine-tunes: the hidden layer and the head; LoRA: the adapter's A and B, and the head
+    assert [len(m.state.kron) for m in attr._members] == [3 if ensemble == "lora" else 2] * attr.n_members_
+    assert np.isfinite(attr.attribute(X_test, y_test)).all()
