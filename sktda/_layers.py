@@ -13,7 +13,9 @@ them into one projection block. The projection of a member's gradient is a sum
 over its parameters, ``phi = sum_p P_p^T g_p``, with an independent random block
 per parameter; stacked, the blocks are one ``(p, k)`` projection of the whole
 gradient that preserves inner products in expectation, as a dense one does, and
-every parameter is projected onto all ``k`` dimensions.
+every parameter is projected onto all ``k`` dimensions. For the per-layer curvature
+methods (K-FAC, EK-FAC) the blocks are kept side by side instead, each layer with
+its own ``k_out x k_in`` block (:func:`layer_widths`).
 
 - Kronecker routes (``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv2d``,
   ``nn.Embedding``, ``nn.MultiheadAttention``): the weight gradient is a sum of
@@ -93,7 +95,9 @@ class Route:
     The engine calls :meth:`build` once, :meth:`record` from a forward hook on every
     call of the module, and then, for every recorded ``(context, tensor)`` with the
     gradient ``d`` of the per-sample targets with respect to ``tensor``, either
-    :meth:`project` (Kronecker routes, when projecting) or :meth:`gradients`.
+    :meth:`pair` (Kronecker routes, when projecting: the projected factors of
+    every position, from which the engine forms the projected gradient and, for
+    K-FAC and EK-FAC, the factors' second moments) or :meth:`gradients`.
     """
 
     kronecker = False
@@ -567,19 +571,17 @@ class LayerProjector:
     def __init__(
         self, routes, numels: dict[str, int], proj_dim, seed, kind="gaussian", device="cpu", per_layer=False
     ):
+        proj_dim = int(proj_dim)
         self.per_layer = per_layer
-        self.factors = kronecker_factors(int(proj_dim))
-        self._scale = math.sqrt(self.factors[0] * self.factors[1] / int(proj_dim))
-        if per_layer:
-            self._widths, dense_dim = layer_widths(routes, numels, int(proj_dim))
+        self.factors = kronecker_factors(proj_dim)
+        self._scale = math.sqrt(self.factors[0] * self.factors[1] / proj_dim)
+        self._widths, dense_dim = layer_widths(routes, numels, proj_dim) if per_layer else ({}, proj_dim)
         self._seed, self._kind, self._device = seed, kind, device
         self.blocks: dict[str, KroneckerBlock] = {}
         for route in routes:
             route.build(self)
         self._bias_blocks = {b: block for block in self.blocks.values() for b in block.bias_rows}
         dense = {n: k for n, k in numels.items() if n not in self.blocks and n not in self._bias_blocks}
-        if not per_layer:
-            dense_dim = int(proj_dim)
         self.dense = (
             DenseProjector(dense, dense_dim, _tile_seed(seed, len(self.blocks), 1), kind, device)
             if dense and dense_dim
@@ -591,7 +593,7 @@ class LayerProjector:
             self.layout = _layout(sizes)
             self.out_dim = self.layout[-1][1] if self.layout else 0
         else:
-            self.out_dim = int(proj_dim)
+            self.out_dim = proj_dim
             self.layout = ((0, self.out_dim, None),)
 
     def block(self, weight: str, n_left: int, n_right: int, transposed: bool = False) -> KroneckerBlock:

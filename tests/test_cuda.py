@@ -36,7 +36,7 @@ def _fit_both(estimator, X, y, **kwargs):
 
 
 @pytest.mark.parametrize("ensemble", ["independent", "lora"])
-@pytest.mark.parametrize("method", ["trak", "tracin"])
+@pytest.mark.parametrize("method", ["trak", "tracin", "ekfac"])
 def test_cpu_and_cuda_agree(digits, ensemble, method):
     if ensemble == "lora" and method == "tracin":
         pytest.skip("TracIn has no checkpoints of LoRA adapters")
