@@ -143,10 +143,10 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         """
         task = check_net(self.estimator, self._target(), y)
         check_pretrained(self.estimator, self.pretrained)
+        self._check_fit(task)  # before data validation, which sets fitted attributes
         module = initialized_module(self.estimator)
         X, y = validate_fit_data(self, X, y, task, takes_token_ids(module))
         self._task = task
-        self._check_fit(task)
         device = resolve_device(self.device)
 
         start = time.perf_counter()

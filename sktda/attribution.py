@@ -301,19 +301,20 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
-    def _method(self):
-        """The method's class: ``method="auto"`` is EK-FAC for a language model's
-        sequence log-likelihood and TRAK otherwise."""
+    def _method(self, task=None):
+        """The method's class for ``task`` (the fitted one by default):
+        ``method="auto"`` is EK-FAC for a language model's sequence log-likelihood
+        and TRAK otherwise."""
         name = self.method
         if name == "auto":
-            name = "ekfac" if self._task.is_sequence else "trak"
+            name = "ekfac" if (task or self._task).is_sequence else "trak"
         return METHODS[name]
 
     def _damping(self, method) -> float:
         return method.default_damping if self.damping == "auto" else self.damping
 
     def _check_fit(self, task):
-        method = self._method()
+        method = self._method(task)
         if method.needs_checkpoints and self.ensemble == "lora":
             raise ValueError(
                 "method='tracin' needs checkpoints of the differentiated parameters, and "
@@ -543,8 +544,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         release = getattr(self, "_release_features", None)
         if release is not None:
             release()
+        # absolute, so that the file is found (and removed) whatever the working directory later
         directory, temporary = self.features_dir, None
-        if directory is None:
+        if directory is not None:
+            directory = os.path.abspath(directory)
+        else:
             available = _available_memory()
             if available is None or nbytes <= available // 2:
                 return None

@@ -440,6 +440,12 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         -------
         self : FilteredEstimator
         """
+        sample_weight = fit_params.get("sample_weight")
+        if sample_weight is not None and _num_samples(sample_weight) != _num_samples(y):
+            raise ValueError(
+                f"sample_weight has {_num_samples(sample_weight)} entries but y has {_num_samples(y)} "
+                "samples: pass one weight per training sample (they are filtered with the samples)."
+            )
         detector = OutlierGradientDetector(self.estimator) if self.detector is None else clone(self.detector)
         X_kept, y_kept = detector.fit_resample(X, y)
         if fit_params:

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -583,3 +585,34 @@ def test_non_finite_scores_are_refused(fitted_trak, digits):
         broken.attribute(X_test, y_test)
     with pytest.raises(ValueError, match="not finite"):
         broken.self_attribute()
+
+
+def test_a_refused_fit_sets_nothing(digits):
+    """Parameters are checked before any data: a refused fit leaves an unfitted
+    estimator (no classes_ from data validation)."""
+    from sklearn.utils.validation import check_is_fitted
+
+    X_train, _, y_train, _ = digits
+    attr = EnsembleAttributor(make_classifier_net(), method="tracin", ensemble="lora")
+    with pytest.raises(ValueError, match="method='tracin' needs checkpoints"):
+        attr.fit(X_train, y_train)
+    assert not hasattr(attr, "classes_")
+    with pytest.raises(NotFittedError):
+        check_is_fitted(attr)
+
+
+def test_a_relative_features_dir_is_resolved_when_fitting(digits, tmp_path, monkeypatch):
+    """The file is found and removed whatever the working directory later is."""
+    import gc
+
+    X_train, _, y_train, _ = digits
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    attr = EnsembleAttributor(make_classifier_net(max_epochs=1), proj_dim=16, features_dir="features")
+    attr.fit(X_train[:50], y_train[:50])
+    (stored,) = (tmp_path / "run" / "features").glob("*.npy")
+    assert os.path.isabs(attr.train_features_.filename)
+    monkeypatch.chdir(tmp_path)  # elsewhere: a relative path would now point nowhere
+    del attr
+    gc.collect()
+    assert not stored.exists()

@@ -237,3 +237,15 @@ def test_filtered_estimator_validates_its_parameters(noisy_digits):
     X, _, y_noisy, _, _ = noisy_digits
     with pytest.raises(TypeError, match="estimator.*'fit'"):
         FilteredEstimator("logreg").fit(X, y_noisy)
+
+
+def test_filtered_estimator_refuses_a_sample_weight_of_the_wrong_length_before_training(
+    noisy_digits, monkeypatch
+):
+    import sktda._ensembles as ensembles
+
+    X, _, y_noisy, _, _ = noisy_digits
+    monkeypatch.setattr(ensembles, "fit_net", lambda *a, **k: pytest.fail("trained before the check"))
+    model = FilteredEstimator(LogisticRegression(), OutlierGradientDetector(_net(max_epochs=1)))
+    with pytest.raises(ValueError, match=f"sample_weight has {len(X) - 1} entries but y has {len(X)}"):
+        model.fit(X, y_noisy, sample_weight=np.ones(len(X) - 1))
