@@ -203,7 +203,8 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         X, y = validate_predict_data(self, X, y, task)
         device = resolve_device(self.device)
         if y is None:
-            y = self.ensemble_.predict_targets(X, task, self.batch_size, device)
+            n_classes = len(self.classes_) if hasattr(self, "classes_") else None
+            y = self.ensemble_.predict_targets(X, task, self.batch_size, device, n_classes)
         return task, X, y, device
 
     def _per_layer(self) -> bool:

@@ -520,9 +520,13 @@ class TrainedEnsemble:
                     members.append(member)
         return members
 
-    def predict_targets(self, X: np.ndarray, task: NetTask, batch_size: int, device) -> np.ndarray:
+    def predict_targets(
+        self, X: np.ndarray, task: NetTask, batch_size: int, device, n_classes: int | None = None
+    ) -> np.ndarray:
         """The ensemble's predictions: the argmax of the members' mean class (or
-        token) probabilities, or zeros for regressors (whose target does not use y)."""
+        token) probabilities over the ``n_classes`` classes seen in fit (a module
+        may have more outputs than that), or zeros for regressors (whose target
+        does not use y)."""
         n = n_samples(X)
         if not task.is_classifier:
             return np.zeros((n, 1), dtype=np.float32)
@@ -537,6 +541,8 @@ class TrainedEnsemble:
                     ]
                 )
                 probs = probs + torch.softmax(logits, dim=-1)
+        if n_classes is not None:
+            probs = probs[..., :n_classes]
         return probs.argmax(-1).numpy().astype(np.int64)
 
     def serving_bytes(self) -> int:

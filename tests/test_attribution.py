@@ -616,3 +616,20 @@ def test_a_relative_features_dir_is_resolved_when_fitting(digits, tmp_path, monk
     del attr
     gc.collect()
     assert not stored.exists()
+
+
+def test_predicted_labels_are_classes_seen_in_fit(digits):
+    """A module with more outputs than the classes seen in fit: transform attributes
+    the most probable *class*, never an output that is no class."""
+    X_train, X_test, y_train, _ = digits
+    seen = y_train < 5
+    attr = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0)
+    attr.fit(X_train[seen], y_train[seen])
+    head = [m for m in attr.estimators_[0].module_.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.bias[9] += 100.0  # output 9 now wins every argmax, and is no class
+    predicted = attr.ensemble_.predict_targets(X_test[:10], attr._task, 256, torch.device("cpu"), 5)
+    assert set(predicted) <= set(range(5))
+    np.testing.assert_array_equal(
+        attr.transform(X_test[:10]), attr.attribute(X_test[:10], attr.classes_[predicted])
+    )
