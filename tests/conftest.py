@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import make_regression
-from skorch import NeuralNetClassifier, NeuralNetRegressor
+from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
 
 from sktda.datasets import load_digits_split
-from sktda.models import MLP
+from sktda.models import MLP, TokenCrossEntropy, TokenTransformer
 
 
 class InputShapeSetter(Callback):
@@ -34,6 +34,22 @@ def make_classifier_net(**kwargs):
     )
     params.update(kwargs)
     return NeuralNetClassifier(MLP, **params)
+
+
+def make_language_model_net(vocab_size, **kwargs):
+    """A small skorch ``NeuralNet`` language model (``TokenTransformer``, token
+    cross-entropy), one epoch."""
+    params = dict(
+        module__vocab_size=vocab_size,
+        module__d_model=8,
+        module__n_heads=2,
+        criterion=TokenCrossEntropy,
+        max_epochs=1,
+        train_split=None,
+        verbose=0,
+    )
+    params.update(kwargs)
+    return NeuralNet(TokenTransformer, **params)
 
 
 def make_regressor_net(n_features=5, **kwargs):

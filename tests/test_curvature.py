@@ -9,16 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.base import clone
-from skorch import NeuralNet
 from torch import nn
 
 from sktda import EnsembleAttributor
 from sktda._gradients import FactorSums, GradientConfig, featurize, featurize_members, make_engine
 from sktda._layers import assign_routes, layer_widths
 from sktda._methods import EKFAC, KFAC, FittedMember, attribution_columns
-from sktda.models import MLP, TokenCrossEntropy, TokenTransformer
+from sktda.models import MLP, TokenTransformer
 
-from .conftest import make_classifier_net
+from .conftest import make_classifier_net, make_language_model_net
 from .test_gradients import CPU, TASK, _member
 
 DAMPING = 0.3
@@ -226,16 +225,7 @@ def test_estimator_kfac_ekfac_deterministic_and_with_every_ensemble(digits, meth
 def test_auto_method_and_damping():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 8, size=(40, 7)).astype(np.int64)
-    lm = NeuralNet(
-        TokenTransformer,
-        module__vocab_size=8,
-        module__d_model=8,
-        module__n_heads=2,
-        criterion=TokenCrossEntropy,
-        max_epochs=1,
-        train_split=None,
-        verbose=0,
-    )
+    lm = make_language_model_net(8)
     attr = EnsembleAttributor(lm, proj_dim=32, random_state=0).fit(tokens[:30, :-1], tokens[:30, 1:])
     assert attr.method_ == "ekfac"
     X = np.random.default_rng(1).normal(size=(40, 20)).astype(np.float32)

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 from sklearn.model_selection import GridSearchCV
-from skorch import NeuralNet, NeuralNetClassifier
+from skorch import NeuralNetClassifier
 from skorch.helper import SliceDict
 
 from sktda import EnsembleAttributor, OutlierGradientDetector
 from sktda.model_selection import subset_retraining
-from sktda.models import ConvNet, TokenCrossEntropy, TokenTransformer
+from sktda.models import ConvNet, TokenTransformer
 
-from .conftest import make_classifier_net, make_regressor_net
+from .conftest import make_classifier_net, make_language_model_net, make_regressor_net
 
 COMMON = dict(criterion=torch.nn.CrossEntropyLoss, lr=0.05, batch_size=32, train_split=None, verbose=0)
 
@@ -178,18 +178,7 @@ def test_language_model_sequence_log_likelihood():
     X = rng.integers(0, 8, size=(60, 9)).astype(np.int64)
     inputs, next_tokens = X[:, :-1], X[:, 1:].copy()
     next_tokens[:5, -2:] = -100  # padding, ignored
-    net = NeuralNet(
-        TokenTransformer,
-        module__vocab_size=8,
-        module__d_model=16,
-        module__n_heads=2,
-        criterion=TokenCrossEntropy,
-        max_epochs=2,
-        lr=0.05,
-        batch_size=16,
-        train_split=None,
-        verbose=0,
-    )
+    net = make_language_model_net(8, module__d_model=16, max_epochs=2, lr=0.05, batch_size=16)
     attr = EnsembleAttributor(net, method="grad_dot", proj_dim=64, random_state=0).fit(
         inputs[:50], next_tokens[:50]
     )

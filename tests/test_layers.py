@@ -13,9 +13,10 @@ from torch import nn
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble
 from sktda._gradients import GradientConfig, featurize, make_engine
 from sktda._nets import NetTask, fit_net
-from sktda.models import ConvNet, TokenCrossEntropy, TokenTransformer
+from sktda.models import ConvNet, TokenTransformer
 from sktda.routes import WeightRoute
 
+from .conftest import make_language_model_net
 from .test_gradients import STRATEGY_PARAMS, TASK, _member, _same_features
 
 CPU = torch.device("cpu")
@@ -236,7 +237,7 @@ def test_tied_broadcast_and_directly_read_parameters(positions, head, traced, ro
 
 
 def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
-    from skorch import NeuralNet, NeuralNetClassifier
+    from skorch import NeuralNetClassifier
 
     X_train, _, y_train, _ = digits
     images = X_train.reshape(-1, 1, 8, 8)
@@ -261,18 +262,7 @@ def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
 
     tokens = np.random.default_rng(0).integers(0, 11, (40, 7))
     task = NetTask(is_classifier=True, target="sequence_log_likelihood", is_sequence=True, role="test")
-    lm = NeuralNet(
-        TokenTransformer,
-        module__vocab_size=11,
-        module__d_model=8,
-        module__n_heads=2,
-        module__n_layers=1,
-        module__max_len=6,
-        criterion=TokenCrossEntropy,
-        max_epochs=1,
-        train_split=None,
-        verbose=0,
-    )
+    lm = make_language_model_net(11, module__n_layers=1, module__max_len=6)
     X, y = torch.from_numpy(tokens[:10, :-1]), torch.from_numpy(tokens[:10, 1:])
     net = fit_net(lm, tokens[:, :-1], tokens[:, 1:], seed=0, device=CPU, task=task)
     (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
