@@ -240,7 +240,7 @@ class LayerEngine(GradientEngine):
     def _chunk(self, x, y):
         n = n_samples(x)
         f, r, routed, traced, params = self._pass(x, y)
-        products, grads, sums = {}, {}, {}
+        products, grads, left_sums, right_sums = {}, {}, {}, {}
         with torch.no_grad():
             for route, context, d in routed:
                 if d is None:
@@ -252,9 +252,10 @@ class LayerEngine(GradientEngine):
                 block = route.block_of(context)
                 _accumulate(products, {block: KroneckerBlock.combine(p_left, p_right)})
                 if self.factor_sums is not None:
-                    _accumulate(sums, {block: (_second_moment(p_left, n), _second_moment(p_right, n))})
+                    _accumulate(left_sums, {block: _second_moment(p_left, n)})
+                    _accumulate(right_sums, {block: _second_moment(p_right, n)})
         if self.factor_sums is not None:
-            self.factor_sums = sums
+            self.factor_sums = {block: (left_sums[block], right_sums[block]) for block in left_sums}
         try:
             _accumulate(grads, self._traced_gradients(traced, params, n))
         except NotPerSample:  # this chunk's shapes do not split by sample: row by row
@@ -434,12 +435,7 @@ def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 def _accumulate(total: dict, part: dict) -> None:
     for k, v in part.items():
-        if k not in total:
-            total[k] = v
-        elif isinstance(v, tuple):
-            total[k] = tuple(a + b for a, b in zip(total[k], v))
-        else:
-            total[k] = total[k] + v
+        total[k] = total[k] + v if k in total else v
 
 
 def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
