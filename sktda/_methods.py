@@ -176,11 +176,11 @@ class LayerInverse:
         self.kron = kron  # [(start, stop, q_out, q_in, 1 / (Lambda + lambda))]
         self.dense_columns, self.dense_inverse = dense_columns, dense_inverse
 
-    def to(self, dtype):
+    def to(self, device, dtype):
         return LayerInverse(
-            [(a, b, *(t.to(dtype) for t in ts)) for a, b, *ts in self.kron],
+            [(a, b, *(t.to(device, dtype) for t in ts)) for a, b, *ts in self.kron],
             self.dense_columns,
-            None if self.dense_inverse is None else self.dense_inverse.to(dtype),
+            None if self.dense_inverse is None else self.dense_inverse.to(device, dtype),
         )
 
     def __call__(self, phi: torch.Tensor) -> torch.Tensor:
@@ -308,7 +308,8 @@ def _reduce_members(
     for m, member in enumerate(members):
         phi = torch.as_tensor(member.phi[rows], device=device, dtype=dtype)
         residual = torch.as_tensor(member.residual[rows], device=device, dtype=dtype)
-        state = member.state.to(dtype) if hasattr(member.state, "to") else member.state
+        # on the scoring device: a fit on CUDA is scored on the CPU once device="auto" resolves there
+        state = member.state.to(device, dtype) if hasattr(member.state, "to") else member.state
         part = score(m, state, phi, method.train_side(state, phi, residual)).mul_(member.coef)
         out = part if out is None else out.add_(part)
         if method.scales_by_residual:

@@ -69,12 +69,24 @@ def make_regressor_net(n_features=5, **kwargs):
     return NeuralNetRegressor(MLP, **params)
 
 
-@pytest.fixture(autouse=True)
-def _cpu_reference(request, monkeypatch):
+_cuda_is_available = torch.cuda.is_available
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_reference():
     """The suite computes its references on the CPU, so device="auto" resolves to
-    the CPU outside the CUDA tests, which compare the GPU with the CPU explicitly."""
-    if request.node.get_closest_marker("cuda") is None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    the CPU, session fixtures included (a test's own ``monkeypatch.undo()`` does
+    not lift it)..."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _cuda_when_marked(request, monkeypatch):
+    """...except in the CUDA tests, which compare the GPU with the CPU explicitly."""
+    if request.node.get_closest_marker("cuda") is not None:
+        monkeypatch.setattr(torch.cuda, "is_available", _cuda_is_available)
 
 
 @pytest.fixture(scope="session")

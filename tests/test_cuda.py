@@ -126,3 +126,17 @@ def test_padded_bert_attribution_on_cuda():
     net = _bert_net(module__hidden_dropout_prob=0.0, module__attention_probs_dropout_prob=0.0)
     cpu, gpu = _fit_both(net, X, y, proj_dim=64, random_state=0)
     _assert_close(gpu.attribute(X[:5], y[:5]), cpu.attribute(X[:5], y[:5]))
+
+
+@pytest.mark.parametrize("method", ["trak", "ekfac"])
+def test_fit_on_cuda_scored_on_the_cpu(digits, method):
+    """The fitted curvature follows the scoring device: an attributor fitted on
+    the GPU attributes on the CPU once its device says so."""
+    X_train, X_test, y_train, y_test = digits
+    net = make_classifier_net(module__dropout=0.0)
+    gpu = EnsembleAttributor(net, device="cuda", method=method, proj_dim=64, random_state=0).fit(
+        X_train, y_train
+    )
+    on_gpu = gpu.attribute(X_test, y_test)
+    on_cpu = gpu.set_params(device="cpu").attribute(X_test, y_test)
+    _assert_close(on_cpu, on_gpu)

@@ -147,7 +147,8 @@ def test_scores_match_numpy(kind, method):
         Af,
         method.corrected,
     )
-    np.testing.assert_allclose(A, expected, rtol=1e-5, atol=1e-9 * np.abs(expected).max())
+    # EK-FAC's eigenvalues are summed in float32: rounding at float32's epsilon of the largest score
+    np.testing.assert_allclose(A, expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
 
 
 def test_exact_gradients_use_the_per_sample_factors_and_a_dense_block_for_biases():

@@ -131,9 +131,16 @@ def test_tied_gpt2_takes_every_layer_on_a_route(padded):
 
 
 def test_conv1d_is_recognised_without_importing_transformers():
-    code = "import sys, sktda, sktda.routes; print('transformers' in sys.modules)"
+    # sktda's own dependencies first: where one of them imports transformers, sktda cannot be told apart
+    code = (
+        "import sys, numpy, sklearn, skorch, torch; before = 'transformers' in sys.modules; "
+        "import sktda, sktda.routes; print(before, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    before, after = out.stdout.split()
+    if before == "True":
+        pytest.skip("a dependency of sktda imports transformers in this environment")
+    assert after == "False"
 
 
 def _bert_net(module=BertClassifier, **kwargs):
