@@ -19,7 +19,7 @@ from sklearn.base import BaseEstimator, _fit_context
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from ._data import validate_fit_data, validate_predict_data
+from ._data import take, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._gradients import GRADIENT_PATHS, GradientConfig, featurize_members
 from ._nets import NetTask, check_net, check_pretrained, initialized_module, resolve_device, takes_token_ids
@@ -141,21 +141,45 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         self : object
             The fitted estimator.
         """
+        # A fit is atomic: it runs on a copy without the previous fit's state, and its
+        # state replaces the previous one only once it is complete. On an error or an
+        # interrupt the previous fit stays as it was, files included.
+        previous = vars(self).get("_fit_names", ())
+        fitted = object.__new__(type(self))
+        fitted.__dict__.update({k: v for k, v in vars(self).items() if k not in (*previous, "_fit_names")})
+        given = set(vars(fitted))  # the parameters, and scikit-learn's configuration
+        try:
+            fitted._fit(X, y)
+        except BaseException:
+            fitted._discard()
+            raise
+        self._discard()
+        for name in previous:
+            self.__dict__.pop(name, None)
+        names = tuple(k for k in vars(fitted) if k not in given)
+        self.__dict__.update({k: vars(fitted)[k] for k in names})
+        self._fit_names = names
+        self._adopted()
+        return self
+
+    def _fit(self, X, y):
         task = check_net(self.estimator, self._target(), y)
         check_pretrained(self.estimator, self.pretrained)
-        self._check_fit(task)  # before data validation, which sets fitted attributes
+        self._check_fit(task)
         module = initialized_module(self.estimator)
         X, y = validate_fit_data(self, X, y, task, takes_token_ids(module))
         self._task = task
         device = resolve_device(self.device)
+        strategy = ENSEMBLES[self.ensemble](self._strategy_params())
+        strategy.check(module, take(X, slice(0, 1)))
+        self._check_resources(X, task, module, strategy, device)
 
         start = time.perf_counter()
         self.ensemble_ = TrainedEnsemble.fit(
-            ENSEMBLES[self.ensemble](self._strategy_params()),
+            strategy,
             self.estimator,
             X,
             y,
-            module=module,
             task=task,
             n_models=self.n_models,
             random_state=self.random_state,
@@ -167,7 +191,6 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         self.estimators_ = self.ensemble_.nets
         train_seconds = time.perf_counter() - start
         self.costs_ = {"train_seconds": train_seconds, **self._fit_features(X, y, task=task, device=device)}
-        return self
 
     # ------------------------------------------------------------------ hooks
     def _target(self):
@@ -176,6 +199,16 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
 
     def _check_fit(self, task: NetTask) -> None:
         """Refuse parameter combinations that cannot work, before any training."""
+
+    def _check_resources(self, X, task: NetTask, module: torch.nn.Module, strategy, device) -> None:
+        """Refuse a fit whose results cannot be stored, before any training
+        (``module``: the initialised, untrained module; ``strategy``: the ensemble's)."""
+
+    def _discard(self) -> None:
+        """Release what this fit holds outside the estimator (files)."""
+
+    def _adopted(self) -> None:
+        """Called once a completed fit's state has moved onto this estimator."""
 
     def _strategy_params(self) -> dict:
         return {

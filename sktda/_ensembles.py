@@ -153,6 +153,11 @@ class EnsembleStrategy:
     def members(self, net, model_seed: int, X_sample: torch.Tensor) -> list[Member]:
         raise NotImplementedError
 
+    def sizing_member(self, module: torch.nn.Module) -> Member:
+        """A member differentiating the parameters that ``members`` will, built from
+        the untrained ``module``: it sizes the features before any training."""
+        return member_from_module(module, self.params["layers"], 0, trainable=trainable_names(module))
+
     def serving_bytes(self, nets) -> int:
         return sum(module_bytes(net.module_) for net in nets)
 
@@ -411,6 +416,12 @@ class LoraEnsemble(EnsembleStrategy):
             members.append(member_from_module(module, None, derive_seed(model_seed, 0, j), names=set(state)))
         return members
 
+    def sizing_member(self, module):
+        module = self._with_adapter(module)
+        return member_from_module(
+            module, None, 0, names={k for k, p in module.named_parameters() if p.requires_grad}
+        )
+
     def serving_bytes(self, nets):
         adapters = sum(
             t.numel() * t.element_size() for net in nets for a in net.lora_adapters_ for t in a.values()
@@ -477,7 +488,6 @@ class TrainedEnsemble:
         X,
         y,
         *,
-        module: torch.nn.Module,
         task: NetTask,
         n_models: int,
         random_state,
@@ -486,12 +496,10 @@ class TrainedEnsemble:
         verbose=0,
         n_checkpoints: int | None = None,
     ) -> TrainedEnsemble:
-        """Check that the strategy can use the net's module (``module``, as
-        :func:`~sktda._nets.initialized_module` builds it), then train
-        ``n_models`` models (seeded from ``random_state``) in parallel, recording
-        ``n_checkpoints`` checkpoints along training when asked. Every model's
-        training is guarded (see :class:`~sktda._nets.TrainingGuard`)."""
-        strategy.check(module, take(X, slice(0, 1)))
+        """Train ``n_models`` models (seeded from ``random_state``) in parallel,
+        recording ``n_checkpoints`` checkpoints along training when asked. Every
+        model's training is guarded (see :class:`~sktda._nets.TrainingGuard`). The
+        caller has checked that the strategy can use the net's module."""
         seeds = [int(s) for s in check_random_state(random_state).randint(0, 2**31 - 1, size=n_models)]
         callbacks = ()
         if n_checkpoints:

@@ -22,7 +22,10 @@ through :class:`Features`:
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -620,6 +623,47 @@ def feature_dim(member, config: GradientConfig) -> int:
     return sum(a * b for a, b in blocks.values()) + dense
 
 
+def check_free_space(directory: str, nbytes: int) -> None:
+    """Refuse to store ``nbytes`` in ``directory`` when its disk has less free."""
+    free = shutil.disk_usage(directory).free
+    if nbytes > free:
+        raise ValueError(_no_space(directory, nbytes, free))
+
+
+def _no_space(directory: str, nbytes: int, free: int | None = None) -> str:
+    has = "" if free is None else f", and its disk has {free / 2**20:,.0f} MiB free"
+    return (
+        f"The training features need {nbytes / 2**20:,.0f} MiB ({nbytes} bytes) in {directory!r}{has}. "
+        "Free space there, set features_dir to a directory on a disk with room (None, and the "
+        "temporary directory, TMPDIR, is used only when the features would not fit in memory), or "
+        "store less: a smaller proj_dim, feature_dtype='float16', fewer members."
+    )
+
+
+def allocate_npy(path: str, shape: tuple, dtype) -> None:
+    """Create the ``.npy`` file ``path`` with every block of its data reserved on
+    disk, so that a disk that fills up later fails here, with a ``ValueError``
+    naming the space needed, and not as a crash (SIGBUS) in the middle of writing
+    to a sparse memory map."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    size = os.path.getsize(path)
+    try:
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except (AttributeError, OSError) as exc:  # no fallocate here: write the blocks
+                if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                offset = size - math.prod(shape) * np.dtype(dtype).itemsize
+                f.seek(offset)
+                block = bytes(1 << 24)
+                for start in range(offset, size, len(block)):
+                    f.write(block[: min(len(block), size - start)])
+    except OSError as exc:
+        os.remove(path)
+        raise ValueError(_no_space(os.path.dirname(path), size)) from exc
+
+
 def featurize_members(
     members, X, y, *, config: GradientConfig, n_jobs=None, verbose=0, out_file=None
 ) -> list[Features]:
@@ -632,7 +676,7 @@ def featurize_members(
     n = n_samples(X)
     shape = (len(members), n, feature_dim(members[0], config))
     if out_file is not None:
-        np.lib.format.open_memmap(out_file, mode="w+", dtype=config.dtype, shape=shape).flush()
+        allocate_npy(out_file, shape, config.dtype)
     parts = math.ceil(effective_n_jobs(n_jobs) / len(members))
     step = max(1, math.ceil(n / parts / config.batch_size)) * config.batch_size  # whole batches
     ranges = [(start, min(start + step, n)) for start in range(0, n, step)]

@@ -9,7 +9,10 @@ classifiers, the prediction for regressors) and into the training loss.
 from __future__ import annotations
 
 import copy
+import signal
+import threading
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -450,13 +453,43 @@ def checkpoint_epochs(max_epochs: int, n_checkpoints: int) -> list[int]:
 _GUARD = "sktda_guard"
 
 
+@contextmanager
+def _interrupts_propagate():
+    """Let Ctrl+C stop a fit. skorch's ``fit`` swallows ``KeyboardInterrupt``
+    (``EarlyStopping`` ends training by raising one), so an interrupted model would
+    come back half-trained and the fit go on. A SIGINT that arrives meanwhile is
+    noted, and raised again once skorch returns. Only the main thread receives
+    signals, and a handler of the caller's own is left alone."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received = []
+
+    def note(signum, frame):
+        received.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt(
+            "training was interrupted; the fit is abandoned (a previous fit stays intact)"
+        )
+
+
 def _seeded_fit(net, X, y, seed: int, device: torch.device):
     """``net.fit(X, y)`` with every random draw seeded. Module initialisation,
     dropout during training and the data order all draw on torch's global
     generator; forking it keeps the caller's state untouched and makes the result
     a function of ``seed`` alone, in any process."""
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), _interrupts_propagate():
         torch.manual_seed(seed)
         net.fit(X, y)
     net.module_.eval()  # skorch leaves train mode on; outputs must not be random

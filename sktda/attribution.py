@@ -22,9 +22,9 @@ from sklearn.utils.validation import _num_samples, check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
 from ._data import copy_inputs, to_torch, validate_predict_data
-from ._gradients import feature_dim
+from ._gradients import check_free_space, feature_dim
 from ._methods import METHODS, SCORE_DTYPE, FittedMember, attribution_columns, self_attribution
-from ._nets import TARGETS, resolve_device
+from ._nets import TARGETS, checkpoint_epochs, resolve_device
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
 
@@ -152,9 +152,12 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         memory; scores are still computed in float64).
     features_dir : str or None, default=None
         Directory where the training features are written as a memory-mapped
-        ``.npy`` file (checked to be writable before training). None keeps them in
-        memory unless they would take over half the available memory, in which
-        case a temporary directory is used. A refit replaces the file, and the
+        ``.npy`` file. None keeps them in memory unless they would take over half
+        the available memory, in which case a temporary directory is used. Before
+        any training the directory is checked to be writable and to have room for
+        the features; the file's space is then reserved before it is written, so a
+        disk that fills up gives a ``ValueError`` naming the bytes needed. A
+        completed refit replaces the file (an interrupted one leaves it), and the
         file (and any temporary directory) is removed when the estimator is
         refitted or garbage collected.
     %(device)s
@@ -331,6 +334,19 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             )
         if self.features_dir is not None:
             _check_writable_directory(self.features_dir)
+
+    def _check_resources(self, X, task, module, strategy, device):
+        # the members' features as the fit will store them, sized from the untrained module
+        dtype = np.dtype(self.feature_dtype)
+        n_checkpoints = self._n_checkpoints()
+        n_members = self.n_models * strategy.members_per_model
+        if n_checkpoints:
+            n_members *= len(checkpoint_epochs(self.estimator.max_epochs, n_checkpoints))
+        width = feature_dim(strategy.sizing_member(module), self._gradient_config(task, device, dtype))
+        nbytes = n_members * _num_samples(X) * width * dtype.itemsize
+        directory = self._features_directory(nbytes)
+        if directory is not None:
+            check_free_space(directory, nbytes)
 
     def _strategy_params(self):
         return {
@@ -536,26 +552,42 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         return linear_datamodeling_score(self.attribute(X, y), truth.subsets, truth.outputs)
 
     # -------------------------------------------------------------- helpers
+    def _features_directory(self, nbytes: int) -> str | None:
+        """Where ``nbytes`` of training features go: ``features_dir`` when set, the
+        temporary directory when they would take over half the available memory,
+        or None (in memory). Absolute, so that the file is found (and removed)
+        whatever the working directory later."""
+        if self.features_dir is not None:
+            return os.path.abspath(self.features_dir)
+        available = _available_memory()
+        if available is None or nbytes <= available // 2:
+            return None
+        return tempfile.gettempdir()
+
     def _features_file(self, nbytes: int) -> str | None:
-        """Where the training features are memory-mapped: ``features_dir`` when
-        set, a temporary directory when they would take over half the available
-        memory, or nowhere (in memory). The previous fit's file goes first, and
-        this one is removed when the estimator is refitted or collected."""
-        release = getattr(self, "_release_features", None)
-        if release is not None:
-            release()
-        # absolute, so that the file is found (and removed) whatever the working directory later
-        directory, temporary = self.features_dir, None
-        if directory is not None:
-            directory = os.path.abspath(directory)
-        else:
-            available = _available_memory()
-            if available is None or nbytes <= available // 2:
-                return None
-            directory = temporary = tempfile.mkdtemp(prefix="sktda-")
+        """The file the training features are memory-mapped to (None: in memory),
+        removed when this fit is discarded, replaced or collected; a temporary
+        directory of its own when ``features_dir`` is None."""
+        directory, temporary = self._features_directory(nbytes), None
+        if directory is None:
+            return None
+        if self.features_dir is None:
+            directory = temporary = tempfile.mkdtemp(prefix="sktda-", dir=directory)
         path = os.path.join(directory, f"train_features_{uuid.uuid4().hex}.npy")
         self._release_features = weakref.finalize(self, _remove, path, temporary)
         return path
+
+    def _discard(self):
+        release = self.__dict__.pop("_release_features", None)
+        if release is not None:
+            release()
+
+    def _adopted(self):
+        # the features file now belongs to this estimator, not to the copy that was fitted
+        release = self.__dict__.get("_release_features")
+        if release is not None and release.alive:
+            _, func, args, _ = release.detach()
+            self._release_features = weakref.finalize(self, func, *args)
 
     def _columns(self, method, test_phis, columns: slice, device) -> torch.Tensor:
         """Checked scores ``A[:, columns]``, RelatIF-normalised when asked."""

@@ -451,11 +451,12 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         if fit_params:
             # y, not X, counts the samples: X may be a dict of arrays
             fit_params = _check_method_params(y, fit_params, indices=_kept_indices(detector, fit_params))
-        self.detector_ = detector
+        estimator = clone(self.estimator).fit(X_kept, y_kept, **fit_params)
+        # assigned together once both fits are done: an error leaves the previous fit as it was
+        self.detector_, self.estimator_ = detector, estimator
         self.n_removed_ = int(_num_samples(y) - _num_samples(y_kept))
-        self.estimator_ = clone(self.estimator).fit(X_kept, y_kept, **fit_params)
-        if hasattr(self.estimator_, "n_features_in_"):
-            self.n_features_in_ = self.estimator_.n_features_in_
+        if hasattr(estimator, "n_features_in_"):
+            self.n_features_in_ = estimator.n_features_in_
         return self
 
     @property
