@@ -129,7 +129,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         target, training samples are featurized by minus their loss with
         ``Q = I``, so the training side is the training-loss gradient, as TRAK
         does for language models. ``score`` and ``subset_retraining`` measure the
-        same target.
+        same target, in eval mode; they cache their retraining only for a
+        callable that pickle can find (a module-level function): a lambda or a
+        nested function works, and is retrained on every call.
     normalize : {"auto", "relatif"} or None, default="auto"
         ``"relatif"`` divides each training sample's scores by the square root of
         its absolute self-influence (RelatIF, Barshan et al., 2020), so that

@@ -158,3 +158,27 @@ def test_cost_scorer_rejects_unknown_costs():
 
     with pytest.raises(ValueError, match="cost must be one of"):
         cost_scorer("gpu_hours")
+
+
+def test_outputs_measure_the_target_in_test_mode_and_a_lambda_target_works(digits, tmp_path):
+    """A callable target is what the outputs measure (in training mode the loss would
+    be); a lambda, which pickle cannot find, is computed without the cache."""
+    X_train, X_test, y_train, y_test = digits
+    kwargs = dict(n_subsets=3, random_state=0, memory=str(tmp_path))
+    net = make_classifier_net(max_epochs=1)
+    constant = subset_retraining(
+        net, X_train, y_train, X_test, y_test, target=lambda out, y: out[:, 0] * 0 + 7, **kwargs
+    )
+    np.testing.assert_array_equal(constant.outputs, 7.0)
+    third = subset_retraining(
+        net, X_train, y_train, X_test, y_test, target=lambda out, y: out[:, 3], **kwargs
+    )
+    assert third.outputs.shape == (3, len(X_test)) and np.ptp(third.outputs) > 0
+    assert list(tmp_path.iterdir()) == []  # nothing cached on disk for an unpicklable target
+
+    from sktda import EnsembleAttributor
+
+    attr = EnsembleAttributor(
+        net, target=lambda out, y: out[:, 3], proj_dim=16, score_n_subsets=3, random_state=0
+    )
+    assert -1 <= attr.fit(X_train, y_train).score(X_test, y_test) <= 1
