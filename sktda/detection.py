@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import time
+import warnings
 
 import numpy as np
 from sklearn.base import BaseEstimator, MetaEstimatorMixin, OutlierMixin, _fit_context, clone
@@ -30,13 +31,21 @@ class _NormScore:
         return -np.linalg.norm(G, ord=self.p, axis=1)
 
 
-def _tukey_offset(scores: np.ndarray) -> float:
-    """Tukey's fence on the log of the norms (``-scores``): outliers lie beyond
-    ``Q3 + 1.5 IQR``. Gradient norms span orders of magnitude once the net fits
-    most samples, so the fence is taken on their logarithm."""
-    log_norms = np.log(np.maximum(-scores, np.finfo(float).tiny))
-    q1, q3 = np.percentile(log_norms, [25, 75])
-    return float(-np.exp(q3 + 1.5 * (q3 - q1)))
+def _otsu_offset(scores: np.ndarray) -> float:
+    """Otsu's threshold (1979): the cut that splits the scores into the two groups
+    with the largest between-group variance, ``w_low w_high (m_low - m_high)^2``,
+    so the low group is the most separated set of outliers the scores hold."""
+    s = np.sort(scores)
+    n = len(s)
+    if n < 2 or s[0] == s[-1]:
+        return float(s[0])  # nothing to split: nothing flagged
+    low = np.arange(1, n)  # the lowest ``low`` scores on one side
+    sums = np.cumsum(s)[:-1]
+    mean_low, mean_high = sums / low, (sums[-1] + s[-1] - sums) / (n - low)
+    between = low * (n - low) * (mean_low - mean_high) ** 2
+    between[s[1:] == s[:-1]] = -1  # a cut must fall between distinct scores
+    k = int(np.argmax(between))
+    return float((s[k] + s[k + 1]) / 2)
 
 
 @fill_doc
@@ -65,9 +74,11 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
     contamination : float in (0, 0.5] or "auto", default=0.1
         Expected fraction of outliers: ``offset_`` is that quantile of the training
         scores, so this fraction of the training set is flagged (set it to the
-        expected noise rate). ``"auto"``: the detector's own threshold when it has
-        one (-0.5 for the isolation forest), else Tukey's fence on the log of the
-        gradient norms.
+        expected noise rate). ``"auto"``: Otsu's threshold on the training scores,
+        the cut that best splits them into two groups, so the flagged fraction
+        estimates the noise rate when there is a group of outliers (mislabeled
+        samples) to find; on clean data it still flags the least typical samples
+        (see the user guide's measurements).
     layers : "all", "last", None or list of str, default="all"
         Parameters whose gradients are used: all ("all" or None), the output
         layer's (``"last"``, as in the paper), or those of the named modules.
@@ -99,15 +110,20 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
     ----------
     %(estimators_)s
     %(ensemble_)s
-    detectors_ : list
-        Fitted detectors, one per member and checkpoint (a dict by class with
-        ``per_class=True``).
+    detectors_ : list of dict
+        One dict per member and checkpoint, from group to its fitted detector:
+        the single group ``None``, or each class's encoded label with
+        ``per_class=True``. The ``"l1"`` and ``"l2"`` scores are norms, with no
+        detector to fit, and appear as small scoring objects.
     offset_ : float
         ``decision_function = score_samples - offset_``; negative = outlier.
     train_scores_ : ndarray of shape (n_samples,)
         ``score_samples`` of the training set (lower = more abnormal).
     labels_ : ndarray of shape (n_samples,)
         +1 inlier, -1 outlier, for the training set.
+    sample_indices_ : ndarray of shape (n_kept,)
+        Indices of the training samples kept (the inliers), what ``fit_resample``
+        returns, as imbalanced-learn's samplers record it.
     %(classes_)s
     %(n_features_in_)s
     %(feature_names_in_)s
@@ -220,6 +236,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         self.train_scores_ = self._score(gradients, groups)
         self.offset_ = self._offset(self.train_scores_)
         self.labels_ = np.where(self.train_scores_ < self.offset_, -1, 1)
+        self.sample_indices_ = np.flatnonzero(self.labels_ == 1)
         return {"featurize_seconds": featurize_seconds, "detect_seconds": time.perf_counter() - start}
 
     # -------------------------------------------------------------- predict
@@ -314,7 +331,19 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         return self._fit_resample(X, y)
 
     def _fit_resample(self, X, y):
-        keep = np.flatnonzero(self.labels_ == 1)
+        keep = self.sample_indices_
+        if hasattr(self, "classes_"):
+            labels = np.asarray(indexable(y)[0])
+            lost = np.setdiff1d(np.unique(labels), labels[keep])
+            if lost.size:
+                warnings.warn(
+                    f"fit_resample removes every training sample of class(es) {lost.tolist()}, so a model "
+                    "fitted on what is kept cannot predict them. The samples are removed all the same (as "
+                    "imbalanced-learn's cleaning samplers do); lower contamination to keep some, or drop "
+                    "the class on purpose.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if is_dict(X):  # a dict of inputs, or skorch's SliceDict, keeps its type
             return type(X)(**{k: _safe_indexing(v, keep) for k, v in X.items()}), _safe_indexing(
                 indexable(y)[0], keep
@@ -359,12 +388,9 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         return scores / len(gradients)
 
     def _offset(self, scores: np.ndarray) -> float:
-        if self.contamination != "auto":
-            return float(np.percentile(scores, 100 * self.contamination))
-        offsets = [getattr(d, "offset_", None) for per in self.detectors_ for d in per.values()]
-        if all(o is not None for o in offsets):
-            return float(np.mean(offsets))
-        return _tukey_offset(scores)
+        if self.contamination == "auto":
+            return _otsu_offset(scores)
+        return float(np.percentile(scores, 100 * self.contamination))
 
 
 class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
@@ -576,12 +602,10 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
 
 def _kept_indices(detector, fit_params: dict) -> np.ndarray:
     """Indices of the samples a fitted filter kept, to route per-sample fit params."""
-    if hasattr(detector, "labels_"):
-        return np.flatnonzero(np.asarray(detector.labels_) == 1)
-    if hasattr(detector, "sample_indices_"):  # imbalanced-learn's samplers
+    if hasattr(detector, "sample_indices_"):  # as imbalanced-learn's samplers record it
         return np.asarray(detector.sample_indices_)
     raise ValueError(
         f"fit params {sorted(fit_params)} cannot be routed to the kept samples: the detector "
-        f"{type(detector).__name__} does not say which samples it kept (no labels_ or "
-        "sample_indices_). Fit without them, or use a detector that records its selection."
+        f"{type(detector).__name__} does not say which samples it kept (no sample_indices_). "
+        "Fit without them, or use a detector that records its selection."
     )

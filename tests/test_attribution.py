@@ -371,11 +371,16 @@ def _damped_inv(gram, damping, n_rows):
     return np.linalg.inv(gram + damping * np.trace(gram) / min(n_rows, k) * np.eye(k))
 
 
-def test_two_member_trak_and_if_match_numpy(digits):
+@pytest.mark.parametrize("hidden", [16, 8], ids=["k>n", "k<n"])
+def test_two_member_trak_and_if_match_numpy(digits, hidden):
+    """The damping's unit, the mean nonzero eigenvalue trace / min(n, k), with the
+    output layer's k = 10 x (hidden + 1) features above and below n = 150."""
     X_train, X_test, y_train, y_test = digits
     common = dict(n_models=2, proj_dim=None, layers="last", damping=0.1, normalize=None, random_state=0)
-    trak = EnsembleAttributor(make_classifier_net(), method="trak", **common).fit(X_train, y_train)
-    inf = EnsembleAttributor(make_classifier_net(), method="if", **common).fit(X_train, y_train)
+    net = make_classifier_net(module__hidden=(hidden,))
+    trak = EnsembleAttributor(net, method="trak", **common).fit(X_train, y_train)
+    inf = EnsembleAttributor(net, method="if", **common).fit(X_train, y_train)
+    assert (trak.train_features_.shape[2] > len(X_train)) == (hidden == 16)
     kernels, residuals, influences = [], [], []
     for net in trak.estimators_:
         phi, w = _last_layer(net.module_, X_train, y_train)

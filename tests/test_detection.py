@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -88,14 +90,8 @@ def test_reproducible(noisy_digits):
 def test_detectors_and_auto_contamination(noisy_digits):
     X, _, y_noisy, _, _ = noisy_digits
     common = dict(n_checkpoints=None, random_state=0)
-    forest = OutlierGradientDetector(_net(max_epochs=4), detector="iforest", contamination="auto", **common)
-    forest.fit(X, y_noisy)
-    assert forest.offset_ == -0.5
-    l2 = OutlierGradientDetector(_net(), detector="l2", contamination="auto", **common)
-    log_norms = np.log(-l2.fit(X, y_noisy).train_scores_)
-    q1, q3 = np.percentile(log_norms, [25, 75])
-    assert l2.offset_ == pytest.approx(-np.exp(q3 + 1.5 * (q3 - q1)))
-    assert 0 <= np.mean(l2.labels_ == -1) < 0.5
+    l2 = OutlierGradientDetector(_net(), detector="l2", contamination="auto", **common).fit(X, y_noisy)
+    assert l2.offset_ == pytest.approx(_otsu_reference(l2.train_scores_))
     l1 = OutlierGradientDetector(_net(max_epochs=4), detector="l1", **common).fit(X, y_noisy)
     assert np.all(-l1.train_scores_ >= -l2.train_scores_ - 1e-6)  # |g|_1 >= |g|_2
     lof = OutlierGradientDetector(_net(max_epochs=4), detector=LocalOutlierFactor(novelty=True), **common)
@@ -103,6 +99,56 @@ def test_detectors_and_auto_contamination(noisy_digits):
     per_class = OutlierGradientDetector(_net(max_epochs=4), detector="iforest", per_class=True, **common)
     per_class.fit(X, y_noisy)
     assert set(per_class.detectors_[0]) == set(range(10))
+
+
+def _otsu_reference(scores):
+    """The cut between consecutive distinct scores with the largest between-group
+    variance, by brute force."""
+    s = np.unique(scores)
+    cuts = (s[:-1] + s[1:]) / 2
+    variance = [
+        np.mean(scores < c)
+        * np.mean(scores >= c)
+        * (scores[scores < c].mean() - scores[scores >= c].mean()) ** 2
+        for c in cuts
+    ]
+    return cuts[int(np.argmax(variance))]
+
+
+def test_auto_contamination_is_otsus_threshold(noisy_digits):
+    """contamination="auto" cuts the scores where the two groups are most separated:
+    exactly a planted group of outliers, and on mislabeled digits about the noise."""
+    from sktda.detection import _otsu_offset
+
+    rng = np.random.default_rng(0)
+    planted = np.concatenate([rng.normal(0, 1, 900), rng.normal(-12, 1, 100)])
+    assert _otsu_offset(planted) == pytest.approx(_otsu_reference(planted))
+    assert np.array_equal(planted < _otsu_offset(planted), np.arange(1000) >= 900)
+    ties = np.repeat([-3.0, 0.0, 1.0], [2, 5, 5])
+    assert _otsu_offset(ties) == pytest.approx(_otsu_reference(ties)) == -1.5
+    assert _otsu_offset(np.zeros(5)) == 0.0  # nothing to split, nothing below
+    X, _, y_noisy, _, flipped = noisy_digits
+    auto = OutlierGradientDetector(_net(), contamination="auto", random_state=0).fit(X, y_noisy)
+    flagged = auto.labels_ == -1
+    assert 0.1 < flagged.mean() < 0.35 and flipped[flagged].mean() > 0.5  # 20% of the labels flipped
+
+
+def test_fit_resample_that_empties_a_class_warns_and_names_it(noisy_digits):
+    """Three digits labelled 'rare', the class's only samples, are all flagged: the
+    samples go, as imbalanced-learn's cleaning samplers would remove them, with a
+    warning naming the class."""
+    X, _, y_noisy, _, _ = noisy_digits
+    y = y_noisy.astype(str)
+    y[:3] = "rare"
+    det = OutlierGradientDetector(_net(module__n_outputs=11), contamination=0.3, random_state=0)
+    with pytest.warns(UserWarning, match=r"removes every training sample of class\(es\) \['rare'\]"):
+        X_kept, y_kept = det.fit_resample(X, y)
+    assert "rare" not in set(y_kept) and len(y_kept) == len(det.sample_indices_)
+    np.testing.assert_array_equal(det.sample_indices_, np.flatnonzero(det.labels_ == 1))
+    np.testing.assert_array_equal(X_kept, X[det.sample_indices_])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class keeps samples: no warning
+        det.set_params(contamination=0.001).fit_resample(X, y)  # one sample flagged
 
 
 def test_bad_input(noisy_digits, regression_data):
