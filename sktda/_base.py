@@ -15,10 +15,10 @@ from abc import ABCMeta, abstractmethod
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from ._compat import Interval, StrOptions, fit_context
 from ._data import take, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._gradients import GRADIENT_PATHS, GradientConfig, featurize_members
@@ -122,7 +122,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         "pretrained": ["boolean"],
     }
 
-    @_fit_context(prefer_skip_nested_validation=True)
+    @fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
         """Train the ensemble and fit on the training set's gradient features.
 

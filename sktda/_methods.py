@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.utils import gen_batches
-from sklearn.utils._chunking import get_chunk_n_rows
+
+from ._compat import get_chunk_n_rows
 
 _EPS = 1e-12
 SCORE_DTYPE = torch.float64

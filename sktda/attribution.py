@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils import gen_batches
-from sklearn.utils._chunking import get_chunk_n_rows
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import _num_samples, check_is_fitted, check_scalar
+from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
+from ._compat import Interval, StrOptions, get_chunk_n_rows, num_samples
 from ._data import copy_inputs, to_torch, validate_predict_data
 from ._gradients import check_free_space, feature_dim
 from ._methods import METHODS, SCORE_DTYPE, FittedMember, attribution_columns, self_attribution
@@ -345,7 +344,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         if n_checkpoints:
             n_members *= len(checkpoint_epochs(self.estimator.max_epochs, n_checkpoints))
         width = feature_dim(strategy.sizing_member(module), self._gradient_config(task, device, dtype))
-        nbytes = n_members * _num_samples(X) * width * dtype.itemsize
+        nbytes = n_members * num_samples(X) * width * dtype.itemsize
         directory = self._features_directory(nbytes)
         if directory is not None:
             check_free_space(directory, nbytes)
@@ -434,7 +433,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             (a proponent); ``< 0``: an opponent.
         """
         check_is_fitted(self)
-        _check_dense_fits(_num_samples(X), self.train_features_.shape[1])
+        _check_dense_fits(num_samples(X), self.train_features_.shape[1])
         test_phis, device = self._test_features(X, y)
         A = self._columns(self._method()(), test_phis, slice(None), device)
         return A.cpu().numpy().astype(np.float64)

@@ -7,13 +7,22 @@ import time
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, MetaEstimatorMixin, OutlierMixin, _fit_context, clone
-from sklearn.utils import _safe_indexing, check_random_state, indexable
-from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.base import BaseEstimator, MetaEstimatorMixin, OutlierMixin, clone
+from sklearn.utils import check_random_state, indexable
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import _check_method_params, _estimator_has, _num_samples, check_is_fitted
+from sklearn.utils.validation import check_is_fitted
 
 from ._base import GradientEstimator, fill_doc
+from ._compat import (
+    HasMethods,
+    Interval,
+    StrOptions,
+    check_method_params,
+    estimator_has,
+    fit_context,
+    num_samples,
+    safe_indexing,
+)
 from ._data import is_dict
 
 __all__ = ["FilteredEstimator", "OutlierGradientDetector"]
@@ -77,8 +86,8 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         expected noise rate). ``"auto"``: Otsu's threshold on the training scores,
         the cut that best splits them into two groups, so the flagged fraction
         estimates the noise rate when there is a group of outliers (mislabeled
-        samples) to find; on clean data it still flags the least typical samples
-        (see the user guide's measurements).
+        samples) to find, never more than half; on clean data it still flags the
+        least typical samples (see the user guide's measurements).
     layers : "all", "last", None or list of str, default="all"
         Parameters whose gradients are used: all ("all" or None), the output
         layer's (``"last"``, as in the paper), or those of the named modules.
@@ -345,11 +354,11 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
                     stacklevel=3,
                 )
         if is_dict(X):  # a dict of inputs, or skorch's SliceDict, keeps its type
-            return type(X)(**{k: _safe_indexing(v, keep) for k, v in X.items()}), _safe_indexing(
+            return type(X)(**{k: safe_indexing(v, keep) for k, v in X.items()}), safe_indexing(
                 indexable(y)[0], keep
             )
         X, y = indexable(X, y)
-        return _safe_indexing(X, keep), _safe_indexing(y, keep)
+        return safe_indexing(X, keep), safe_indexing(y, keep)
 
     # ------------------------------------------------------------- helpers
     def _gradients(self, X, y, *, task, device) -> list[np.ndarray]:
@@ -388,8 +397,8 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         return scores / len(gradients)
 
     def _offset(self, scores: np.ndarray) -> float:
-        if self.contamination == "auto":
-            return _otsu_offset(scores)
+        if self.contamination == "auto":  # outliers are the minority: at most half, as with a fraction
+            return min(_otsu_offset(scores), float(np.percentile(scores, 50)))
         return float(np.percentile(scores, 100 * self.contamination))
 
 
@@ -448,7 +457,7 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         self.estimator = estimator
         self.detector = detector
 
-    @_fit_context(prefer_skip_nested_validation=False)  # the inner estimators are validated
+    @fit_context(prefer_skip_nested_validation=False)  # the inner estimators are validated
     def fit(self, X, y, **fit_params):
         """Filter ``(X, y)`` with the detector, then fit the estimator on the rest.
 
@@ -467,20 +476,20 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         self : FilteredEstimator
         """
         sample_weight = fit_params.get("sample_weight")
-        if sample_weight is not None and _num_samples(sample_weight) != _num_samples(y):
+        if sample_weight is not None and num_samples(sample_weight) != num_samples(y):
             raise ValueError(
-                f"sample_weight has {_num_samples(sample_weight)} entries but y has {_num_samples(y)} "
+                f"sample_weight has {num_samples(sample_weight)} entries but y has {num_samples(y)} "
                 "samples: pass one weight per training sample (they are filtered with the samples)."
             )
         detector = OutlierGradientDetector(self.estimator) if self.detector is None else clone(self.detector)
         X_kept, y_kept = detector.fit_resample(X, y)
         if fit_params:
             # y, not X, counts the samples: X may be a dict of arrays
-            fit_params = _check_method_params(y, fit_params, indices=_kept_indices(detector, fit_params))
+            fit_params = check_method_params(y, fit_params, indices=_kept_indices(detector, fit_params))
         estimator = clone(self.estimator).fit(X_kept, y_kept, **fit_params)
         # assigned together once both fits are done: an error leaves the previous fit as it was
         self.detector_, self.estimator_ = detector, estimator
-        self.n_removed_ = int(_num_samples(y) - _num_samples(y_kept))
+        self.n_removed_ = int(num_samples(y) - num_samples(y_kept))
         if hasattr(estimator, "n_features_in_"):
             self.n_features_in_ = estimator.n_features_in_
         return self
@@ -491,7 +500,7 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         check_is_fitted(self)
         return self.estimator_.classes_
 
-    @available_if(_estimator_has("predict"))
+    @available_if(estimator_has("predict"))
     def predict(self, X):
         """The fitted estimator's ``predict`` on ``X`` (unfiltered).
 
@@ -506,7 +515,7 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         check_is_fitted(self)
         return self.estimator_.predict(X)
 
-    @available_if(_estimator_has("predict_proba"))
+    @available_if(estimator_has("predict_proba"))
     def predict_proba(self, X):
         """The fitted estimator's ``predict_proba`` on ``X``.
 
@@ -521,7 +530,7 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         check_is_fitted(self)
         return self.estimator_.predict_proba(X)
 
-    @available_if(_estimator_has("predict_log_proba"))
+    @available_if(estimator_has("predict_log_proba"))
     def predict_log_proba(self, X):
         """The fitted estimator's ``predict_log_proba`` on ``X``.
 
@@ -536,7 +545,7 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         check_is_fitted(self)
         return self.estimator_.predict_log_proba(X)
 
-    @available_if(_estimator_has("decision_function"))
+    @available_if(estimator_has("decision_function"))
     def decision_function(self, X):
         """The fitted estimator's ``decision_function`` on ``X``.
 
@@ -551,7 +560,7 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         check_is_fitted(self)
         return self.estimator_.decision_function(X)
 
-    @available_if(_estimator_has("transform"))
+    @available_if(estimator_has("transform"))
     def transform(self, X):
         """The fitted estimator's ``transform`` of ``X``.
 
@@ -566,7 +575,7 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         check_is_fitted(self)
         return self.estimator_.transform(X)
 
-    @available_if(_estimator_has("score"))
+    @available_if(estimator_has("score"))
     def score(self, X, y, **kwargs):
         """The fitted estimator's ``score`` on ``(X, y)`` (unfiltered).
 

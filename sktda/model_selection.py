@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from sklearn.base import clone
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import HasMethods, Interval, StrOptions, validate_params
 from sklearn.utils.parallel import Parallel
 
+from ._compat import HasMethods, Interval, StrOptions, validate_params
 from ._data import as_array_like, check_inputs, check_y, encode_targets, input_spec, n_samples, take, to_torch
 from ._nets import (
     TARGETS,

@@ -128,7 +128,10 @@ def test_auto_contamination_is_otsus_threshold(noisy_digits):
     assert _otsu_offset(ties) == pytest.approx(_otsu_reference(ties)) == -1.5
     assert _otsu_offset(np.zeros(5)) == 0.0  # nothing to split, nothing below
     X, _, y_noisy, _, flipped = noisy_digits
-    auto = OutlierGradientDetector(_net(), contamination="auto", random_state=0).fit(X, y_noisy)
+    auto = OutlierGradientDetector(_net(), contamination="auto", random_state=0)
+    majority = np.concatenate([rng.normal(0, 1, 700), rng.normal(12, 1, 300)])
+    assert np.mean(majority < auto._offset(majority)) == 0.5  # outliers are never the majority
+    auto.fit(X, y_noisy)
     flagged = auto.labels_ == -1
     assert 0.1 < flagged.mean() < 0.35 and flipped[flagged].mean() > 0.5  # 20% of the labels flipped
 
