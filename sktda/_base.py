@@ -22,7 +22,8 @@ from ._compat import Interval, StrOptions, fit_context
 from ._data import take, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._gradients import GRADIENT_PATHS, GradientConfig, featurize_members
-from ._nets import NetTask, check_net, check_pretrained, initialized_module, resolve_device, takes_token_ids
+from ._nets import check_net, check_pretrained, initialized_module, resolve_device, takes_token_ids
+from ._task import NetTask
 
 # One documentation fragment per shared parameter, substituted into both
 # estimators' docstrings by :func:`fill_doc` (``%(name)s`` markers).

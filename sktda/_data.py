@@ -23,7 +23,7 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_consistent_length, validate_data
 
-from ._nets import NetTask
+from ._task import NetTask
 
 
 def as_array_like(data):

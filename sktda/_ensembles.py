@@ -25,7 +25,6 @@ from torch.func import functional_call
 from ._data import call, copy_inputs, n_samples, take, to_torch
 from ._nets import (
     LearningRateCheckpoints,
-    NetTask,
     checkpoint_epochs,
     fine_tune,
     fit_net,
@@ -36,6 +35,7 @@ from ._nets import (
     untrained_net,
 )
 from ._parallel import delayed_tasks, run
+from ._task import NetTask
 
 
 def derive_seed(*entropy: int) -> int:

@@ -48,9 +48,9 @@ from ._layers import (
     registered_routes,
     routes_for,
 )
-from ._nets import NetTask
 from ._parallel import run, torch_threads
 from ._projection import KroneckerBlock, make_projector
+from ._task import NetTask
 from ._uses import NotPerSample, UseTracer, mark_batched, release, use_gradients
 
 GRADIENT_PATHS = ("auto", "layers", "vmap")

@@ -23,7 +23,8 @@ from ._compat import Interval, StrOptions, get_chunk_n_rows, num_samples
 from ._data import copy_inputs, to_torch, validate_predict_data
 from ._gradients import check_free_space, feature_dim
 from ._methods import METHODS, SCORE_DTYPE, FittedMember, attribution_columns, self_attribution
-from ._nets import TARGETS, checkpoint_epochs, resolve_device
+from ._nets import checkpoint_epochs, resolve_device
+from ._task import TARGETS
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
 

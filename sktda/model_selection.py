@@ -17,7 +17,6 @@ from sklearn.utils.parallel import Parallel
 from ._compat import HasMethods, Interval, StrOptions, validate_params
 from ._data import as_array_like, check_inputs, check_y, encode_targets, input_spec, n_samples, take, to_torch
 from ._nets import (
-    TARGETS,
     check_net,
     check_pretrained,
     fit_net,
@@ -26,6 +25,7 @@ from ._nets import (
     takes_token_ids,
 )
 from ._parallel import delayed_tasks
+from ._task import TARGETS
 
 __all__ = ["SubsetRetraining", "best_under_budget", "cost_scorer", "lds_scorer", "subset_retraining"]
 

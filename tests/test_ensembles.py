@@ -5,8 +5,9 @@ import torch
 from sktda import EnsembleAttributor
 from sktda._ensembles import DropoutEnsemble, FixedMaskDropout, LoraEnsemble
 from sktda._gradients import VmapEngine, featurize
-from sktda._nets import NetTask, fit_net
+from sktda._nets import fit_net
 from sktda._projection import IdentityProjector
+from sktda._task import NetTask
 
 from .conftest import make_classifier_net
 

@@ -9,8 +9,9 @@ from sktda._data import take
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble, Member, member_from_module
 from sktda._gradients import GradientConfig, LayerEngine, VmapEngine, featurize, make_engine
 from sktda._layers import ExactProjector, LayerProjector, assign_routes
-from sktda._nets import NetTask, fit_net
+from sktda._nets import fit_net
 from sktda._projection import KroneckerBlock, kronecker_factors
+from sktda._task import NetTask
 from sktda.models import MLP
 
 from .conftest import make_classifier_net

@@ -16,7 +16,7 @@ from sktda import EnsembleAttributor, OutlierGradientDetector
 from sktda._data import take
 from sktda._ensembles import member_from_module
 from sktda._gradients import GradientConfig, VmapEngine, featurize, make_engine
-from sktda._nets import NetTask
+from sktda._task import NetTask
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

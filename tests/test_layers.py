@@ -12,7 +12,8 @@ from torch import nn
 
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble
 from sktda._gradients import GradientConfig, featurize, make_engine
-from sktda._nets import NetTask, fit_net
+from sktda._nets import fit_net
+from sktda._task import NetTask
 from sktda.models import ConvNet, TokenTransformer
 from sktda.routes import WeightRoute
 

@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from sktda._nets import (
-    NetTask,
     check_net,
     checkpoint_epochs,
     fit_net,
     parameter_names,
     resolve_device,
 )
+from sktda._task import NetTask
 from sktda.models import MLP
 
 from .conftest import make_classifier_net, make_regressor_net
