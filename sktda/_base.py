@@ -1,10 +1,12 @@
 """The base both estimators share.
 
 ``fit`` is one skeleton: validate the parameters, the net and the data, build the
-ensemble strategy through one hook, train through :class:`TrainedEnsemble`, record
-the costs, and hand over to the subclass's ``_fit_features``, which holds its own
-maths (attribution features and method states, or outlier detectors). The split
-follows scikit-learn's ``BaseBagging`` -> ``IsolationForest``.
+ensemble strategy from the parameters of the same names, train through
+:class:`TrainedEnsemble`, record the costs, and hand over to the subclass's
+``_fit_features``, which holds its own maths (attribution features and method
+states, or outlier detectors). The fit runs apart and replaces the previous one
+only once complete. The split follows scikit-learn's ``BaseBagging`` ->
+``IsolationForest``.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def fill_doc(cls):
 class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
     """Base of the estimators that train an ensemble of a skorch net and work on
     its per-sample gradients. Subclasses provide ``_fit_features`` and may extend
-    ``_check_fit``, ``_strategy_params`` and ``_n_checkpoints``."""
+    ``_check_fit``, ``_check_resources``, ``_n_checkpoints``, ``_discard`` and
+    ``_adopted``."""
 
     _parameter_constraints: dict = {
         "estimator": "no_validation",  # check_net gives a clearer error than a constraint
@@ -171,7 +174,8 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         X, y = validate_fit_data(self, X, y, task, takes_token_ids(module))
         self._task = task
         device = resolve_device(self.device)
-        strategy = ENSEMBLES[self.ensemble](self._strategy_params())
+        # the strategy's parameters are the estimator's of the same names
+        strategy = ENSEMBLES[self.ensemble].from_params(self.get_params(deep=False))
         strategy.check(module, take(X, slice(0, 1)))
         self._check_resources(X, task, module, strategy, device)
 
@@ -210,15 +214,6 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
 
     def _adopted(self) -> None:
         """Called once a completed fit's state has moved onto this estimator."""
-
-    def _strategy_params(self) -> dict:
-        return {
-            "layers": self.layers,
-            "n_masks": self.n_masks,
-            "dropout_rate": self.dropout_rate,
-            "mask_gradients": True,
-            "pretrained": self.pretrained,
-        }
 
     def _n_checkpoints(self) -> int | None:
         """Checkpoints to record along training (None: the final model only)."""

@@ -14,7 +14,8 @@ import copy
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -126,18 +127,37 @@ def member_from_module(module: torch.nn.Module, layers, seed: int, names=None, t
     return Member(module=module, params=params, frozen=frozen, seed=seed)
 
 
+@dataclass
+class TrainedModel:
+    """One trained model of an ensemble, and what its members need beside the net:
+    LoRA's trained ``adapters`` (their tensors by parameter name) and the
+    ``checkpoints`` recorded along training, ``(epoch, learning rate, state)``."""
+
+    net: object
+    seed: int
+    adapters: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    checkpoints: list[tuple] = field(default_factory=list)
+
+
+@dataclass
 class EnsembleStrategy:
-    """Interface of an ensemble strategy.
+    """Interface of an ensemble strategy, and its parameters (the fields).
 
     ``check`` rejects a module the strategy cannot use, before any training;
     ``fit`` trains one model (and whatever its members need); ``members`` turns
     it into its members; ``serving_bytes`` is what must be stored to serve them.
+    ``layers`` selects the differentiated parameters; ``pretrained`` says that the
+    net's module holds pretrained weights.
     """
 
-    name: str
+    name: ClassVar[str]
+    layers: object = None
+    pretrained: bool = False
 
-    def __init__(self, params: dict):
-        self.params = params
+    @classmethod
+    def from_params(cls, params: dict) -> EnsembleStrategy:
+        """The strategy with the fields that ``params`` (an estimator's) sets."""
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
 
     @property
     def members_per_model(self) -> int:
@@ -148,31 +168,31 @@ class EnsembleStrategy:
         input ``X_sample`` is one training sample)."""
 
     def fit(self, estimator, X, y, *, seed: int, device: torch.device, task: NetTask, callbacks=()):
-        return fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
+        net = fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
+        return TrainedModel(net, seed)
 
-    def members(self, net, model_seed: int, X_sample: torch.Tensor) -> list[Member]:
+    def members(self, model: TrainedModel, X_sample: torch.Tensor) -> list[Member]:
         raise NotImplementedError
 
     def sizing_member(self, module: torch.nn.Module) -> Member:
         """A member differentiating the parameters that ``members`` will, built from
         the untrained ``module``: it sizes the features before any training."""
-        return member_from_module(module, self.params["layers"], 0, trainable=trainable_names(module))
+        return member_from_module(module, self.layers, 0, trainable=trainable_names(module))
 
-    def serving_bytes(self, nets) -> int:
-        return sum(module_bytes(net.module_) for net in nets)
+    def serving_bytes(self, models: list[TrainedModel]) -> int:
+        return sum(module_bytes(model.net.module_) for model in models)
 
 
+@dataclass
 class IndependentEnsemble(EnsembleStrategy):
     """Each independently trained model is one member (the naive ensemble)."""
 
     name = "independent"
 
-    def members(self, net, model_seed, X_sample):
-        module = trained_module(net)
-        trainable = trainable_names(net.module_)
-        return [
-            member_from_module(module, self.params["layers"], derive_seed(model_seed, 0), trainable=trainable)
-        ]
+    def members(self, model, X_sample):
+        trainable = trainable_names(model.net.module_)
+        module = trained_module(model.net)
+        return [member_from_module(module, self.layers, derive_seed(model.seed, 0), trainable=trainable)]
 
 
 _MASKABLE = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -220,6 +240,7 @@ def _called_dropout_shapes(module: nn.Module, X_sample) -> dict[str, torch.Size]
     return shapes
 
 
+@dataclass
 class DropoutEnsemble(EnsembleStrategy):
     """DROPOUT ENSEMBLE (Deng et al., 2024): every trained model yields ``n_masks``
     members, each one fixed dropout mask, drawn once from its seed and shared by all
@@ -232,14 +253,16 @@ class DropoutEnsemble(EnsembleStrategy):
     """
 
     name = "dropout"
+    n_masks: int = 5
+    dropout_rate: float | None = None
+    mask_gradients: bool = True
 
     @property
     def members_per_model(self):
-        return self.params["n_masks"] if self.params["mask_gradients"] else 1
+        return self.n_masks if self.mask_gradients else 1
 
     def _rate(self, layer) -> float:
-        rate = self.params["dropout_rate"]
-        return float(layer.p if rate is None else rate)
+        return float(layer.p if self.dropout_rate is None else self.dropout_rate)
 
     def check(self, module, X_sample):
         layers = _dropout_layers(module)
@@ -271,7 +294,8 @@ class DropoutEnsemble(EnsembleStrategy):
         if all(self._rate(layers[name]) == 0 for name in called):
             raise ValueError("Every dropout layer the module calls has rate 0; set dropout_rate in (0, 1).")
 
-    def members(self, net, model_seed, X_sample):
+    def members(self, model, X_sample):
+        net, model_seed = model.net, model.seed
         module = trained_module(net)
         layers = _dropout_layers(module)
         shapes = _called_dropout_shapes(module, X_sample)
@@ -284,7 +308,7 @@ class DropoutEnsemble(EnsembleStrategy):
             setattr(module.get_submodule(parent), child, FixedMaskDropout(shape))
             masks[f"{name}.mask"] = (shape, self._rate(layer), i)
         base = member_from_module(
-            module, self.params["layers"], derive_seed(model_seed, 0), trainable=trainable_names(net.module_)
+            module, self.layers, derive_seed(model_seed, 0), trainable=trainable_names(net.module_)
         )
         variants = [
             {
@@ -294,9 +318,9 @@ class DropoutEnsemble(EnsembleStrategy):
                     for key, (shape, rate, i) in masks.items()
                 },
             }
-            for j in range(self.params["n_masks"])
+            for j in range(self.n_masks)
         ]
-        if not self.params["mask_gradients"]:
+        if not self.mask_gradients:
             return [replace(base, residual_variants=variants)]
         return [replace(base, frozen=v, seed=derive_seed(model_seed, 0, j)) for j, v in enumerate(variants)]
 
@@ -308,6 +332,7 @@ def _draw_mask(shape, rate: float, seed: int) -> torch.Tensor:
     return torch.bernoulli(torch.full(shape, 1 - rate), generator=gen) / (1 - rate)
 
 
+@dataclass
 class LoraEnsemble(EnsembleStrategy):
     """LORA ENSEMBLE (Deng et al., 2024): every trained model is a base for
     ``n_adapters`` LoRA adapters (peft), each fine-tuned from it for ``lora_epochs``
@@ -322,19 +347,23 @@ class LoraEnsemble(EnsembleStrategy):
     """
 
     name = "lora"
+    n_adapters: int = 5
+    lora_rank: int = 4
+    lora_target_modules: list[str] | None = None
+    lora_epochs: int = 5
 
     @property
     def members_per_model(self):
-        return self.params["n_adapters"]
+        return self.n_adapters
 
-    def _targets(self, module) -> list[str]:
-        targets = self.params["lora_target_modules"]
-        if targets is not None:
+    def _adapted_modules(self, module) -> list[str]:
+        """The names of the modules that get adapters."""
+        if self.lora_target_modules is not None:
             modules = dict(module.named_modules())
-            unknown = [t for t in targets if t not in modules]
+            unknown = [t for t in self.lora_target_modules if t not in modules]
             if unknown:
                 raise ValueError(f"lora_target_modules {unknown} are not modules of the net.")
-            return list(targets)
+            return list(self.lora_target_modules)
         linear = _plain_linears(module)
         if len(linear) < 2:
             raise ValueError(
@@ -351,8 +380,10 @@ class LoraEnsemble(EnsembleStrategy):
         CUDA's included, untouched), then moved to the module's device."""
         from peft import LoraConfig, inject_adapter_in_model
 
-        rank = self.params["lora_rank"]
-        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=self._targets(module))
+        rank = self.lora_rank
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=self._adapted_modules(module)
+        )
         linear = _plain_linears(module)
         device = next(module.parameters()).device
         with torch.random.fork_rng(devices=[]):
@@ -360,7 +391,7 @@ class LoraEnsemble(EnsembleStrategy):
                 torch.random.default_generator.manual_seed(seed)
             module = inject_adapter_in_model(config, copy.deepcopy(module).cpu()).to(device)
         head = module.get_submodule(linear[-1]) if linear else None
-        if self.params["pretrained"] and isinstance(head, nn.Linear):  # not adapted itself
+        if self.pretrained and isinstance(head, nn.Linear):  # not adapted itself
             head.requires_grad_(True)
         return module
 
@@ -371,15 +402,15 @@ class LoraEnsemble(EnsembleStrategy):
                 "peft.PeftModel. Use ensemble='independent' (each member trains your adapters with "
                 "its own seed, and attribution differentiates them) or 'dropout'."
             )
-        if self.params["layers"] is not None:
+        if self.layers is not None:
             raise ValueError(
                 "layers selects parameters of the base model, but LoRA members differentiate "
-                f"their adapters only, so layers={self.params['layers']!r} cannot apply. Choose "
+                f"their adapters only, so layers={self.layers!r} cannot apply. Choose "
                 "the adapted modules with lora_target_modules and leave layers=None."
             )
         modules = dict(module.named_modules())
-        rank = self.params["lora_rank"]
-        for name in self._targets(module):
+        rank = self.lora_rank
+        for name in self._adapted_modules(module):
             size = _adapted_size(modules[name])
             if size is not None and rank > size:
                 raise ValueError(
@@ -388,32 +419,29 @@ class LoraEnsemble(EnsembleStrategy):
                 )
 
     def fit(self, estimator, X, y, *, seed, device, task, callbacks=()):
-        if self.params["pretrained"]:  # the adapters fine-tune the pretrained weights themselves
+        if self.pretrained:  # the adapters fine-tune the pretrained weights themselves
             net = untrained_net(estimator, device)
         else:
             net = fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
         adapters = []
-        for j in range(self.params["n_adapters"]):
+        for j in range(self.n_adapters):
             adapter_seed = derive_seed(seed, 2, j)
             module = self._with_adapter(net.module_, adapter_seed)
-            module = fine_tune(
-                net, module, X, y, epochs=self.params["lora_epochs"], seed=adapter_seed, device=device
-            )
+            module = fine_tune(net, module, X, y, epochs=self.lora_epochs, seed=adapter_seed, device=device)
             adapters.append(
                 {k: p.detach().cpu().clone() for k, p in module.named_parameters() if p.requires_grad}
             )
-        net.lora_adapters_ = adapters
-        return net
+        return TrainedModel(net, seed, adapters=adapters)
 
-    def members(self, net, model_seed, X_sample):
+    def members(self, model, X_sample):
         members = []
-        for j, state in enumerate(net.lora_adapters_):
-            module = self._with_adapter(net.module_)
+        for j, state in enumerate(model.adapters):
+            module = self._with_adapter(model.net.module_)
             module.load_state_dict(state, strict=False)
             module.eval()
             for p in module.parameters():
                 p.requires_grad_(False)
-            members.append(member_from_module(module, None, derive_seed(model_seed, 0, j), names=set(state)))
+            members.append(member_from_module(module, None, derive_seed(model.seed, 0, j), names=set(state)))
         return members
 
     def sizing_member(self, module):
@@ -422,12 +450,10 @@ class LoraEnsemble(EnsembleStrategy):
             module, None, 0, names={k for k, p in module.named_parameters() if p.requires_grad}
         )
 
-    def serving_bytes(self, nets):
-        adapters = sum(
-            t.numel() * t.element_size() for net in nets for a in net.lora_adapters_ for t in a.values()
-        )
+    def serving_bytes(self, models):
+        adapters = sum(t.numel() * t.element_size() for m in models for a in m.adapters for t in a.values())
         # pretrained: every adapter sits on the same base, stored once
-        bases = nets[:1] if self.params["pretrained"] else nets
+        bases = models[:1] if self.pretrained else models
         return super().serving_bytes(bases) + adapters
 
 
@@ -476,9 +502,13 @@ class TrainedEnsemble:
     """
 
     strategy: EnsembleStrategy
-    nets: list
-    seeds: list[int]
+    models: list[TrainedModel]
     X_sample: torch.Tensor
+
+    @property
+    def nets(self) -> list:
+        """The trained skorch nets."""
+        return [model.net for model in self.models]
 
     @classmethod
     def fit(
@@ -509,21 +539,22 @@ class TrainedEnsemble:
             strategy.fit,
             [((estimator, X, y), dict(seed=s, device=device, task=task, callbacks=callbacks)) for s in seeds],
         )
-        nets = run(jobs, n_jobs, n_models, "training", verbose)
-        return cls(strategy, nets, seeds, to_torch(copy_inputs(take(X, slice(0, 1)))))
+        models = run(jobs, n_jobs, n_models, "training", verbose)
+        for model in models if n_checkpoints else ():
+            model.checkpoints = dict(model.net.callbacks_)[_CHECKPOINT_CALLBACK].checkpoints_
+        return cls(strategy, models, to_torch(copy_inputs(take(X, slice(0, 1)))))
 
     def members(self, checkpoints: bool = False) -> list[Member]:
         """Every member, with coefficient ``1 / n_members``; with ``checkpoints``,
         every member at every recorded checkpoint, its coefficient times the
         learning rate in force there."""
-        n_members = len(self.nets) * self.strategy.members_per_model
+        n_members = len(self.models) * self.strategy.members_per_model
         members = []
-        for net, seed in zip(self.nets, self.seeds):
-            for member in self.strategy.members(net, seed, self.X_sample):
+        for model in self.models:
+            for member in self.strategy.members(model, self.X_sample):
                 member.coef = 1.0 / n_members
                 if checkpoints:
-                    recorder = dict(net.callbacks_)[_CHECKPOINT_CALLBACK]
-                    members.extend(member.at_state(state, lr) for _, lr, state in recorder.checkpoints_)
+                    members.extend(member.at_state(state, lr) for _, lr, state in model.checkpoints)
                 else:
                     members.append(member)
         return members
@@ -554,4 +585,4 @@ class TrainedEnsemble:
         return probs.argmax(-1).numpy().astype(np.int64)
 
     def serving_bytes(self) -> int:
-        return int(self.strategy.serving_bytes(self.nets))
+        return int(self.strategy.serving_bytes(self.models))

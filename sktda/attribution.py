@@ -350,16 +350,6 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         if directory is not None:
             check_free_space(directory, nbytes)
 
-    def _strategy_params(self):
-        return {
-            **super()._strategy_params(),
-            "n_adapters": self.n_adapters,
-            "mask_gradients": self.mask_gradients,
-            "lora_rank": self.lora_rank,
-            "lora_target_modules": self.lora_target_modules,
-            "lora_epochs": self.lora_epochs,
-        }
-
     def _target(self):
         return self.target
 

@@ -450,13 +450,13 @@ def test_tracin_under_a_learning_rate_schedule(digits):
         net, method="tracin", n_checkpoints=2, proj_dim=None, layers="last", normalize=None, random_state=0
     )
     A = attr.fit(X_train, y_train).attribute(X_test, y_test)
-    recorder = dict(attr.estimators_[0].callbacks_)["sktda_checkpoints"]
-    assert [epoch for epoch, _, _ in recorder.checkpoints_] == [2, 4]
-    lrs = [lr for _, lr, _ in recorder.checkpoints_]
+    checkpoints = attr.ensemble_.models[0].checkpoints
+    assert [epoch for epoch, _, _ in checkpoints] == [2, 4]
+    lrs = [lr for _, lr, _ in checkpoints]
     assert lrs[0] == pytest.approx(4 * lrs[1])  # two halvings between epochs 2 and 4
     expected = 0
     module = MLP(n_features=64, n_outputs=10, hidden=(16,))
-    for _, lr, state in recorder.checkpoints_:
+    for _, lr, state in checkpoints:
         module.load_state_dict(state)
         phi, w = _last_layer(module, X_train, y_train)
         phi_test, _ = _last_layer(module, X_test, y_test)

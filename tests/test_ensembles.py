@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sktda import EnsembleAttributor
-from sktda._ensembles import DropoutEnsemble, FixedMaskDropout, LoraEnsemble
+from sktda._ensembles import DropoutEnsemble, FixedMaskDropout, LoraEnsemble, TrainedModel
 from sktda._gradients import VmapEngine, featurize
 from sktda._nets import fit_net
 from sktda._projection import IdentityProjector
@@ -24,7 +24,7 @@ def _strategy(cls, **params):
         lora_epochs=2,
         pretrained=False,
     )
-    return cls({**defaults, **params})
+    return cls.from_params({**defaults, **params})
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_dropout_members_have_fixed_distinct_masks(trained, digits):
     X_train, _, y_train, _ = digits
     strategy = _strategy(DropoutEnsemble)
     sample = torch.from_numpy(X_train[:1])
-    members = strategy.members(trained, 5, sample)
-    again = strategy.members(trained, 5, sample)
+    members = strategy.members(TrainedModel(trained, 5), sample)
+    again = strategy.members(TrainedModel(trained, 5), sample)
     assert len(members) == 3
     masks = [m.frozen["layers.2.mask"] for m in members]
     assert masks[0].shape == (16,)
@@ -77,11 +77,13 @@ def test_dropout_members_have_fixed_distinct_masks(trained, digits):
 def test_dropout_rate_override_and_unmasked_variant(trained, digits):
     X_train, _, y_train, _ = digits
     sample = torch.from_numpy(X_train[:1])
-    members = _strategy(DropoutEnsemble, n_masks=200, dropout_rate=0.2).members(trained, 0, sample)
+    members = _strategy(DropoutEnsemble, n_masks=200, dropout_rate=0.2).members(
+        TrainedModel(trained, 0), sample
+    )
     dropped = np.mean([float((m.frozen["layers.2.mask"] == 0).float().mean()) for m in members])
     assert dropped == pytest.approx(0.2, abs=0.02)
-    masked = _strategy(DropoutEnsemble).members(trained, 1, sample)
-    (unmasked,) = _strategy(DropoutEnsemble, mask_gradients=False).members(trained, 1, sample)
+    masked = _strategy(DropoutEnsemble).members(TrainedModel(trained, 1), sample)
+    (unmasked,) = _strategy(DropoutEnsemble, mask_gradients=False).members(TrainedModel(trained, 1), sample)
     assert torch.equal(unmasked.frozen["layers.2.mask"], torch.ones(16))
     f = _features(unmasked, X_train[:20], y_train[:20])
     mean_weight = np.mean([_features(m, X_train[:20], y_train[:20]).residual for m in masked], axis=0)
@@ -135,9 +137,9 @@ def test_lora_members_differentiate_adapters_only(digits):
     # rank 2 on the hidden layer (64 -> 16): A is 2 x 64, B is 16 x 2
     assert attr.train_features_.shape == (2, len(X_train), 2 * 64 + 16 * 2)
     assert attr.n_members_ == 2
-    net = attr.estimators_[0]
-    assert len(net.lora_adapters_) == 2
-    a, b = net.lora_adapters_
+    net, model = attr.estimators_[0], attr.ensemble_.models[0]
+    assert len(model.adapters) == 2
+    a, b = model.adapters
     assert set(a) == {"layers.0.lora_A.default.weight", "layers.0.lora_B.default.weight"}
     assert not torch.equal(a["layers.0.lora_B.default.weight"], b["layers.0.lora_B.default.weight"])
     assert torch.any(a["layers.0.lora_B.default.weight"] != 0)  # B moved away from peft's zero init
@@ -156,7 +158,7 @@ def test_lora_member_is_the_fine_tuned_adapted_module(digits):
     X_train, _, y_train, _ = digits
     X, y = torch.from_numpy(X_train[:30]), torch.from_numpy(y_train[:30])
     strategy = _strategy(LoraEnsemble, n_adapters=2)
-    net = strategy.fit(
+    model = strategy.fit(
         make_classifier_net(max_epochs=2),
         X_train,
         y_train,
@@ -164,7 +166,8 @@ def test_lora_member_is_the_fine_tuned_adapted_module(digits):
         device=torch.device("cpu"),
         task=NetTask(True),
     )
-    members = strategy.members(net, 7, X[:1])
+    members = strategy.members(model, X[:1])
+    net = model.net
     for j, member in enumerate(members):
         seed = derive_seed(7, 2, j)
         with torch.random.fork_rng(devices=[]):
@@ -222,7 +225,7 @@ def test_lora_bad_configurations(digits):
 def test_lora_target_modules(digits):
     X_train, _, y_train, _ = digits
     strategy = _strategy(LoraEnsemble, lora_target_modules=["layers.3"])
-    net = strategy.fit(
+    model = strategy.fit(
         make_classifier_net(max_epochs=1),
         X_train,
         y_train,
@@ -230,5 +233,5 @@ def test_lora_target_modules(digits):
         device=torch.device("cpu"),
         task=NetTask(True),
     )
-    (member, _) = strategy.members(net, 0, torch.from_numpy(X_train[:1]))
+    (member, _) = strategy.members(model, torch.from_numpy(X_train[:1]))
     assert set(member.params) == {"layers.3.lora_A.default.weight", "layers.3.lora_B.default.weight"}

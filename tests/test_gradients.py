@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from sktda._data import take
-from sktda._ensembles import DropoutEnsemble, LoraEnsemble, Member, member_from_module
+from sktda._ensembles import DropoutEnsemble, LoraEnsemble, Member, TrainedModel, member_from_module
 from sktda._gradients import GradientConfig, LayerEngine, VmapEngine, featurize, make_engine
 from sktda._layers import ExactProjector, LayerProjector, assign_routes
 from sktda._nets import fit_net
@@ -150,12 +150,11 @@ def test_linear_engine_on_dropout_and_lora_members(digits):
     X, y = torch.from_numpy(X_train[:20]), torch.from_numpy(y_train[:20])
     params = STRATEGY_PARAMS
     net = fit_net(make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK)
-    (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
+    (masked, _) = DropoutEnsemble.from_params(params).members(TrainedModel(net, 0), X[:1])
     _same_features(masked, X, y, 64)
-    lora_net = LoraEnsemble(params).fit(
-        make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK
-    )
-    (adapter,) = LoraEnsemble(params).members(lora_net, 0, X[:1])
+    lora = LoraEnsemble.from_params(params)
+    lora_model = lora.fit(make_classifier_net(max_epochs=2), X_train, y_train, seed=0, device=CPU, task=TASK)
+    (adapter,) = lora.members(lora_model, X[:1])
     routes, _ = assign_routes(adapter.module, adapter.params)
     assert {r.name for r in routes} == {"layers.0.lora_A.default", "layers.0.lora_B.default"}
     _same_features(adapter, X, y, 16)

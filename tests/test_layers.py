@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sktda._ensembles import DropoutEnsemble, LoraEnsemble
+from sktda._ensembles import DropoutEnsemble, LoraEnsemble, TrainedModel
 from sktda._gradients import GradientConfig, featurize, make_engine
 from sktda._nets import fit_net
 from sktda._task import NetTask
@@ -254,10 +254,10 @@ def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
     )
     X, y = torch.from_numpy(images[:12]), torch.from_numpy(y_train[:12])
     net = fit_net(cnn, images, y_train, seed=0, device=CPU, task=TASK)
-    (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
+    (masked, _) = DropoutEnsemble.from_params(params).members(TrainedModel(net, 0), X[:1])
     _same_features(masked, X, y, 64)
-    lora = LoraEnsemble({**params, "lora_target_modules": ["layers.0", "layers.3"]})
-    (adapter,) = lora.members(lora.fit(cnn, images, y_train, seed=0, device=CPU, task=TASK), 0, X[:1])
+    lora = LoraEnsemble.from_params({**params, "lora_target_modules": ["layers.0", "layers.3"]})
+    (adapter,) = lora.members(lora.fit(cnn, images, y_train, seed=0, device=CPU, task=TASK), X[:1])
     assert all("lora" in name for name in adapter.params)
     _same_features(adapter, X, y, 32)
 
@@ -266,11 +266,11 @@ def test_dropout_members_and_lora_adapters_on_conv_and_transformer(digits):
     lm = make_language_model_net(11, module__n_layers=1, module__max_len=6)
     X, y = torch.from_numpy(tokens[:10, :-1]), torch.from_numpy(tokens[:10, 1:])
     net = fit_net(lm, tokens[:, :-1], tokens[:, 1:], seed=0, device=CPU, task=task)
-    (masked, _) = DropoutEnsemble(params).members(net, 0, X[:1])
+    (masked, _) = DropoutEnsemble.from_params(params).members(TrainedModel(net, 0), X[:1])
     _same_features(masked, X, y, 64, task=task)
-    lora = LoraEnsemble({**params, "lora_target_modules": ["encoder.layers.0.linear1", "head"]})
-    lm_net = lora.fit(lm, tokens[:, :-1], tokens[:, 1:], seed=0, device=CPU, task=task)
-    (adapter,) = lora.members(lm_net, 0, X[:1])
+    lora = LoraEnsemble.from_params({**params, "lora_target_modules": ["encoder.layers.0.linear1", "head"]})
+    lm_model = lora.fit(lm, tokens[:, :-1], tokens[:, 1:], seed=0, device=CPU, task=task)
+    (adapter,) = lora.members(lm_model, X[:1])
     _same_features(adapter, X, y, 32, task=task)
 
 

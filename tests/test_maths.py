@@ -11,13 +11,13 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from sktda import EnsembleAttributor, OutlierGradientDetector
-from sktda._ensembles import IndependentEnsemble, TrainedEnsemble
+from sktda._ensembles import IndependentEnsemble, TrainedEnsemble, TrainedModel
 from sktda._layers import LayerProjector, assign_routes
 from sktda._nets import check_net
 from sktda._projection import DenseProjector
 
 from .conftest import make_classifier_net, make_language_model_net
-from .test_gradients import STRATEGY_PARAMS, TASK, _member, _same_features
+from .test_gradients import TASK, _member, _same_features
 
 
 def _route_projector(module, proj_dim, seed):
@@ -141,7 +141,8 @@ def test_ensemble_predictions_average_probabilities_not_logits():
         NeuralNetClassifier(_FixedLogits, module__logits=logits, max_epochs=0, train_split=None).initialize()
         for logits in ([10.0, 0.0, 0.0], [-10.0, 1.0, 0.0])
     ]
-    ensemble = TrainedEnsemble(IndependentEnsemble(STRATEGY_PARAMS), nets, [0, 1], torch.zeros(1, 2))
+    models = [TrainedModel(net, seed) for seed, net in enumerate(nets)]
+    ensemble = TrainedEnsemble(IndependentEnsemble(), models, torch.zeros(1, 2))
     X = np.zeros((3, 2), dtype=np.float32)
     np.testing.assert_array_equal(ensemble.predict_targets(X, TASK, 2, torch.device("cpu")), 0)
     np.testing.assert_array_equal(ensemble.predict_targets(X, TASK, 2, torch.device("cpu"), n_classes=3), 0)

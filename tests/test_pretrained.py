@@ -101,7 +101,7 @@ def test_lora_members_adapt_the_frozen_pretrained_module(digits, pretrained):
         assert head_params <= set(member.params) and all("lora_" in name for name in adapter)
         assert len(adapter) == len(get_peft_model_state_dict(member.module))
         assert not torch.equal(member.params[f"{head}.weight"], pretrained.get_submodule(head).weight)
-    adapters = [a for e in attr.estimators_ for a in e.lora_adapters_]
+    adapters = [a for model in attr.ensemble_.models for a in model.adapters]
     assert not torch.equal(*(next(iter(a.values())) for a in adapters[:2]))
     # model bytes: the adapters and output layers, plus the pretrained base once
     adapter_bytes = sum(t.numel() * t.element_size() for a in adapters for t in a.values())
