@@ -233,7 +233,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         device = resolve_device(self.device)
         if y is None:
             n_classes = len(self.classes_) if hasattr(self, "classes_") else None
-            y = self.ensemble_.predict_targets(X, task, self.batch_size, device, n_classes)
+            y = self.ensemble_.predict_labels(X, task, self.batch_size, device, n_classes)
         return task, X, y, device
 
     def _per_layer(self) -> bool:

@@ -195,7 +195,7 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
                 UserWarning,
                 stacklevel=4,
             )
-    return X, encode_targets(y, task, getattr(estimator, "classes_", None))
+    return X, encode_y(y, task, getattr(estimator, "classes_", None))
 
 
 def check_y(y, task: NetTask) -> np.ndarray:
@@ -226,12 +226,12 @@ def validate_predict_data(estimator, X, y, task: NetTask):
     y = check_y(as_array_like(y), task)
     if len(y) != n_samples(X):
         raise ValueError(f"X has {n_samples(X)} samples but y has {len(y)}; pass one target per sample.")
-    return X, encode_targets(y, task, getattr(estimator, "classes_", None))
+    return X, encode_y(y, task, getattr(estimator, "classes_", None))
 
 
-def encode_targets(y: np.ndarray, task: NetTask, classes) -> np.ndarray:
-    """The targets a checked ``y`` gives the net: token ids as they are, indices
-    into ``classes`` for classifiers, a float32 column for regressors."""
+def encode_y(y: np.ndarray, task: NetTask, classes) -> np.ndarray:
+    """What a checked ``y`` gives the net to train on: token ids as they are,
+    indices into ``classes`` for classifiers, a float32 column for regressors."""
     if task.is_sequence:
         return y
     if task.is_classifier:

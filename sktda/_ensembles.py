@@ -559,7 +559,7 @@ class TrainedEnsemble:
                     members.append(member)
         return members
 
-    def predict_targets(
+    def predict_labels(
         self, X: np.ndarray, task: NetTask, batch_size: int, device, n_classes: int | None = None
     ) -> np.ndarray:
         """The ensemble's predictions: the argmax of the members' mean class (or

@@ -84,9 +84,9 @@ class Features:
 
     ``phi`` (n, k): projected gradient of the target; ``residual`` (n,):
     ``-dL/df`` at the given label (``1 - p_y`` for classifiers, twice ``y - f`` for
-    regressors); ``output`` (n,): the target itself; ``layout``: the blocks of
-    ``phi``'s columns, ``((start, stop, shape), ...)``, ``shape`` a Kronecker
-    block's ``(k_out, k_in)`` or None for a dense one; ``factors`` (per-layer
+    regressors); ``layout``: the blocks of ``phi``'s columns, ``((start, stop,
+    shape), ...)``, ``shape`` a Kronecker block's ``(k_out, k_in)`` or None for a
+    dense one; ``factors`` (per-layer
     features of training samples): for each Kronecker block in layout order, the
     sums over samples and positions ``(sum p_left p_left^T, sum p_right
     p_right^T)`` of its projected factors (float64), or None where its gradients
@@ -96,7 +96,6 @@ class Features:
 
     phi: np.ndarray
     residual: np.ndarray
-    output: np.ndarray
     layout: tuple = ()
     factors: tuple | None = None
 
@@ -590,7 +589,6 @@ def featurize(
     n = n_samples(X)
     phi = np.empty((n, engine.out_dim), dtype=np.float32) if out is None else out
     residual = np.empty(n, dtype=np.float32)
-    output = np.empty(n, dtype=np.float32)
     factors = None
     if getattr(engine, "factor_sums", None) is not None:
         factors = FactorSums(engine.projector.blocks, first_chunk, -(-n // batch_size))
@@ -604,10 +602,9 @@ def featurize(
                 )
         phi[rows] = p.cpu().numpy()
         residual[rows] = r.cpu().numpy()
-        output[rows] = f.cpu().numpy()
         if factors is not None:
             factors.add(first_chunk + index, engine.factor_sums)
-    return Features(phi=phi, residual=residual, output=output, layout=engine.layout, factors=factors)
+    return Features(phi=phi, residual=residual, layout=engine.layout, factors=factors)
 
 
 def feature_dim(member, config: GradientConfig) -> int:
@@ -711,7 +708,6 @@ def featurize_members(
             Features(
                 phi=phi,
                 residual=np.concatenate([f.residual for f in own]),
-                output=np.concatenate([f.output for f in own]),
                 layout=own[0].layout,
                 factors=FactorSums.total([f.factors for f in own]) if own[0].factors is not None else None,
             )

@@ -35,11 +35,11 @@ SCORE_DTYPE = torch.float64
 
 
 @dataclass
-class FittedMember:
-    """What a method keeps of one member: its coefficient ``coef``, the method's
-    ``state`` (an inverse Gram matrix, say), and the training features ``phi``
-    (n_train, k) and residuals (n_train,), numpy arrays of any float dtype,
-    possibly memory-mapped."""
+class MemberFit:
+    """What a fit keeps of one member (an :class:`~sktda._ensembles.Member`, the
+    function differentiated): its coefficient ``coef``, the method's ``state`` (an
+    inverse Gram matrix, say), and the training features ``phi`` (n_train, k) and
+    residuals (n_train,), numpy arrays of any float dtype, possibly memory-mapped."""
 
     coef: float
     state: object
@@ -300,9 +300,7 @@ METHODS: dict[str, type[AttributionMethod]] = {
 }
 
 
-def _reduce_members(
-    method, members: list[FittedMember], rows, device, score, dtype=SCORE_DTYPE
-) -> torch.Tensor:
+def _reduce_members(method, members: list[MemberFit], rows, device, score, dtype=SCORE_DTYPE) -> torch.Tensor:
     """``s * sum_m c_m score(m, state_m, phi_m[rows], U_m[rows])`` over the members'
     training features; ``s`` is TRAK's coefficient-weighted mean residual."""
     out = scale = None

@@ -22,7 +22,7 @@ from ._base import GradientEstimator, fill_doc
 from ._compat import Interval, StrOptions, get_chunk_n_rows, num_samples
 from ._data import copy_inputs, to_torch, validate_predict_data
 from ._gradients import check_free_space, feature_dim
-from ._methods import METHODS, SCORE_DTYPE, FittedMember, attribution_columns, self_attribution
+from ._methods import METHODS, SCORE_DTYPE, MemberFit, attribution_columns, self_attribution
 from ._nets import checkpoint_epochs, resolve_device
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score
@@ -380,7 +380,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self.train_residuals_ = np.stack([f.residual for f in features])
         self.method_ = method.name
         self._members = [
-            FittedMember(
+            MemberFit(
                 coef=m.coef,
                 state=method.fit(f.phi, f.residual, self._damping(method), device, f.layout, f.factors),
                 phi=phi,

@@ -15,7 +15,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.parallel import Parallel
 
 from ._compat import HasMethods, Interval, StrOptions, validate_params
-from ._data import as_array_like, check_inputs, check_y, encode_targets, input_spec, n_samples, take, to_torch
+from ._data import as_array_like, check_inputs, check_y, encode_y, input_spec, n_samples, take, to_torch
 from ._nets import (
     check_net,
     check_pretrained,
@@ -93,7 +93,7 @@ def _prepare(estimator, X, y, X_test, y_test, target):
             f"and y_test {len(y_test)}. Pass one target per sample."
         )
     classes = np.unique(y) if task.is_classifier and not task.is_sequence else None
-    return task.as_test(), X, encode_targets(y, task, classes), X_test, encode_targets(y_test, task, classes)
+    return task.as_test(), X, encode_y(y, task, classes), X_test, encode_y(y_test, task, classes)
 
 
 @validate_params(

@@ -633,7 +633,7 @@ def test_predicted_labels_are_classes_seen_in_fit(digits):
     head = [m for m in attr.estimators_[0].module_.modules() if isinstance(m, torch.nn.Linear)][-1]
     with torch.no_grad():
         head.bias[9] += 100.0  # output 9 now wins every argmax, and is no class
-    predicted = attr.ensemble_.predict_targets(X_test[:10], attr._task, 256, torch.device("cpu"), 5)
+    predicted = attr.ensemble_.predict_labels(X_test[:10], attr._task, 256, torch.device("cpu"), 5)
     assert set(predicted) <= set(range(5))
     np.testing.assert_array_equal(
         attr.transform(X_test[:10]), attr.attribute(X_test[:10], attr.classes_[predicted])

@@ -14,7 +14,7 @@ from torch import nn
 from sktda import EnsembleAttributor
 from sktda._gradients import FactorSums, GradientConfig, featurize, featurize_members, make_engine
 from sktda._layers import assign_routes, layer_widths
-from sktda._methods import EKFAC, KFAC, FittedMember, attribution_columns
+from sktda._methods import EKFAC, KFAC, MemberFit, attribution_columns
 from sktda.models import MLP, TokenTransformer
 
 from .conftest import make_classifier_net, make_language_model_net
@@ -136,7 +136,7 @@ def test_factors_and_features_are_the_projected_ones(kind):
 def test_scores_match_numpy(kind, method):
     _, _, _, _, _, features = _features(kind, proj_dim=6)
     state = method().fit(features.phi, features.residual, DAMPING, CPU, features.layout, features.factors)
-    member = FittedMember(coef=1.0, state=state, phi=features.phi, residual=features.residual)
+    member = MemberFit(coef=1.0, state=state, phi=features.phi, residual=features.residual)
     phi = torch.as_tensor(features.phi, dtype=torch.float64)
     A = attribution_columns(method(), [member], [phi], slice(None), CPU).numpy()
     S, Af = features.factors[0]
@@ -171,7 +171,7 @@ def test_exact_gradients_use_the_per_sample_factors_and_a_dense_block_for_biases
     expected = (
         _reference_scores(G, r, S, A, True) + bias @ np.linalg.solve(gram + lam * np.eye(4), bias.T) * r
     )
-    member = FittedMember(coef=1.0, state=state, phi=features.phi, residual=features.residual)
+    member = MemberFit(coef=1.0, state=state, phi=features.phi, residual=features.residual)
     phi = torch.as_tensor(features.phi, dtype=torch.float64)
     got = attribution_columns(EKFAC(), [member], [phi], slice(None), CPU).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9 * np.abs(expected).max())

@@ -144,8 +144,8 @@ def test_ensemble_predictions_average_probabilities_not_logits():
     models = [TrainedModel(net, seed) for seed, net in enumerate(nets)]
     ensemble = TrainedEnsemble(IndependentEnsemble(), models, torch.zeros(1, 2))
     X = np.zeros((3, 2), dtype=np.float32)
-    np.testing.assert_array_equal(ensemble.predict_targets(X, TASK, 2, torch.device("cpu")), 0)
-    np.testing.assert_array_equal(ensemble.predict_targets(X, TASK, 2, torch.device("cpu"), n_classes=3), 0)
+    np.testing.assert_array_equal(ensemble.predict_labels(X, TASK, 2, torch.device("cpu")), 0)
+    np.testing.assert_array_equal(ensemble.predict_labels(X, TASK, 2, torch.device("cpu"), n_classes=3), 0)
 
 
 def test_float16_features_are_stored_as_float16_on_disk(digits, tmp_path):
