@@ -1,4 +1,6 @@
-"""Shared setting of the benchmarks (DESIGN.md, section 5)."""
+"""What the benchmarks share: the data and nets of the digits settings, the command
+line, the tables written to ``results/``, and :func:`compare`, the attribution
+comparison (LDS, identical-class rate, time) of sktda's methods and the peers."""
 
 from __future__ import annotations
 
@@ -9,14 +11,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tables
+import summaries
 import torch
 from skorch import NeuralNetClassifier
 
 from sktda.datasets import load_digits_split
 from sktda.models import MLP
 
-RESULTS = tables.RESULTS
+RESULTS = summaries.RESULTS
 
 
 def _sgd(max_epochs: int) -> dict:
@@ -84,7 +86,7 @@ def write_headline() -> None:
     """Replace README.md's ``<!-- bench:NAME -->`` blocks (the headline table, the
     GPU table) with the summaries made from the saved results."""
     content = README.read_text()
-    for name, make in (("headline", tables.headline), ("gpu", tables.gpu)):
+    for name, make in (("headline", summaries.headline), ("gpu", summaries.gpu)):
         start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
         if start not in content or end not in content:
             raise SystemExit(f"README.md has no {start} ... {end} block to replace.")
@@ -94,7 +96,7 @@ def write_headline() -> None:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    """:func:`tables.markdown` of rows of any values, floats to 3 decimals (whole
+    """:func:`summaries.markdown` of rows of any values, floats to 3 decimals (whole
     numbers from 100)."""
 
     def fmt(v):
@@ -102,7 +104,7 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
             return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
         return str(v)
 
-    return tables.markdown(header, [[fmt(v) for v in row] for row in rows])
+    return summaries.markdown(header, [[fmt(v) for v in row] for row in rows])
 
 
 def cnn_net(max_epochs: int = 30, **kwargs) -> NeuralNetClassifier:
@@ -132,13 +134,22 @@ def identical_class_rate(A, y_train, predicted) -> float:
 
 
 def relatif(A, self_influence):
-    """RelatIF-normalised scores, as ``normalize="relatif"`` computes them."""
+    """RelatIF-normalised scores, with the scale ``normalize="relatif"`` uses."""
+    from sktda.attribution import _relatif_scale
 
-    root = np.sqrt(np.abs(self_influence))
-    return A / np.maximum(root, 1e-6 * root.max())[None, :]
+    return A * _relatif_scale(torch.as_tensor(self_influence))[None, :]
 
 
 DATTRI_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def _installed(peer: str) -> bool:
+    try:
+        __import__(peer)
+    except ImportError:
+        print(f"{peer} is not installed: its rows are skipped.")
+        return False
+    return True
 
 
 def compare(
@@ -162,9 +173,6 @@ def compare(
     have no identical-class rate). dattri runs on ``dattri_sizes`` (default
     ``sizes``), its regularization the best of ``dattri_grid`` on the largest of
     them. Returns the table's rows and the ground truth's seconds."""
-    from _peers import check_kronfluence_sign, dattri_trak, kronfluence_ekfac
-
-    from sktda import EnsembleAttributor
     from sktda.metrics import linear_datamodeling_score
     from sktda.model_selection import subset_retraining
 
@@ -182,21 +190,9 @@ def compare(
         print(rows[-1], flush=True)
 
     rows, trained = [], {}
-    runs = [(m, {"method": m}) for m in methods] + list(variants)
-    for label, params in runs:
+    for label, params in [(m, {"method": m}) for m in methods] + list(variants):
         for n in sizes:
-            attr = EnsembleAttributor(
-                net, n_models=n, proj_dim=proj_dim, normalize=None, random_state=0, **params
-            ).fit(X_train, y_train)
-            start = time.perf_counter()
-            A = attr.attribute(X_test, y_test)
-            self_influence = attr.self_attribute()
-            seconds = attr.costs_["featurize_seconds"] + time.perf_counter() - start
-            predicted = None
-            if kind == "margin":
-                predicted = attr.classes_[
-                    np.argmax(sum(e.predict_proba(X_test) for e in attr.estimators_), 1)
-                ]
+            attr, A, self_influence, seconds, predicted = _sktda_fit(net, data, n, proj_dim, kind, params)
             # the default normalize="auto": RelatIF on classifiers, raw scores on language models
             normalised = relatif(A, self_influence)
             default, other, suffix = (
@@ -210,47 +206,62 @@ def compare(
     def modules(n):
         return [e.module_.eval() for e in trained[n][0].estimators_]
 
-    try:
-        import dattri  # noqa: F401
-    except ImportError:
-        print("dattri is not installed: its rows are skipped.")
-    else:
-        dattri_sizes = sizes if dattri_sizes is None else dattri_sizes
-        largest = max(dattri_sizes)
-        best = max(
-            dattri_grid,
-            key=lambda reg: linear_datamodeling_score(
-                dattri_trak(modules(largest), X_train, y_train, X_test, y_test, proj_dim, reg, kind)[0],
-                *truth,
-            ),
-        )
-        for n in dattri_sizes:
-            A, seconds = dattri_trak(modules(n), X_train, y_train, X_test, y_test, proj_dim, best, kind)
-            row(
-                f"dattri 0.3.0 trak (reg={best:g})",
-                n,
-                A,
-                trained[n][1],
-                seconds,
-                trained[n][0].costs_["train_seconds"],
-            )
-    try:
-        import kronfluence  # noqa: F401
-    except ImportError:
-        print("kronfluence is not installed: its rows are skipped.")
-    else:
-        check_kronfluence_sign(modules(min(sizes))[0], X_train, y_train, kind)
-        for n in sizes:
-            A, seconds = kronfluence_ekfac(modules(n), X_train, y_train, X_test, y_test, kind)
-            row(
-                "kronfluence 1.0.1 ek-fac",
-                n,
-                A,
-                trained[n][1],
-                seconds,
-                trained[n][0].costs_["train_seconds"],
-            )
+    def lds(A):
+        return linear_datamodeling_score(A, truth.subsets, truth.outputs)
+
+    dattri_sizes = sizes if dattri_sizes is None else dattri_sizes
+    for label, peer_sizes, attribute in _peers(
+        modules, data, kind, proj_dim, sizes, dattri_sizes, dattri_grid, lds
+    ):
+        for n in peer_sizes:
+            A, seconds = attribute(n)
+            attr, predicted = trained[n]
+            row(label, n, A, predicted, seconds, attr.costs_["train_seconds"])
     return rows, truth_seconds
+
+
+def _sktda_fit(net, data, n, proj_dim, kind, params):
+    """One sktda fit of ``n`` models: the estimator, its raw scores and
+    self-influence, the seconds of featurizing and attributing, and the ensemble's
+    predicted classes (None for language models)."""
+    from sktda import EnsembleAttributor
+
+    X_train, X_test, y_train, y_test = data
+    attr = EnsembleAttributor(net, n_models=n, proj_dim=proj_dim, normalize=None, random_state=0, **params)
+    attr.fit(X_train, y_train)
+    start = time.perf_counter()
+    A = attr.attribute(X_test, y_test)
+    self_influence = attr.self_attribute()
+    seconds = attr.costs_["featurize_seconds"] + time.perf_counter() - start
+    predicted = None
+    if kind == "margin":
+        predicted = attr.classes_[np.argmax(sum(e.predict_proba(X_test) for e in attr.estimators_), 1)]
+    return attr, A, self_influence, seconds, predicted
+
+
+def _peers(modules, data, kind, proj_dim, sizes, dattri_sizes, dattri_grid, lds):
+    """``(label, sizes, n -> (A, seconds))`` of each installed peer, on the trained
+    ``modules(n)``; dattri's regularization is the best of ``dattri_grid`` by
+    ``lds`` on the largest of ``dattri_sizes``."""
+    from _peers import check_kronfluence_sign, dattri_trak, kronfluence_ekfac
+
+    X_train, X_test, y_train, y_test = data
+    peers = []
+    if _installed("dattri"):
+
+        def dattri_at(n, reg):
+            return dattri_trak(modules(n), X_train, y_train, X_test, y_test, proj_dim, reg, kind)
+
+        best = max(dattri_grid, key=lambda reg: lds(dattri_at(max(dattri_sizes), reg)[0]))
+        peers.append((f"dattri 0.3.0 trak (reg={best:g})", dattri_sizes, lambda n: dattri_at(n, best)))
+    if _installed("kronfluence"):
+        check_kronfluence_sign(modules(min(sizes))[0], X_train, y_train, kind)
+
+        def kronfluence_at(n):
+            return kronfluence_ekfac(modules(n), X_train, y_train, X_test, y_test, kind)
+
+        peers.append(("kronfluence 1.0.1 ek-fac", sizes, kronfluence_at))
+    return peers
 
 
 def kronfluence_layers_variant(net):

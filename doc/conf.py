@@ -17,7 +17,7 @@ ROOT = DOC.parent
 sys.path.insert(0, str(DOC / "sphinxext"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import tables  # noqa: E402  (benchmarks/tables.py: summaries of the saved results)
+import summaries  # noqa: E402  (benchmarks/summaries.py: summaries of the saved results)
 
 project = "sktda"
 author = "the sktda developers"
@@ -80,8 +80,8 @@ myst_enable_extensions = ["deflist"]
 # tables are included from benchmarks/results/ directly
 TABLES = DOC / "_tables"
 TABLES.mkdir(exist_ok=True)
-for _name, (_make, _sources) in tables.SUMMARIES.items():
-    _text = f"{_make()}\n\nFrom:\n\n{tables.made_by(_sources)}\n"
+for _name, (_make, _sources) in summaries.SUMMARIES.items():
+    _text = f"{_make()}\n\nFrom:\n\n{summaries.made_by(_sources)}\n"
     if not (TABLES / f"{_name}.md").exists() or (TABLES / f"{_name}.md").read_text() != _text:
         (TABLES / f"{_name}.md").write_text(_text)
 

@@ -46,30 +46,30 @@ def test_api_reference_lists_only_public_modules():
 
 
 @pytest.fixture
-def tables(monkeypatch):
+def summaries(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    yield importlib.import_module("tables")
-    sys.modules.pop("tables", None)
+    yield importlib.import_module("summaries")
+    sys.modules.pop("summaries", None)
 
 
-def test_summary_tables_are_made_from_the_saved_results(tables):
-    for name, (make, sources) in tables.SUMMARIES.items():
+def test_summary_tables_are_made_from_the_saved_results(summaries):
+    for name, (make, sources) in summaries.SUMMARIES.items():
         lines = make().splitlines()
         assert lines[0].startswith("| ") and set(lines[1]) <= set("|-"), name
         assert len(lines) > 3, name
         for source in sources:
-            assert tables.read(source).made_by.startswith("Made by `python benchmarks/"), source
-    for row in tables.headline().split("\n\n")[0].splitlines()[2:]:
+            assert summaries.read(source).made_by.startswith("Made by `python benchmarks/"), source
+    for row in summaries.headline().split("\n\n")[0].splitlines()[2:]:
         sktda_cell = row.split("|")[2].strip()
         assert re.fullmatch(r"[0-9.]+ \([0-9.]+ s\)", sktda_cell), row
 
 
-def test_read_parses_a_result_file(tables, tmp_path, monkeypatch):
-    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+def test_read_parses_a_result_file(summaries, tmp_path, monkeypatch):
+    monkeypatch.setattr(summaries, "RESULTS", tmp_path)
     (tmp_path / "toy.md").write_text(
         "### Toy\n\n| method | LDS |\n|---|---|\n| a | 0.5 |\n| b |  |\n\nMade by `python benchmarks/toy.py` on here.\n"
     )
-    result = tables.read("toy")
+    result = summaries.read("toy")
     assert result.header == ["method", "LDS"]
     assert result.rows == [{"method": "a", "LDS": "0.5"}, {"method": "b", "LDS": ""}]
     assert result.made_by == "Made by `python benchmarks/toy.py` on here."
