@@ -75,7 +75,9 @@ _PARAMETER_DOCS = {
     "n_jobs": """n_jobs : int or None, default=None
         Models trained and featurized in parallel through
         ``sklearn.utils.parallel.Parallel`` (so joblib's Dask or Ray backends
-        apply). Results are bitwise the same whatever its value.""",
+        apply). Results are bitwise the same whatever its value: torch's threads
+        are shared among the models (training) and the members (featurizing) as
+        they would be in parallel, also when they run one after another.""",
     "random_state": """random_state : int, RandomState instance or None, default=None
         Seeds training, dropout masks, adapters, projections and detectors.""",
     "verbose": """verbose : int, default=0

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from joblib import effective_n_jobs
 from sklearn.utils import gen_batches
-from sklearn.utils.parallel import delayed
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
 
@@ -48,7 +47,7 @@ from ._layers import (
     registered_routes,
     routes_for,
 )
-from ._parallel import run, torch_threads
+from ._parallel import delayed_tasks, run
 from ._projection import KroneckerBlock, make_projector
 from ._task import NetTask
 from ._uses import NotPerSample, UseTracer, mark_batched, release, use_gradients
@@ -680,21 +679,20 @@ def featurize_members(
     probe = (take(X, slice(0, _PROBE_ROWS)), y[:_PROBE_ROWS])
     modules = [m for member in members for m in member.module.modules()]
     config = replace(config, routes=routes_for(modules, config.routes))
-    jobs = [
-        delayed(_featurize_rows)(
-            m,
-            take(X, slice(a, b)),
-            y[a:b],
-            probe=probe,
-            config=config,
-            n_jobs=n_jobs,
-            out_file=out_file,
-            member_index=i,
-            start=a,
-        )
-        for i, m in enumerate(members)
-        for a, b in ranges
-    ]
+    # the threads are shared among the members alone, so each batch is computed
+    # alike whether its row range runs alone or beside others
+    jobs = delayed_tasks(
+        _featurize_rows,
+        [
+            (
+                (m, take(X, slice(a, b)), y[a:b]),
+                dict(probe=probe, config=config, out_file=out_file, member_index=i, start=a),
+            )
+            for i, m in enumerate(members)
+            for a, b in ranges
+        ],
+        share=len(members),
+    )
     pieces = run(jobs, n_jobs, len(jobs), "featurizing", verbose)
     stored = np.load(out_file, mmap_mode="r+") if out_file is not None else None
     features = []
@@ -715,24 +713,23 @@ def featurize_members(
     return features
 
 
-def _featurize_rows(member, X, y, *, probe, config, n_jobs, out_file, member_index, start) -> Features:
-    with torch_threads(n_jobs):
-        probe = (to_torch(probe[0], config.device), to_torch(probe[1], config.device))
-        engine = make_engine(member, config, probe)
-        X, y = to_torch(X), to_torch(y)
-        n = n_samples(X)
-        if out_file is None:
-            out = np.empty((n, engine.out_dim), dtype=config.dtype)
-            return featurize(engine, X, y, config.batch_size, out, start // config.batch_size)
-        stored = np.load(out_file, mmap_mode="r+")
-        features = featurize(
-            engine,
-            X,
-            y,
-            config.batch_size,
-            stored[member_index, start : start + n],
-            start // config.batch_size,
-        )
-        stored.flush()
-        features.phi = None  # the rows live in the file; the caller maps them
-        return features
+def _featurize_rows(member, X, y, *, probe, config, out_file, member_index, start) -> Features:
+    probe = (to_torch(probe[0], config.device), to_torch(probe[1], config.device))
+    engine = make_engine(member, config, probe)
+    X, y = to_torch(X), to_torch(y)
+    n = n_samples(X)
+    if out_file is None:
+        out = np.empty((n, engine.out_dim), dtype=config.dtype)
+        return featurize(engine, X, y, config.batch_size, out, start // config.batch_size)
+    stored = np.load(out_file, mmap_mode="r+")
+    features = featurize(
+        engine,
+        X,
+        y,
+        config.batch_size,
+        stored[member_index, start : start + n],
+        start // config.batch_size,
+    )
+    stored.flush()
+    features.phi = None  # the rows live in the file; the caller maps them
+    return features

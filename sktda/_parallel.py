@@ -1,21 +1,19 @@
 """Parallel loops through scikit-learn's joblib wrapper, so a user's
 ``joblib.parallel_config(backend="dask")`` (or Ray's) runs them on a cluster.
 
-Results must not depend on ``n_jobs``. Training reduces over the batch in its
-weight gradients, and torch's CPU kernels round those reductions differently with
-different thread counts, so every training task runs with a thread count fixed by
-the number of tasks, never by ``n_jobs`` (:func:`delayed_tasks`).
-Featurization reduces only within samples, so its row ranges may split the cores
-by ``n_jobs`` (:func:`torch_threads`).
+Results must not depend on ``n_jobs``. torch's CPU kernels round differently with
+different thread counts (training's reductions over the batch, and the matrix
+products of a few rows that featurizing a short chunk of tokens makes), so every
+task runs with a thread count fixed by the work, never by ``n_jobs``: the
+caller's threads shared among the models or members (:func:`delayed_tasks`),
+whether the tasks then run one after another or in parallel.
 """
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
-from joblib import effective_n_jobs
 from sklearn.utils.parallel import Parallel, delayed
 from tqdm.auto import tqdm
 
@@ -36,26 +34,16 @@ def _num_threads(n: int):
         torch.set_num_threads(before)
 
 
-@contextmanager
-def torch_threads(n_jobs: int | None):
-    """Share the cores among ``n_jobs`` parallel workers (no change when
-    sequential), restoring torch's thread count afterwards."""
-    jobs = effective_n_jobs(n_jobs)
-    if jobs <= 1:
-        yield
-        return
-    with _num_threads(max(1, (os.cpu_count() or 1) // jobs)):
-        yield
-
-
 def _call(threads: int, function, args, kwargs):
     with _num_threads(threads):
         return function(*args, **kwargs)
 
 
-def delayed_tasks(function, arguments: list[tuple[tuple, dict]]):
+def delayed_tasks(function, arguments: list[tuple[tuple, dict]], share: int | None = None):
     """``delayed(function)(*args, **kwargs)`` for every task, each run with the
-    caller's torch threads divided among the tasks: the same count whether the
-    tasks then run one after another or in parallel, in any process."""
-    threads = max(1, torch.get_num_threads() // max(1, len(arguments)))
+    caller's torch threads divided by ``share`` (default: the number of tasks): the
+    same count whether the tasks then run one after another or in parallel, in
+    any process."""
+    share = len(arguments) if share is None else share
+    threads = max(1, torch.get_num_threads() // max(1, share))
     return [delayed(_call)(threads, function, args, kwargs) for args, kwargs in arguments]

@@ -11,7 +11,7 @@ import sktda.attribution as attribution_module
 from sktda import EnsembleAttributor
 from sktda.models import MLP
 
-from .conftest import make_classifier_net, make_regressor_net
+from .conftest import make_classifier_net, make_language_model_net, make_regressor_net
 
 METHODS = ["trak", "if", "tracin", "grad_dot", "grad_cos"]
 
@@ -522,6 +522,22 @@ def test_same_random_state_bitwise_whatever_n_jobs(digits):
     A1 = clone(base).fit(X_train, y_train).attribute(X_test, y_test)
     A2 = clone(base).set_params(n_jobs=2).fit(X_train, y_train).attribute(X_test, y_test)
     np.testing.assert_array_equal(A1, A2)
+
+
+@pytest.mark.parametrize("batch_size", [7, 16])
+def test_a_language_model_bitwise_whatever_n_jobs(batch_size):
+    """Chunks of a few sequences make matrix products of a few rows, which torch's
+    CPU kernels round differently with another thread count: the featurizing
+    threads are fixed by the members, never by n_jobs."""
+    tokens = np.random.default_rng(0).integers(0, 13, (60, 9))
+    X, y = tokens[:, :-1], tokens[:, 1:]
+    base = EnsembleAttributor(
+        make_language_model_net(13), n_models=2, proj_dim=32, batch_size=batch_size, random_state=0
+    )
+    sequential = clone(base).fit(X[:50], y[:50])
+    parallel = clone(base).set_params(n_jobs=2).fit(X[:50], y[:50])
+    np.testing.assert_array_equal(sequential.train_features_, parallel.train_features_)
+    np.testing.assert_array_equal(sequential.attribute(X[50:], y[50:]), parallel.attribute(X[50:], y[50:]))
 
 
 # ------------------------------------------------------------- bad input II
