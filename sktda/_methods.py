@@ -22,6 +22,7 @@ test sample's scores do not depend on which other test samples share its batch
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,37 @@ def _row_batches(n_rows: int, row_bytes: int):
     return gen_batches(n_rows, max(1, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_rows)))
 
 
+def _column_blocks(k: int) -> list[slice]:
+    """Column blocks of at least 256 columns, at most 8 of them: wide enough for
+    efficient matrix products, many enough to skip most of a triangle's zeros."""
+    n_blocks = max(1, min(8, k // 256))
+    edges = [k * i // n_blocks for i in range(n_blocks + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(edges)]
+
+
+def _symmetric_gram(g: torch.Tensor) -> torch.Tensor:
+    """``g^T g``, its blocks above the diagonal computed and mirrored: about
+    ``(b + 1) / 2b`` of the full product's work for ``b`` column blocks."""
+    k = g.shape[1]
+    out = torch.empty(k, k, dtype=g.dtype, device=g.device)
+    blocks = _column_blocks(k)
+    for i, rows in enumerate(blocks):
+        for cols in blocks[i:]:
+            out[rows, cols] = g[:, rows].T @ g[:, cols]
+            if cols != rows:
+                out[cols, rows] = out[rows, cols].T
+    return out
+
+
+def _lower_product(phi: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """``phi @ lower`` for a lower-triangular ``lower``, the zero blocks above its
+    diagonal skipped."""
+    out = torch.empty(phi.shape[0], lower.shape[1], dtype=phi.dtype, device=phi.device)
+    for cols in _column_blocks(lower.shape[1]):
+        out[:, cols] = phi[:, cols.start :] @ lower[cols.start :, cols]
+    return out
+
+
 def _gram(phi, residual, device, scale_by_residual: bool) -> torch.Tensor:
     """``G^T G`` in float64 over row chunks of ``phi`` (numpy, float16 or float32,
     possibly memory-mapped), with ``G = residual * phi`` or ``phi``."""
@@ -61,7 +93,7 @@ def _gram(phi, residual, device, scale_by_residual: bool) -> torch.Tensor:
         g = torch.as_tensor(phi[rows], device=device, dtype=torch.float32)
         if scale_by_residual:
             g = g * torch.as_tensor(residual[rows], device=device, dtype=torch.float32)[:, None]
-        gram += (g.T @ g).double()
+        gram += _symmetric_gram(g).double()
     return gram
 
 
@@ -105,6 +137,15 @@ class AttributionMethod:
     def test_side(self, state, phi: torch.Tensor) -> torch.Tensor:
         return phi
 
+    def self_factor(self, state):
+        """What :meth:`self_scores` needs of ``state``, computed once per member."""
+        return state
+
+    def self_scores(self, factor, phi: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Each training sample's attribution to itself (before TRAK's residual
+        scale), ``factor`` from :meth:`self_factor`."""
+        return (self.test_side(factor, phi) * self.train_side(factor, phi, residual)).sum(1)
+
 
 class GradDot(AttributionMethod):
     """Inner product of the test target's gradient and the negative training-loss
@@ -133,28 +174,46 @@ class TracIn(GradDot):
     needs_checkpoints = True
 
 
-class InfluenceFunction(AttributionMethod):
-    """Influence function with a damped Gauss-Newton Hessian: the empirical Fisher
-    ``F = G^T G / n`` of the projected training-loss gradients."""
+class _DenseInverse(AttributionMethod):
+    """A method whose state is one damped inverse ``H^-1``, symmetric positive
+    definite: a training sample's self-attribution is the quadratic form
+    ``phi H^-1 phi = |phi L|^2`` with ``H^-1 = L L^T`` (Cholesky), and ``phi L`` with
+    ``L`` lower-triangular takes about half the work of ``phi H^-1``."""
 
-    name = "if"
     inverts = True
-
-    def fit(self, phi, residual, damping, device, layout=None, factors=None):
-        return _damped_inverse(_gram(phi, residual, device, True) / phi.shape[0], damping, phi.shape[0])
 
     def test_side(self, state, phi):
         return phi @ state
 
+    def self_factor(self, state):
+        """``phi -> phi H^-1 phi``, through the Cholesky factor when it exists."""
+        factor, info = torch.linalg.cholesky_ex(state.double())
+        if int(info) != 0:  # not numerically positive definite: the plain product
+            return lambda phi: ((phi @ state) * phi).sum(1)
+        factor = factor.to(state.dtype)
+        return lambda phi: _lower_product(phi, factor).square_().sum(1)
 
-class TRAK(AttributionMethod):
+
+class InfluenceFunction(_DenseInverse):
+    """Influence function with a damped Gauss-Newton Hessian: the empirical Fisher
+    ``F = G^T G / n`` of the projected training-loss gradients."""
+
+    name = "if"
+
+    def fit(self, phi, residual, damping, device, layout=None, factors=None):
+        return _damped_inverse(_gram(phi, residual, device, True) / phi.shape[0], damping, phi.shape[0])
+
+    def self_scores(self, factor, phi, residual):
+        return residual * factor(phi)
+
+
+class TRAK(_DenseInverse):
     """TRAK (Park et al., 2023): ``phi(x) (Phi^T Phi + lambda I)^-1 Phi^T Q``, with the
     projected gradients of the target, ``Q = diag(1 - p)`` averaged over the
     ensemble (the residual for regressors), and the kernel term averaged over
     members."""
 
     name = "trak"
-    inverts = True
     scales_by_residual = True
 
     def fit(self, phi, residual, damping, device, layout=None, factors=None):
@@ -163,8 +222,8 @@ class TRAK(AttributionMethod):
     def train_side(self, state, phi, residual):
         return phi
 
-    def test_side(self, state, phi):
-        return phi @ state
+    def self_scores(self, factor, phi, residual):
+        return factor(phi)
 
 
 class LayerInverse:
@@ -278,6 +337,9 @@ class KFAC(TRAK):
     per_layer = True
     corrected = False
     default_damping = 0.1
+    # the layers' inverses: the generic diagonal, not a dense inverse's Cholesky form
+    self_factor = AttributionMethod.self_factor
+    self_scores = AttributionMethod.self_scores
 
     def fit(self, phi, residual, damping, device, layout=None, factors=None):
         layout = ((0, phi.shape[1], None),) if layout is None else layout
@@ -300,16 +362,20 @@ METHODS: dict[str, type[AttributionMethod]] = {
 }
 
 
-def _reduce_members(method, members: list[MemberFit], rows, device, score, dtype=SCORE_DTYPE) -> torch.Tensor:
-    """``s * sum_m c_m score(m, state_m, phi_m[rows], U_m[rows])`` over the members'
-    training features; ``s`` is TRAK's coefficient-weighted mean residual."""
+def _states(members: list[MemberFit], device, dtype) -> list:
+    """The members' method states on the scoring device, in ``dtype``: a fit on CUDA
+    is scored on the CPU once ``device="auto"`` resolves there."""
+    return [m.state.to(device, dtype) if hasattr(m.state, "to") else m.state for m in members]
+
+
+def _reduce_members(method, members: list[MemberFit], states, rows, device, score, dtype=SCORE_DTYPE):
+    """``s * sum_m c_m score(m, state_m, phi_m[rows], residual_m[rows])`` over the
+    members' training features; ``s`` is TRAK's coefficient-weighted mean residual."""
     out = scale = None
     for m, member in enumerate(members):
         phi = torch.as_tensor(member.phi[rows], device=device, dtype=dtype)
         residual = torch.as_tensor(member.residual[rows], device=device, dtype=dtype)
-        # on the scoring device: a fit on CUDA is scored on the CPU once device="auto" resolves there
-        state = member.state.to(device, dtype) if hasattr(member.state, "to") else member.state
-        part = score(m, state, phi, method.train_side(state, phi, residual)).mul_(member.coef)
+        part = score(m, states[m], phi, residual).mul_(member.coef)
         out = part if out is None else out.add_(part)
         if method.scales_by_residual:
             scale = member.coef * residual if scale is None else scale.add_(member.coef * residual)
@@ -320,25 +386,25 @@ def _reduce_members(method, members: list[MemberFit], rows, device, score, dtype
 
 def attribution_columns(method, members, test_phis, columns: slice, device) -> torch.Tensor:
     """``A[:, columns]`` for test features ``test_phis`` (one tensor per member)."""
-    return _reduce_members(
-        method, members, columns, device, lambda m, state, phi, u: method.test_side(state, test_phis[m]) @ u.T
-    )
+
+    def score(m, state, phi, residual):
+        return method.test_side(state, test_phis[m]) @ method.train_side(state, phi, residual).T
+
+    return _reduce_members(method, members, _states(members, device, SCORE_DTYPE), columns, device, score)
 
 
 def self_attribution(method, members, device, dtype=SCORE_DTYPE) -> torch.Tensor:
     """The diagonal of the training set's attribution to itself, in row chunks
     (``dtype`` float32 where speed matters more than the last digits)."""
     n, k = members[0].phi.shape
+    factors = [method.self_factor(state) for state in _states(members, device, dtype)]
+
+    def score(m, state, phi, residual):
+        return method.self_scores(state, phi, residual)
+
     return torch.cat(
         [
-            _reduce_members(
-                method,
-                members,
-                rows,
-                device,
-                lambda m, state, phi, u: (method.test_side(state, phi) * u).sum(1),
-                dtype,
-            )
+            _reduce_members(method, members, factors, rows, device, score, dtype)
             for rows in _row_batches(n, torch.finfo(dtype).bits // 8 * 3 * k * len(members))
         ]
     )

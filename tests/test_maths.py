@@ -179,3 +179,29 @@ def test_the_same_parameter_gets_the_same_projection_on_every_path(per_layer):
     other = LayerProjector(routes, numels, 8, 4, per_layer=per_layer)(grads)
     torch.testing.assert_close(first, again)
     assert not torch.allclose(first, other)
+
+
+def test_the_blocked_gram_and_triangular_products_equal_the_plain_ones():
+    """The Gram and the self-attribution skip the blocks that symmetry or a
+    triangle make redundant (4 uneven blocks of 1100 columns here)."""
+    from sktda._methods import TRAK, InfluenceFunction, _column_blocks, _lower_product, _symmetric_gram
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(300, 1100, generator=gen, dtype=torch.float64)
+    assert len(_column_blocks(1100)) == 4
+    torch.testing.assert_close(_symmetric_gram(g), g.T @ g)
+    lower = torch.randn(1100, 1100, generator=gen, dtype=torch.float64).tril()
+    torch.testing.assert_close(_lower_product(g, lower), g @ lower)
+    inverse = torch.linalg.inv(g.T @ g + 300 * torch.eye(1100, dtype=torch.float64))
+    residual = torch.rand(300, generator=gen, dtype=torch.float64)
+    quadratic = ((g @ inverse) * g).sum(1)
+    torch.testing.assert_close(TRAK().self_scores(TRAK().self_factor(inverse), g, residual), quadratic)
+    method = InfluenceFunction()
+    torch.testing.assert_close(
+        method.self_scores(method.self_factor(inverse), g, residual), residual * quadratic
+    )
+    # an inverse that is not numerically positive definite takes the plain product
+    indefinite = inverse - 2 * torch.eye(1100, dtype=torch.float64) * inverse.diagonal().max()
+    torch.testing.assert_close(
+        TRAK().self_scores(TRAK().self_factor(indefinite), g, residual), ((g @ indefinite) * g).sum(1)
+    )
