@@ -135,9 +135,9 @@ def identical_class_rate(A, y_train, predicted) -> float:
 
 def relatif(A, self_influence):
     """RelatIF-normalised scores, with the scale ``normalize="relatif"`` uses."""
-    from sktda.attribution import _relatif_scale
+    from sktda._features import relatif_scale
 
-    return A * _relatif_scale(torch.as_tensor(self_influence))[None, :]
+    return A * relatif_scale(self_influence)[None, :]
 
 
 DATTRI_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)

@@ -108,8 +108,7 @@ def fill_doc(cls):
 class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
     """Base of the estimators that train an ensemble of a skorch net and work on
     its per-sample gradients. Subclasses provide ``_fit_features`` and may extend
-    ``_check_fit``, ``_check_resources``, ``_n_checkpoints``, ``_discard`` and
-    ``_adopted``."""
+    ``_check_fit``, ``_check_resources``, ``_n_checkpoints`` and ``_discard``."""
 
     _parameter_constraints: dict = {
         "estimator": "no_validation",  # check_net gives a clearer error than a constraint
@@ -165,7 +164,6 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         names = tuple(k for k in vars(fitted) if k not in given)
         self.__dict__.update({k: vars(fitted)[k] for k in names})
         self._fit_names = names
-        self._adopted()
         return self
 
     def _fit(self, X, y):
@@ -213,9 +211,6 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
 
     def _discard(self) -> None:
         """Release what this fit holds outside the estimator (files)."""
-
-    def _adopted(self) -> None:
-        """Called once a completed fit's state has moved onto this estimator."""
 
     def _n_checkpoints(self) -> int | None:
         """Checkpoints to record along training (None: the final model only)."""

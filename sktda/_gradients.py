@@ -22,10 +22,7 @@ through :class:`Features`:
 
 from __future__ import annotations
 
-import errno
 import math
-import os
-import shutil
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -39,6 +36,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
 
 from ._data import map_tensors, n_samples, take, to_torch
+from ._features import allocate_npy
 from ._layers import (
     ExactProjector,
     LayerProjector,
@@ -617,47 +615,6 @@ def feature_dim(member, config: GradientConfig) -> int:
     routes, _ = assign_routes(member.module, member.params, registry=config.routes)
     blocks, dense = layer_widths(routes, numels, int(proj_dim))
     return sum(a * b for a, b in blocks.values()) + dense
-
-
-def check_free_space(directory: str, nbytes: int) -> None:
-    """Refuse to store ``nbytes`` in ``directory`` when its disk has less free."""
-    free = shutil.disk_usage(directory).free
-    if nbytes > free:
-        raise ValueError(_no_space(directory, nbytes, free))
-
-
-def _no_space(directory: str, nbytes: int, free: int | None = None) -> str:
-    has = "" if free is None else f", and its disk has {free / 2**20:,.0f} MiB free"
-    return (
-        f"The training features need {nbytes / 2**20:,.0f} MiB ({nbytes} bytes) in {directory!r}{has}. "
-        "Free space there, set features_dir to a directory on a disk with room (None, and the "
-        "temporary directory, TMPDIR, is used only when the features would not fit in memory), or "
-        "store less: a smaller proj_dim, feature_dtype='float16', fewer members."
-    )
-
-
-def allocate_npy(path: str, shape: tuple, dtype) -> None:
-    """Create the ``.npy`` file ``path`` with every block of its data reserved on
-    disk, so that a disk that fills up later fails here, with a ``ValueError``
-    naming the space needed, and not as a crash (SIGBUS) in the middle of writing
-    to a sparse memory map."""
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-    size = os.path.getsize(path)
-    try:
-        with open(path, "r+b") as f:
-            try:
-                os.posix_fallocate(f.fileno(), 0, size)
-            except (AttributeError, OSError) as exc:  # no fallocate here: write the blocks
-                if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                offset = size - math.prod(shape) * np.dtype(dtype).itemsize
-                f.seek(offset)
-                block = bytes(1 << 24)
-                for start in range(offset, size, len(block)):
-                    f.write(block[: min(len(block), size - start)])
-    except OSError as exc:
-        os.remove(path)
-        raise ValueError(_no_space(os.path.dirname(path), size)) from exc
 
 
 def featurize_members(

@@ -23,9 +23,7 @@ test sample's scores do not depend on which other test samples share its batch
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from sklearn.utils import gen_batches
 
@@ -35,20 +33,7 @@ _EPS = 1e-12
 SCORE_DTYPE = torch.float64
 
 
-@dataclass
-class MemberFit:
-    """What a fit keeps of one member (an :class:`~sktda._ensembles.Member`, the
-    function differentiated): its coefficient ``coef``, the method's ``state`` (an
-    inverse Gram matrix, say), and the training features ``phi`` (n_train, k) and
-    residuals (n_train,), numpy arrays of any float dtype, possibly memory-mapped."""
-
-    coef: float
-    state: object
-    phi: np.ndarray
-    residual: np.ndarray
-
-
-def _row_batches(n_rows: int, row_bytes: int):
+def row_batches(n_rows: int, row_bytes: int):
     """Slices of rows that each fit in scikit-learn's ``working_memory``."""
     return gen_batches(n_rows, max(1, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_rows)))
 
@@ -89,7 +74,7 @@ def _gram(phi, residual, device, scale_by_residual: bool) -> torch.Tensor:
     possibly memory-mapped), with ``G = residual * phi`` or ``phi``."""
     k = phi.shape[1]
     gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-    for rows in _row_batches(phi.shape[0], 8 * k):
+    for rows in row_batches(phi.shape[0], 8 * k):
         g = torch.as_tensor(phi[rows], device=device, dtype=torch.float32)
         if scale_by_residual:
             g = g * torch.as_tensor(residual[rows], device=device, dtype=torch.float32)[:, None]
@@ -293,7 +278,7 @@ def _layer_inverse(phi, layout, damping: float, device, corrected: bool, factors
         g = torch.as_tensor(phi[rows], device=device, dtype=torch.float32)
         return g, [g[:, a:b].reshape(len(g), *shape) for a, b, shape in kron]
 
-    batches = list(_row_batches(n, 8 * phi.shape[1]))
+    batches = list(row_batches(n, 8 * phi.shape[1]))
     for rows in batches:
         g, gs = blocks(rows)
         for i, G in enumerate(gs):
@@ -360,51 +345,3 @@ class EKFAC(KFAC):
 METHODS: dict[str, type[AttributionMethod]] = {
     cls.name: cls for cls in (TRAK, InfluenceFunction, TracIn, GradDot, GradCos, KFAC, EKFAC)
 }
-
-
-def _states(members: list[MemberFit], device, dtype) -> list:
-    """The members' method states on the scoring device, in ``dtype``: a fit on CUDA
-    is scored on the CPU once ``device="auto"`` resolves there."""
-    return [m.state.to(device, dtype) if hasattr(m.state, "to") else m.state for m in members]
-
-
-def _reduce_members(method, members: list[MemberFit], states, rows, device, score, dtype=SCORE_DTYPE):
-    """``s * sum_m c_m score(m, state_m, phi_m[rows], residual_m[rows])`` over the
-    members' training features; ``s`` is TRAK's coefficient-weighted mean residual."""
-    out = scale = None
-    for m, member in enumerate(members):
-        phi = torch.as_tensor(member.phi[rows], device=device, dtype=dtype)
-        residual = torch.as_tensor(member.residual[rows], device=device, dtype=dtype)
-        part = score(m, states[m], phi, residual).mul_(member.coef)
-        out = part if out is None else out.add_(part)
-        if method.scales_by_residual:
-            scale = member.coef * residual if scale is None else scale.add_(member.coef * residual)
-    if scale is not None:
-        out.mul_(scale / sum(member.coef for member in members))
-    return out
-
-
-def attribution_columns(method, members, test_phis, columns: slice, device) -> torch.Tensor:
-    """``A[:, columns]`` for test features ``test_phis`` (one tensor per member)."""
-
-    def score(m, state, phi, residual):
-        return method.test_side(state, test_phis[m]) @ method.train_side(state, phi, residual).T
-
-    return _reduce_members(method, members, _states(members, device, SCORE_DTYPE), columns, device, score)
-
-
-def self_attribution(method, members, device, dtype=SCORE_DTYPE) -> torch.Tensor:
-    """The diagonal of the training set's attribution to itself, in row chunks
-    (``dtype`` float32 where speed matters more than the last digits)."""
-    n, k = members[0].phi.shape
-    factors = [method.self_factor(state) for state in _states(members, device, dtype)]
-
-    def score(m, state, phi, residual):
-        return method.self_scores(state, phi, residual)
-
-    return torch.cat(
-        [
-            _reduce_members(method, members, factors, rows, device, score, dtype)
-            for rows in _row_batches(n, torch.finfo(dtype).bits // 8 * 3 * k * len(members))
-        ]
-    )

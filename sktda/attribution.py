@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import numbers
 import os
-import shutil
-import tempfile
 import time
-import uuid
 import warnings
-import weakref
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
-from sklearn.utils import gen_batches
 from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
-from ._compat import Interval, StrOptions, get_chunk_n_rows, num_samples
+from ._compat import Interval, StrOptions, num_samples
 from ._data import copy_inputs, to_torch, validate_predict_data
-from ._gradients import check_free_space, feature_dim
-from ._methods import METHODS, SCORE_DTYPE, MemberFit, attribution_columns, self_attribution
+from ._features import (
+    FeatureFile,
+    FeatureStore,
+    MemberFit,
+    check_dense_fits,
+    check_free_space,
+    check_writable_directory,
+    features_directory,
+    relatif_scale,
+)
+from ._gradients import feature_dim
+from ._methods import METHODS, SCORE_DTYPE
 from ._nets import checkpoint_epochs, resolve_device
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score
@@ -335,7 +340,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
                 stacklevel=3,
             )
         if self.features_dir is not None:
-            _check_writable_directory(self.features_dir)
+            check_writable_directory(self.features_dir)
 
     def _check_resources(self, X, task, module, strategy, device):
         # the members' features as the fit will store them, sized from the untrained module
@@ -346,7 +351,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             n_members *= len(checkpoint_epochs(self.estimator.max_epochs, n_checkpoints))
         width = feature_dim(strategy.sizing_member(module), self._gradient_config(task, device, dtype))
         nbytes = n_members * num_samples(X) * width * dtype.itemsize
-        directory = self._features_directory(nbytes)
+        directory = features_directory(nbytes, self.features_dir)
         if directory is not None:
             check_free_space(directory, nbytes)
 
@@ -364,42 +369,44 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         method = self._method()()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
         dtype = np.dtype(self.feature_dtype)
-        out_file = self._features_file(
-            len(members)
-            * len(X)
-            * feature_dim(members[0], self._gradient_config(task, device, dtype))
-            * dtype.itemsize
-        )
+        k = feature_dim(members[0], self._gradient_config(task, device, dtype))
+        directory = features_directory(len(members) * len(X) * k * dtype.itemsize, self.features_dir)
+        file = None
+        if directory is not None:  # held by the fit from here, so that a failure removes it
+            file = self._file = FeatureFile(directory, own_directory=self.features_dir is None)
+        out_file = None if file is None else file.path
         features = self._featurize(members, X, y, task=task, device=device, dtype=dtype, out_file=out_file)
-        if out_file is not None:
-            self.train_features_ = np.load(out_file, mmap_mode="r+")
+        if file is not None:
+            phi = np.load(file.path, mmap_mode="r+")
         elif len(features) == 1:  # a single member's features are kept as they are: no copy
-            self.train_features_ = features[0].phi[None]
+            phi = features[0].phi[None]
         else:
-            self.train_features_ = np.stack([f.phi for f in features])
-        self.train_residuals_ = np.stack([f.residual for f in features])
+            phi = np.stack([f.phi for f in features])
+        residuals = np.stack([f.residual for f in features])
         self.method_ = method.name
-        self._members = [
+        fits = [
             MemberFit(
                 coef=m.coef,
                 state=method.fit(f.phi, f.residual, self._damping(method), device, f.layout, f.factors),
-                phi=phi,
+                phi=member_phi,
                 residual=f.residual,
             )
-            for m, f, phi in zip(members, features, self.train_features_)
+            for m, f, member_phi in zip(members, features, phi)
         ]
-        self._column_scale = None
+        self._store = FeatureStore(phi, residuals, fits, file)
+        self.train_features_, self.train_residuals_ = phi, residuals
         if self.normalize == "relatif" or (self.normalize == "auto" and not self._task.is_sequence):
             # a scale per training sample: float32 is ample, and halves this step's cost
-            self_influence = self_attribution(method, self._members, device, torch.float32)
-            self._column_scale = _relatif_scale(self_influence)
+            self._store.column_scale = relatif_scale(
+                self._store.self_attribution(method, device, torch.float32)
+            )
         self.n_members_ = self.n_models * self.ensemble_.strategy.members_per_model
         self._n_features_out = len(y)
         # a copy: the fitted estimator must not change when the caller's arrays do
         self._X_fit, self._y_fit = copy_inputs(X), np.array(y)
         return {
             "featurize_seconds": time.perf_counter() - start,
-            "feature_bytes": int(self.train_features_.nbytes + self.train_residuals_.nbytes),
+            "feature_bytes": self._store.nbytes,
             "model_bytes": self.ensemble_.serving_bytes(),
             "n_members": self.n_members_,
         }
@@ -424,9 +431,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             (a proponent); ``< 0``: an opponent.
         """
         check_is_fitted(self)
-        _check_dense_fits(num_samples(X), self.train_features_.shape[1])
+        check_dense_fits(num_samples(X), self.train_features_.shape[1])
         test_phis, device = self._test_features(X, y)
-        A = self._columns(self._method()(), test_phis, slice(None), device)
+        A = self._store.columns(self._method()(), test_phis, slice(None), device)
         return A.cpu().numpy().astype(np.float64)
 
     def transform(self, X) -> np.ndarray:
@@ -454,8 +461,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             The diagonal of ``attribute(X_train, y_train)``, in row chunks.
         """
         check_is_fitted(self)
-        scores = self_attribution(self._method()(), self._members, resolve_device(self.device))
-        return _finite(scores, "self-attribution scores").cpu().numpy().astype(np.float64)
+        scores = self._store.self_attribution(self._method()(), resolve_device(self.device))
+        return scores.cpu().numpy().astype(np.float64)
 
     def most_influential(self, X, y=None, k: int = 10) -> Influence:
         """The ``k`` strongest proponents and opponents per test sample.
@@ -483,17 +490,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         n_train = self.train_features_.shape[1]
         check_scalar(k, "k", numbers.Integral, min_val=1, max_val=n_train)
         test_phis, device = self._test_features(X, y)
-        method = self._method()()
-        n_test = test_phis[0].shape[0]
-        # per training sample: its float64 scores (twice, while merging) and features
-        row_bytes = 8 * (2 * n_test + self.train_features_.shape[2])
-        chunk = max(k, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_train))
-        top = bottom = None
-        for columns in gen_batches(n_train, chunk):
-            scores = self._columns(method, test_phis, columns, device)
-            index = torch.arange(columns.start, columns.stop, device=device).expand(n_test, -1)
-            top = _merge_topk(top, scores, index, k, largest=True)
-            bottom = _merge_topk(bottom, scores, index, k, largest=False)
+        top, bottom = self._store.top_k(self._method()(), test_phis, k, device)
         return Influence(
             proponents=top[1].cpu().numpy(),
             proponent_scores=top[0].cpu().numpy().astype(np.float64),
@@ -544,51 +541,10 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         return linear_datamodeling_score(self.attribute(X, y), truth.subsets, truth.outputs)
 
     # -------------------------------------------------------------- helpers
-    def _features_directory(self, nbytes: int) -> str | None:
-        """Where ``nbytes`` of training features go: ``features_dir`` when set, the
-        temporary directory when they would take over half the available memory,
-        or None (in memory). Absolute, so that the file is found (and removed)
-        whatever the working directory later."""
-        if self.features_dir is not None:
-            return os.path.abspath(self.features_dir)
-        available = _available_memory()
-        if available is None or nbytes <= available // 2:
-            return None
-        return tempfile.gettempdir()
-
-    def _features_file(self, nbytes: int) -> str | None:
-        """The file the training features are memory-mapped to (None: in memory),
-        removed when this fit is discarded, replaced or collected; a temporary
-        directory of its own when ``features_dir`` is None."""
-        directory, temporary = self._features_directory(nbytes), None
-        if directory is None:
-            return None
-        if self.features_dir is None:
-            directory = temporary = tempfile.mkdtemp(prefix="sktda-", dir=directory)
-        path = os.path.join(directory, f"train_features_{uuid.uuid4().hex}.npy")
-        self._release_features = weakref.finalize(self, _remove, path, temporary)
-        return path
-
     def _discard(self):
-        release = self.__dict__.pop("_release_features", None)
-        if release is not None:
-            release()
-
-    def _adopted(self):
-        # the features file now belongs to this estimator, not to the copy that was fitted
-        release = self.__dict__.get("_release_features")
-        if release is not None and release.alive:
-            _, func, args, _ = release.detach()
-            self._release_features = weakref.finalize(self, func, *args)
-
-    def _columns(self, method, test_phis, columns: slice, device) -> torch.Tensor:
-        """Checked scores ``A[:, columns]``, RelatIF-normalised when asked."""
-        scores = _finite(
-            attribution_columns(method, self._members, test_phis, columns, device), "attribution scores"
-        )
-        if self._column_scale is not None:
-            scores = scores * torch.as_tensor(self._column_scale[columns], device=device, dtype=SCORE_DTYPE)
-        return scores
+        file = self.__dict__.pop("_file", None)
+        if file is not None:
+            file.release()
 
     def _test_features(self, X, y):
         task, X, y, device = self._prepare_predict(X, y)
@@ -601,80 +557,5 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_release_features", None)  # a copy does not own the file
+        state.pop("_file", None)  # a copy does not own the file
         return state
-
-
-def _check_writable_directory(directory) -> None:
-    """Refuse a ``features_dir`` that is a file or cannot be written, before any
-    training is spent."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise ValueError(
-            f"features_dir={os.fspath(directory)!r} cannot hold the training features: "
-            f"{exc.strerror or exc}. Pass a writable directory, or None to keep them in memory."
-        ) from exc
-
-
-def _remove(path: str, temporary: str | None) -> None:
-    """Remove a features file and the temporary directory that held it, if any."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    if temporary is not None:
-        shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _relatif_scale(self_influence: torch.Tensor) -> np.ndarray:
-    """``1 / sqrt(|self-influence|)`` per training sample (RelatIF, Barshan et al.,
-    2020): a sample whose own loss it moves a lot is an outlier of the training set,
-    and its raw scores would dominate every test sample's ranking. Floored at a
-    millionth of the largest root, so a sample with no self-influence stays finite."""
-    root = np.sqrt(np.abs(_finite(self_influence, "self-attribution scores").cpu().numpy()))
-    return 1.0 / np.maximum(root, 1e-6 * max(float(root.max()), np.finfo(np.float64).tiny))
-
-
-def _finite(scores: torch.Tensor, what: str) -> torch.Tensor:
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(
-            f"The {what} are not finite: the gradient features or the inverse overflowed. "
-            "Raise damping, lower proj_dim, or use feature_dtype='float32'."
-        )
-    return scores
-
-
-def _available_memory() -> int | None:
-    """Bytes of physical memory available now (Linux), or None when unknown."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _check_dense_fits(n_test: int, n_train: int) -> None:
-    """Refuse a dense attribution matrix that cannot fit in memory, and warn when it
-    would take a large share of it; ``most_influential`` streams instead."""
-    available = _available_memory()
-    needed = 16 * n_test * n_train  # float64 scores, then the float64 result
-    if available is None or needed < available // 4:
-        return
-    message = (
-        f"attribute would build a dense ({n_test}, {n_train}) matrix, about {needed / 2**30:.1f} GiB, "
-        f"with {available / 2**30:.1f} GiB of memory available. Use most_influential(X, y, k), which "
-        "streams over the training set, or attribute fewer test samples at a time."
-    )
-    if needed >= available:
-        raise ValueError(message)
-    warnings.warn(message, ResourceWarning, stacklevel=3)
-
-
-def _merge_topk(current, scores, index, k: int, largest: bool):
-    if current is not None:
-        scores = torch.cat([current[0], scores], 1)
-        index = torch.cat([current[1], index], 1)
-    values, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
-    return values, torch.gather(index, 1, pos)

@@ -7,7 +7,7 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-import sktda.attribution as attribution_module
+import sktda._features as features_module
 from sktda import EnsembleAttributor
 from sktda.models import MLP
 
@@ -325,10 +325,10 @@ def test_bad_data(digits):
 def test_dense_matrix_that_cannot_fit_is_refused(fitted_trak, digits, monkeypatch):
     _, X_test, _, y_test = digits
     n_train = fitted_trak.train_features_.shape[1]
-    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 16 * len(X_test) * n_train - 1)
+    monkeypatch.setattr(features_module, "available_memory", lambda: 16 * len(X_test) * n_train - 1)
     with pytest.raises(ValueError, match="most_influential"):
         fitted_trak.attribute(X_test, y_test)
-    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 2 * 16 * len(X_test) * n_train)
+    monkeypatch.setattr(features_module, "available_memory", lambda: 2 * 16 * len(X_test) * n_train)
     with pytest.warns(ResourceWarning, match="most_influential"):
         fitted_trak.attribute(X_test, y_test)
     assert fitted_trak.most_influential(X_test, y_test, k=3).proponents.shape == (len(X_test), 3)
@@ -352,7 +352,7 @@ def test_float16_and_memory_mapped_features(digits, tmp_path):
 
 def test_features_go_to_disk_when_memory_is_short(digits, monkeypatch):
     X_train, _, y_train, _ = digits
-    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(features_module, "available_memory", lambda: 1000)
     attr = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0).fit(X_train, y_train)
     assert isinstance(attr.train_features_, np.memmap)
 
@@ -568,11 +568,11 @@ def test_feature_files_are_replaced_on_refit_and_removed_with_the_estimator(digi
     assert list(tmp_path.glob("*.npy")) == []
 
     # temporary directories, used when memory is short, go too
-    monkeypatch.setattr(attribution_module, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(features_module, "available_memory", lambda: 1000)
     made = []
-    real_mkdtemp = attribution_module.tempfile.mkdtemp
+    real_mkdtemp = features_module.tempfile.mkdtemp
     monkeypatch.setattr(
-        attribution_module.tempfile, "mkdtemp", lambda **k: made.append(real_mkdtemp(**k)) or made[-1]
+        features_module.tempfile, "mkdtemp", lambda **k: made.append(real_mkdtemp(**k)) or made[-1]
     )
     attr = EnsembleAttributor(make_classifier_net(max_epochs=1), proj_dim=16).fit(X_train, y_train)
     attr.fit(X_train, y_train)
@@ -599,7 +599,7 @@ def test_non_finite_scores_are_refused(fitted_trak, digits):
 
     _, X_test, _, y_test = digits
     broken = copy.deepcopy(fitted_trak)
-    for member in broken._members:
+    for member in broken._store.members:
         member.phi = member.phi.copy()
         member.phi[0, 0] = np.nan
     with pytest.raises(ValueError, match="attribution scores are not finite"):

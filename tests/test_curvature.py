@@ -12,9 +12,10 @@ from sklearn.base import clone
 from torch import nn
 
 from sktda import EnsembleAttributor
+from sktda._features import FeatureStore, MemberFit
 from sktda._gradients import FactorSums, GradientConfig, featurize, featurize_members, make_engine
 from sktda._layers import assign_routes, layer_widths
-from sktda._methods import EKFAC, KFAC, MemberFit, attribution_columns
+from sktda._methods import EKFAC, KFAC
 from sktda.models import MLP, TokenTransformer
 
 from .conftest import make_classifier_net, make_language_model_net
@@ -138,7 +139,7 @@ def test_scores_match_numpy(kind, method):
     state = method().fit(features.phi, features.residual, DAMPING, CPU, features.layout, features.factors)
     member = MemberFit(coef=1.0, state=state, phi=features.phi, residual=features.residual)
     phi = torch.as_tensor(features.phi, dtype=torch.float64)
-    A = attribution_columns(method(), [member], [phi], slice(None), CPU).numpy()
+    A = FeatureStore(None, None, [member]).columns(method(), [phi], slice(None), CPU).numpy()
     S, Af = features.factors[0]
     expected = _reference_scores(
         features.phi.reshape(10, 2, 3).astype(np.float64),
@@ -173,7 +174,7 @@ def test_exact_gradients_use_the_per_sample_factors_and_a_dense_block_for_biases
     )
     member = MemberFit(coef=1.0, state=state, phi=features.phi, residual=features.residual)
     phi = torch.as_tensor(features.phi, dtype=torch.float64)
-    got = attribution_columns(EKFAC(), [member], [phi], slice(None), CPU).numpy()
+    got = FeatureStore(None, None, [member]).columns(EKFAC(), [phi], slice(None), CPU).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9 * np.abs(expected).max())
 
 

@@ -12,6 +12,7 @@ import pytest
 from skorch.callbacks import Callback, EarlyStopping
 
 import sktda._ensembles as ensembles
+import sktda._features as features_module
 import sktda._gradients as gradients
 from sktda import EnsembleAttributor, FilteredEstimator, OutlierGradientDetector
 
@@ -44,14 +45,12 @@ def _assert_intact(attr, before, X_test, y_test, files):
 def test_a_disk_without_room_is_refused_before_training(digits, tmp_path, monkeypatch, where):
     X_train, _, y_train, _ = digits
     monkeypatch.setattr(ensembles, "fit_net", lambda *a, **k: pytest.fail("trained before the check"))
-    monkeypatch.setattr(gradients.shutil, "disk_usage", lambda path: _Usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(features_module.shutil, "disk_usage", lambda path: _Usage(10**9, 10**9 - 1000, 1000))
     if where == "features_dir":
         attr = _attributor(features_dir=str(tmp_path))
     else:  # features larger than half the memory go to the temporary directory
-        import sktda.attribution as attribution_module
-
-        monkeypatch.setattr(attribution_module, "_available_memory", lambda: 1000)
-        monkeypatch.setattr(attribution_module.tempfile, "tempdir", str(tmp_path))
+        monkeypatch.setattr(features_module, "available_memory", lambda: 1000)
+        monkeypatch.setattr(features_module.tempfile, "tempdir", str(tmp_path))
         attr = _attributor()
     # 150 samples x 16 float32 features, one member
     needed = 150 * 16 * 4
@@ -73,7 +72,7 @@ def test_a_disk_that_fills_during_the_fit(digits, tmp_path, monkeypatch, failure
     def full(fd, offset, length):
         raise OSError(failure, os.strerror(failure))
 
-    monkeypatch.setattr(gradients.os, "posix_fallocate", full)
+    monkeypatch.setattr(features_module.os, "posix_fallocate", full)
     with pytest.raises(ValueError, match=rf"The training features need .* bytes\) in '{tmp_path}'"):
         attr.set_params(random_state=1).fit(X_train, y_train)
     _assert_intact(attr, before, X_test, y_test, lambda: [str(p) for p in tmp_path.iterdir()])
@@ -86,7 +85,7 @@ def test_features_are_written_where_the_file_system_has_no_fallocate(digits, tmp
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "not supported")
 
-    monkeypatch.setattr(gradients.os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(features_module.os, "posix_fallocate", unsupported)
     attr = _attributor(features_dir=str(tmp_path)).fit(X_train, y_train)
     (stored,) = tmp_path.iterdir()
     assert os.path.getsize(stored) >= attr.train_features_.nbytes

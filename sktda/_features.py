@@ -1,0 +1,290 @@
+"""The training features: one owner for where they live, how long they live, and
+the operations the attribution methods need on them.
+
+:class:`FeatureStore` holds every member's training features ``(n_members, n,
+k)`` and residuals, in memory or memory-mapped from a ``.npy`` file, with the
+members' fitted method states (:class:`~sktda._methods.MemberFit`). A file is the
+store's own (:class:`FeatureFile`): sized and checked before any training, its
+blocks reserved before it is written, removed when the store is released or
+collected; a pickled copy holds the features in memory and owns no file. The
+operations (a block of training columns' scores, the self-attribution, the
+streaming top-k) run over row blocks sized by scikit-learn's ``working_memory``.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.utils import gen_batches
+
+from ._compat import get_chunk_n_rows
+from ._methods import SCORE_DTYPE, row_batches
+
+# ---------------------------------------------------------------- storage
+
+
+def available_memory() -> int | None:
+    """Bytes of physical memory available now (Linux), or None when unknown."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_dense_fits(n_test: int, n_train: int) -> None:
+    """Refuse a dense attribution matrix that cannot fit in memory, and warn when it
+    would take a large share of it; ``most_influential`` streams instead."""
+    available = available_memory()
+    needed = 16 * n_test * n_train  # float64 scores, then the float64 result
+    if available is None or needed < available // 4:
+        return
+    message = (
+        f"attribute would build a dense ({n_test}, {n_train}) matrix, about {needed / 2**30:.1f} GiB, "
+        f"with {available / 2**30:.1f} GiB of memory available. Use most_influential(X, y, k), which "
+        "streams over the training set, or attribute fewer test samples at a time."
+    )
+    if needed >= available:
+        raise ValueError(message)
+    warnings.warn(message, ResourceWarning, stacklevel=3)
+
+
+def features_directory(nbytes: int, features_dir) -> str | None:
+    """Where ``nbytes`` of training features go: ``features_dir`` when set, the
+    temporary directory when they would take over half the available memory, or
+    None (in memory). Absolute, so that the file is found (and removed) whatever
+    the working directory later."""
+    if features_dir is not None:
+        return os.path.abspath(features_dir)
+    available = available_memory()
+    if available is None or nbytes <= available // 2:
+        return None
+    return tempfile.gettempdir()
+
+
+def check_writable_directory(directory) -> None:
+    """Refuse a ``features_dir`` that is a file or cannot be written, before any
+    training is spent."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"features_dir={os.fspath(directory)!r} cannot hold the training features: "
+            f"{exc.strerror or exc}. Pass a writable directory, or None to keep them in memory."
+        ) from exc
+
+
+def check_free_space(directory: str, nbytes: int) -> None:
+    """Refuse to store ``nbytes`` in ``directory`` when its disk has less free."""
+    free = shutil.disk_usage(directory).free
+    if nbytes > free:
+        raise ValueError(_no_space(directory, nbytes, free))
+
+
+def _no_space(directory: str, nbytes: int, free: int | None = None) -> str:
+    has = "" if free is None else f", and its disk has {free / 2**20:,.0f} MiB free"
+    return (
+        f"The training features need {nbytes / 2**20:,.0f} MiB ({nbytes} bytes) in {directory!r}{has}. "
+        "Free space there, set features_dir to a directory on a disk with room (None, and the "
+        "temporary directory, TMPDIR, is used only when the features would not fit in memory), or "
+        "store less: a smaller proj_dim, feature_dtype='float16', fewer members."
+    )
+
+
+def allocate_npy(path: str, shape: tuple, dtype) -> None:
+    """Create the ``.npy`` file ``path`` with every block of its data reserved on
+    disk, so that a disk that fills up later fails here, with a ``ValueError``
+    naming the space needed, and not as a crash (SIGBUS) in the middle of writing
+    to a sparse memory map."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+    size = os.path.getsize(path)
+    try:
+        with open(path, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except (AttributeError, OSError) as exc:  # no fallocate here: write the blocks
+                if isinstance(exc, OSError) and exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                offset = size - math.prod(shape) * np.dtype(dtype).itemsize
+                f.seek(offset)
+                block = bytes(1 << 24)
+                for start in range(offset, size, len(block)):
+                    f.write(block[: min(len(block), size - start)])
+    except OSError as exc:
+        os.remove(path)
+        raise ValueError(_no_space(os.path.dirname(path), size)) from exc
+
+
+class FeatureFile:
+    """A features file and, when ``features_dir`` was None, the temporary directory
+    holding it: both removed by :meth:`release`, or when this object is collected."""
+
+    def __init__(self, directory: str, own_directory: bool):
+        self.temporary = tempfile.mkdtemp(prefix="sktda-", dir=directory) if own_directory else None
+        self.path = os.path.join(self.temporary or directory, f"train_features_{uuid.uuid4().hex}.npy")
+        self._finalizer = weakref.finalize(self, _remove, self.path, self.temporary)
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+def _remove(path: str, temporary: str | None) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    if temporary is not None:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+# --------------------------------------------------------------- the store
+
+
+@dataclass
+class MemberFit:
+    """What a fit keeps of one member (an :class:`~sktda._ensembles.Member`, the
+    function differentiated): its coefficient ``coef``, the method's ``state`` (an
+    inverse Gram matrix, say), and the training features ``phi`` (n_train, k) and
+    residuals (n_train,), numpy arrays of any float dtype, possibly memory-mapped."""
+
+    coef: float
+    state: object
+    phi: np.ndarray
+    residual: np.ndarray
+
+
+class FeatureStore:
+    """Every member's training features ``(n_members, n, k)`` and residuals, the
+    members' fitted states, and the scores computed from them.
+
+    ``file``: the :class:`FeatureFile` the features are memory-mapped from (None:
+    in memory). ``column_scale``: a factor per training sample applied to every
+    score (RelatIF), or None.
+    """
+
+    def __init__(self, features, residuals, members: list[MemberFit], file: FeatureFile | None = None):
+        self.features, self.residuals, self.members, self.file = features, residuals, members, file
+        self.column_scale: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.features.nbytes + self.residuals.nbytes)
+
+    def release(self) -> None:
+        """Remove the file, if any; the store is unusable afterwards."""
+        if self.file is not None:
+            self.file.release()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["file"] = None  # a copy holds the features in memory and owns no file
+        return state
+
+    # ------------------------------------------------------------- scores
+    def columns(self, method, test_phis, columns: slice, device) -> torch.Tensor:
+        """Checked scores ``A[:, columns]`` of test features ``test_phis`` (one
+        tensor per member), scaled by ``column_scale``."""
+        members = self.members
+
+        def score(m, state, phi, residual):
+            return method.test_side(state, test_phis[m]) @ method.train_side(state, phi, residual).T
+
+        scores = finite(
+            _reduce_members(method, members, _states(members, device, SCORE_DTYPE), columns, device, score),
+            "attribution scores",
+        )
+        if self.column_scale is not None:
+            scores = scores * torch.as_tensor(self.column_scale[columns], device=device, dtype=SCORE_DTYPE)
+        return scores
+
+    def self_attribution(self, method, device, dtype=SCORE_DTYPE) -> torch.Tensor:
+        """The diagonal of the training set's attribution to itself, unscaled, in
+        row blocks (``dtype`` float32 where speed matters more than the last
+        digits)."""
+        members = self.members
+        n, k = members[0].phi.shape
+        factors = [method.self_factor(state) for state in _states(members, device, dtype)]
+
+        def score(m, factor, phi, residual):
+            return method.self_scores(factor, phi, residual)
+
+        blocks = row_batches(n, torch.finfo(dtype).bits // 8 * 3 * k * len(members))
+        scores = torch.cat(
+            [_reduce_members(method, members, factors, rows, device, score, dtype) for rows in blocks]
+        )
+        return finite(scores, "self-attribution scores")
+
+    def top_k(self, method, test_phis, k: int, device):
+        """``((proponent scores, indices), (opponent scores, indices))``, each
+        ``(n_test, k)``, streamed over blocks of training columns so that the full
+        score matrix is never held."""
+        n_test, n_train = test_phis[0].shape[0], self.features.shape[1]
+        # per training sample: its float64 scores (twice, while merging) and features
+        row_bytes = 8 * (2 * n_test + self.features.shape[2])
+        chunk = max(k, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_train))
+        top = bottom = None
+        for columns in gen_batches(n_train, chunk):
+            scores = self.columns(method, test_phis, columns, device)
+            index = torch.arange(columns.start, columns.stop, device=device).expand(n_test, -1)
+            top = _merge_topk(top, scores, index, k, largest=True)
+            bottom = _merge_topk(bottom, scores, index, k, largest=False)
+        return top, bottom
+
+
+def _states(members: list[MemberFit], device, dtype) -> list:
+    """The members' method states on the scoring device, in ``dtype``: a fit on CUDA
+    is scored on the CPU once ``device="auto"`` resolves there."""
+    return [m.state.to(device, dtype) if hasattr(m.state, "to") else m.state for m in members]
+
+
+def _reduce_members(method, members: list[MemberFit], states, rows, device, score, dtype=SCORE_DTYPE):
+    """``s * sum_m c_m score(m, state_m, phi_m[rows], residual_m[rows])`` over the
+    members' training features; ``s`` is TRAK's coefficient-weighted mean residual."""
+    out = scale = None
+    for m, member in enumerate(members):
+        phi = torch.as_tensor(member.phi[rows], device=device, dtype=dtype)
+        residual = torch.as_tensor(member.residual[rows], device=device, dtype=dtype)
+        part = score(m, states[m], phi, residual).mul_(member.coef)
+        out = part if out is None else out.add_(part)
+        if method.scales_by_residual:
+            scale = member.coef * residual if scale is None else scale.add_(member.coef * residual)
+    if scale is not None:
+        out.mul_(scale / sum(member.coef for member in members))
+    return out
+
+
+def _merge_topk(current, scores, index, k: int, largest: bool):
+    if current is not None:
+        scores = torch.cat([current[0], scores], 1)
+        index = torch.cat([current[1], index], 1)
+    values, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
+    return values, torch.gather(index, 1, pos)
+
+
+def finite(scores: torch.Tensor, what: str) -> torch.Tensor:
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(
+            f"The {what} are not finite: the gradient features or the inverse overflowed. "
+            "Raise damping, lower proj_dim, or use feature_dtype='float32'."
+        )
+    return scores
+
+
+def relatif_scale(self_influence) -> np.ndarray:
+    """``1 / sqrt(|self-influence|)`` per training sample (RelatIF, Barshan et al.,
+    2020): a sample whose own loss it moves a lot is an outlier of the training set,
+    and its raw scores would dominate every test sample's ranking. Floored at a
+    millionth of the largest root, so a sample with no self-influence stays finite."""
+    root = np.sqrt(np.abs(np.asarray(self_influence, dtype=np.float64)))
+    return 1.0 / np.maximum(root, 1e-6 * max(float(root.max()), np.finfo(np.float64).tiny))
