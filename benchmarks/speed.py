@@ -103,6 +103,12 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def current_mib() -> float:
+    """Resident memory now (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def peak_gpu_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
@@ -145,15 +151,15 @@ def measure(
         return {"seconds": seconds, "peak_mib": peak_mib(), "gpu_mib": peak_gpu_mib()}
     if kind == "scaling":
         X_test, y_test = synthetic(model, 100, seed=1)
+        attr = EnsembleAttributor(net(model), method="trak", batch_size=1024, device=device, random_state=0)
+        planned = current_mib() + attr.plan_memory(X, y).peak / 2**20
         start = time.perf_counter()
-        attr = EnsembleAttributor(
-            net(model), method="trak", batch_size=1024, device=device, random_state=0
-        ).fit(X, y)
-        attr.most_influential(X_test, y_test, k=10)
+        attr.fit(X, y).most_influential(X_test, y_test, k=10)
         return {
             "seconds": time.perf_counter() - start,
             "train_seconds": attr.costs_["train_seconds"],
             "peak_mib": peak_mib(),
+            "planned_mib": planned,
             "gpu_mib": peak_gpu_mib(),
         }
     raise ValueError(kind)
@@ -260,6 +266,7 @@ def main():
                     res["seconds"],
                     res["train_seconds"],
                     res["peak_mib"],
+                    res["planned_mib"],
                     *gpu,
                     res["seconds"] / n * 1e6,
                 ]
@@ -272,6 +279,7 @@ def main():
             "total s",
             "of which training s",
             "peak MiB",
+            "planned MiB",
             *(["peak GPU MiB"] if suffix else []),
             "us per sample",
         ],
@@ -279,7 +287,8 @@ def main():
     )
     table += (
         "\n\nTRAK, one model trained one epoch, proj_dim 2048, then the top-10 proponents and opponents of 100 "
-        "test samples streamed with most_influential."
+        "test samples streamed with most_influential. 'peak MiB': the process's peak resident memory; "
+        "'planned MiB': its resident memory before the fit plus plan_memory's peak, asked before any training."
     )
     if scaling:
         emit(f"scaling{suffix}", f"Scaling with the training-set size ({device})", table, args.readme)

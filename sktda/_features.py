@@ -22,6 +22,7 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,51 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+class MemoryPlan(NamedTuple):
+    """Bytes that a fit, and then scoring, need in this process beyond what it
+    holds already (the interpreter, torch, the caller's own inputs).
+
+    ``models``: the trained models, kept; ``training``: the models trained at once,
+    with their gradients, optimizer state and a batch's activations;
+    ``featurizing``: a chunk's activations, output gradients and layer inputs as
+    the gradient routes read them; ``inputs``:
+    sktda's copy of the training inputs (for ``score``); ``features``: the
+    training features and residuals held in memory, and ``features_on_disk`` those
+    memory-mapped from a file instead; ``curvature``: the Gram matrices and
+    inverses; ``working``: the row blocks that the curvature, the self-attribution
+    and ``most_influential`` stream through (scikit-learn's ``working_memory``);
+    ``scores``: ``attribute``'s dense matrix of ``n_test`` test samples.
+    """
+
+    models: int
+    training: int
+    featurizing: int
+    inputs: int
+    features: int
+    features_on_disk: int
+    curvature: int
+    working: int
+    scores: int
+
+    @property
+    def fit_peak(self) -> int:
+        """The largest of ``fit``'s stages: training, then features and curvature."""
+        after_training = self.models + self.features
+        return (
+            max(self.training, after_training + max(self.featurizing, self.curvature + self.working))
+            + self.inputs
+        )
+
+    @property
+    def peak(self) -> int:
+        """The fit's peak, or scoring's when larger."""
+        return max(self.fit_peak, self.models + self.features + self.inputs + max(self.working, self.scores))
+
+    def __str__(self) -> str:
+        rows = [*self._asdict().items(), ("fit peak", self.fit_peak), ("peak", self.peak)]
+        return "\n".join(f"{name.replace('_', ' '):>18}: {size / 2**20:12,.1f} MiB" for name, size in rows)
 
 
 def check_dense_fits(n_test: int, n_train: int) -> None:

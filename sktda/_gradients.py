@@ -604,17 +604,28 @@ def featurize(
     return Features(phi=phi, residual=residual, layout=engine.layout, factors=factors)
 
 
-def feature_dim(member, config: GradientConfig) -> int:
-    """Width of a member's features, without building its projector."""
+def feature_blocks(member, config: GradientConfig) -> tuple[list[tuple[int, int]], int]:
+    """The blocks of a member's features, without building its projector:
+    ``([(k_out, k_in) of each Kronecker block], width of the dense block)``; all
+    dense unless ``config.per_layer``."""
     numels = {k: v.numel() for k, v in member.params.items()}
     p, proj_dim = sum(numels.values()), config.proj_dim
-    if proj_dim is None or p <= proj_dim:
-        return p
+    exact = proj_dim is None or p <= proj_dim
     if not config.per_layer:
-        return int(proj_dim)
+        return [], p if exact else int(proj_dim)
     routes, _ = assign_routes(member.module, member.params, registry=config.routes)
+    if exact:  # each routed weight's gradient is its own block, as stored
+        weights = {w for r in routes if r.kronecker for w in r.blocks()}
+        blocks = [(t.shape[0], t[0].numel()) for w, t in member.params.items() if w in weights]
+        return blocks, p - sum(numels[w] for w in weights)
     blocks, dense = layer_widths(routes, numels, int(proj_dim))
-    return sum(a * b for a, b in blocks.values()) + dense
+    return list(blocks.values()), dense
+
+
+def feature_dim(member, config: GradientConfig) -> int:
+    """Width of a member's features, without building its projector."""
+    blocks, dense = feature_blocks(member, config)
+    return sum(a * b for a, b in blocks) + dense
 
 
 def featurize_members(

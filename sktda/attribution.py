@@ -15,20 +15,22 @@ from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
 from ._compat import Interval, StrOptions, num_samples
-from ._data import copy_inputs, to_torch, validate_predict_data
+from ._data import call, copy_inputs, take, to_torch, validate_fit_data, validate_predict_data
+from ._ensembles import ENSEMBLES
 from ._features import (
     FeatureFile,
     FeatureStore,
     MemberFit,
+    MemoryPlan,
     check_dense_fits,
     check_free_space,
     check_writable_directory,
     features_directory,
     relatif_scale,
 )
-from ._gradients import feature_dim
+from ._gradients import feature_blocks, feature_dim
 from ._methods import METHODS, SCORE_DTYPE
-from ._nets import checkpoint_epochs, resolve_device
+from ._nets import check_net, checkpoint_epochs, initialized_module, resolve_device, takes_token_ids
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
@@ -343,17 +345,95 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             check_writable_directory(self.features_dir)
 
     def _check_resources(self, X, task, module, strategy, device):
-        # the members' features as the fit will store them, sized from the untrained module
-        dtype = np.dtype(self.feature_dtype)
-        n_checkpoints = self._n_checkpoints()
-        n_members = self.n_models * strategy.members_per_model
-        if n_checkpoints:
-            n_members *= len(checkpoint_epochs(self.estimator.max_epochs, n_checkpoints))
-        width = feature_dim(strategy.sizing_member(module), self._gradient_config(task, device, dtype))
-        nbytes = n_members * num_samples(X) * width * dtype.itemsize
-        directory = features_directory(nbytes, self.features_dir)
+        n_members, blocks, dense, features = self._feature_sizes(X, task, module, strategy, device)
+        directory = features_directory(features, self.features_dir)
         if directory is not None:
-            check_free_space(directory, nbytes)
+            check_free_space(directory, features)
+
+    def _feature_sizes(self, X, task, module, strategy, device):
+        """``(n_members, Kronecker blocks, dense width, bytes)`` of the features this
+        fit will store (residuals aside), sized from the untrained ``module``."""
+        method = self._method(task)
+        dtype = np.dtype(self.feature_dtype)
+        n_members = self.n_models * strategy.members_per_model
+        if method.needs_checkpoints:
+            n_members *= len(checkpoint_epochs(self.estimator.max_epochs, self.n_checkpoints))
+        member = strategy.sizing_member(module)
+        blocks, dense = feature_blocks(member, self._gradient_config(task, device, dtype))
+        width = sum(a * b for a, b in blocks) + dense
+        return n_members, blocks, dense, n_members * num_samples(X) * width * dtype.itemsize
+
+    def _memory_plan(self, X, task, module, strategy, device, n_test: int = 0) -> MemoryPlan:
+        """What this fit will hold, sized from the untrained ``module`` and the
+        validated inputs ``X`` (see :class:`~sktda.MemoryPlan`)."""
+        from joblib import effective_n_jobs
+        from sklearn import get_config
+
+        method = self._method(task)
+        n = num_samples(X)
+        n_members, blocks, dense, features = self._feature_sizes(X, task, module, strategy, device)
+        width = sum(a * b for a, b in blocks) + dense
+        on_disk = features_directory(features, self.features_dir) is not None
+        if not method.inverts:
+            curvature = 0
+        elif method.per_layer:  # each block's two eigenbases and its inverse eigenvalues
+            curvature = sum(a * a + b * b + a * b for a, b in blocks) + 2 * dense * dense
+        else:  # the Gram, then its inverse and Cholesky factor
+            curvature = 2 * width * width
+        params = sum(p.numel() * p.element_size() for p in module.parameters())
+        try:
+            activations = _activation_bytes(module, to_torch(take(X, slice(0, 1))))  # per sample
+        except Exception as exc:
+            raise ValueError(
+                "plan_memory sizes training by one forward pass of the untrained module on a training "
+                f"sample, and it failed ({type(exc).__name__}: {exc}). A module that a callback sizes "
+                "when training begins cannot be planned: build it at its final size."
+            ) from exc
+        at_once = min(self.n_models, effective_n_jobs(self.n_jobs))
+        return MemoryPlan(
+            models=self.n_models * params,
+            # weights, gradients and two optimizer moments; a batch's activations, kept for the
+            # backward pass, and their gradients (twice them, as measured on an MLP and a CNN)
+            training=at_once * (4 * params + 2 * activations * self.estimator.batch_size),
+            featurizing=at_once * 2 * activations * self.batch_size,
+            inputs=sum(int(np.asarray(v).nbytes) for v in (X.values() if isinstance(X, dict) else [X])),
+            # and a float32 residual per member and sample, in memory
+            features=(0 if on_disk else features) + n_members * n * 4,
+            features_on_disk=features if on_disk else 0,
+            curvature=n_members * 8 * curvature,
+            working=min(get_config()["working_memory"] * 2**20, n * n_members * 3 * width * 4),
+            scores=16 * n_test * n,
+        )
+
+    def plan_memory(self, X, y, n_test: int = 0) -> MemoryPlan:
+        """The memory a fit on ``(X, y)`` would need, stage by stage, before any
+        training: the models, training, sktda's copy of the inputs, the features
+        (in memory, or on disk where ``features_dir`` or a lack of memory puts
+        them), the curvature, the streamed row blocks, and ``attribute``'s dense
+        matrix for ``n_test`` test samples.
+
+        Parameters
+        ----------
+        X, y : as in ``fit``
+        n_test : int, default=0
+            Test samples attributed at once by ``attribute``.
+
+        Returns
+        -------
+        sktda.MemoryPlan
+            Bytes per stage, with ``fit_peak`` and ``peak`` (scoring included), in
+            this process, beyond what it holds already (the interpreter, torch and
+            the caller's own inputs). ``print(plan)`` shows them in MiB.
+        """
+        probe = object.__new__(type(self))  # validation sets attributes: not on this estimator
+        probe.__dict__.update(self.get_params(deep=False))
+        probe._validate_params()
+        task = check_net(self.estimator, self._target(), y)
+        module = initialized_module(self.estimator)
+        X, _ = validate_fit_data(probe, X, y, task, takes_token_ids(module))
+        probe._task = task
+        strategy = ENSEMBLES[self.ensemble].from_params(self.get_params(deep=False))
+        return probe._memory_plan(X, task, module, strategy, resolve_device(self.device), n_test)
 
     def _target(self):
         return self.target
@@ -559,3 +639,24 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         state = super().__getstate__()
         state.pop("_file", None)  # a copy does not own the file
         return state
+
+
+def _activation_bytes(module: torch.nn.Module, batch) -> int:
+    """Bytes of every leaf module's output on one training batch."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    leaves = [m for m in module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            call(module, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total

@@ -1,0 +1,58 @@
+"""plan_memory: what a fit will hold, stage by stage, asked before any training.
+Its agreement with measured peaks is shown by the scaling benchmark."""
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from sktda import EnsembleAttributor
+
+from .conftest import make_classifier_net
+
+
+def test_the_plan_sizes_what_the_fit_holds(digits, tmp_path):
+    X_train, _, y_train, _ = digits
+    n = len(X_train)
+    attr = EnsembleAttributor(make_classifier_net(), method="trak", n_models=2, proj_dim=64, random_state=0)
+    plan = attr.plan_memory(X_train, y_train, n_test=20)
+    assert not hasattr(attr, "n_features_in_")  # planning fits nothing
+    attr.fit(X_train, y_train)
+    assert plan.features == attr.costs_["feature_bytes"] == 2 * n * (64 * 4 + 4)
+    assert plan.features_on_disk == 0
+    assert plan.inputs == n * 64 * 4  # sktda's float32 copy, kept for score
+    assert plan.models == 2 * sum(p.numel() * 4 for p in attr.estimators_[0].module_.parameters())
+    assert plan.curvature == 2 * 8 * 2 * 64 * 64  # per member: the Gram, then its inverse
+    assert plan.scores == 16 * 20 * n
+    assert plan.training > plan.models / 2 and plan.featurizing > 0
+    assert plan.peak >= plan.fit_peak >= plan.features + plan.inputs + plan.models
+    assert "features on disk" in str(plan) and "MiB" in str(plan)
+
+    on_disk = clone(attr).set_params(features_dir=str(tmp_path)).plan_memory(X_train, y_train)
+    assert (on_disk.features, on_disk.features_on_disk) == (2 * n * 4, 2 * n * 64 * 4)  # residuals stay
+    assert list(tmp_path.iterdir()) == []
+    half = clone(attr).set_params(feature_dtype="float16").plan_memory(X_train, y_train)
+    assert half.features == 2 * n * (64 * 2 + 4)
+
+
+def test_the_plan_follows_the_method_and_the_ensemble(digits):
+    X_train, _, y_train, _ = digits
+    n = len(X_train)
+    base = EnsembleAttributor(make_classifier_net(), proj_dim=64)
+    # TracIn: a member per checkpoint; no inverse
+    tracin = clone(base).set_params(method="tracin", n_checkpoints=2).plan_memory(X_train, y_train)
+    assert tracin.features == 2 * n * (64 * 4 + 4) and tracin.curvature == 0
+    # EK-FAC: two 8 x 8 blocks (hidden and output layers), each with two eigenbases and its eigenvalues
+    ekfac = clone(base).set_params(method="ekfac").plan_memory(X_train, y_train)
+    assert ekfac.features == n * (128 * 4 + 4) and ekfac.curvature == 8 * 2 * (64 + 64 + 64)
+    # dropout members share their model's parameters
+    dropout = clone(base).set_params(ensemble="dropout", n_masks=3).plan_memory(X_train, y_train)
+    assert dropout.features == 3 * n * (64 * 4 + 4)
+
+
+def test_a_bad_plan_is_refused_as_a_fit_would_be(digits):
+    X_train, _, y_train, _ = digits
+    with pytest.raises(ValueError, match="proj_dim"):
+        EnsembleAttributor(make_classifier_net(), proj_dim=0).plan_memory(X_train, y_train)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        EnsembleAttributor(make_classifier_net()).plan_memory(X_train, y_train[:-1])
+    assert np.all(np.isfinite(list(EnsembleAttributor(make_classifier_net()).plan_memory(X_train, y_train))))
