@@ -35,7 +35,16 @@ from ._methods import SCORE_DTYPE, row_batches
 
 
 def available_memory() -> int | None:
-    """Bytes of physical memory available now (Linux), or None when unknown."""
+    """Bytes of memory available now without swapping: Linux's ``MemAvailable``
+    (free pages and the page cache it can reclaim), else the free physical pages,
+    else None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

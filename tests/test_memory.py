@@ -56,3 +56,20 @@ def test_a_bad_plan_is_refused_as_a_fit_would_be(digits):
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         EnsembleAttributor(make_classifier_net()).plan_memory(X_train, y_train[:-1])
     assert np.all(np.isfinite(list(EnsembleAttributor(make_classifier_net()).plan_memory(X_train, y_train))))
+
+
+def test_available_memory_counts_the_reclaimable_page_cache():
+    """MemAvailable, not MemFree: a machine whose memory sits in the page cache
+    still has it to give."""
+    import os
+
+    from sktda._features import available_memory
+
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo: not Linux")
+    with open("/proc/meminfo") as f:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    if "MemAvailable" not in fields:
+        pytest.skip("a kernel without MemAvailable")
+    # both read the same moment only approximately: within 1% of the total
+    assert abs(available_memory() - fields["MemAvailable"]) < 0.01 * fields["MemTotal"]
