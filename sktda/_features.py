@@ -3,7 +3,7 @@ the operations the attribution methods need on them.
 
 :class:`FeatureStore` holds every member's training features ``(n_members, n,
 k)`` and residuals, in memory or memory-mapped from a ``.npy`` file, with the
-members' fitted method states (:class:`~sktda._methods.MemberFit`). A file is the
+members' fitted method states (:class:`MemberFit`). A file is the
 store's own (:class:`FeatureFile`): sized and checked before any training, its
 blocks reserved before it is written, removed when the store is released or
 collected; a pickled copy holds the features in memory and owns no file. The
