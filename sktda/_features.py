@@ -113,17 +113,32 @@ def check_dense_fits(n_test: int, n_train: int) -> None:
     warnings.warn(message, ResourceWarning, stacklevel=3)
 
 
-def features_directory(nbytes: int, features_dir) -> str | None:
+def features_directory(nbytes: int, features_dir, resident: int = 0) -> str | None:
     """Where ``nbytes`` of training features go: ``features_dir`` when set, the
-    temporary directory when they would take over half the available memory, or
-    None (in memory). Absolute, so that the file is found (and removed) whatever
-    the working directory later."""
+    temporary directory when they would take over half the memory that the fit's
+    other ``resident`` bytes leave available, or None (in memory). Absolute, so
+    that the file is found (and removed) whatever the working directory later."""
     if features_dir is not None:
         return os.path.abspath(features_dir)
     available = available_memory()
-    if available is None or nbytes <= available // 2:
+    if available is None or nbytes <= (available - resident) // 2:
         return None
     return tempfile.gettempdir()
+
+
+def check_memory(stages: dict[str, int]) -> None:
+    """Refuse, before any training, a fit whose resident ``stages`` (bytes) exceed
+    the memory available, naming each."""
+    available, needed = available_memory(), sum(stages.values())
+    if available is None or needed <= available:
+        return
+    listed = ", ".join(f"{name} {size / 2**20:,.0f} MiB" for name, size in stages.items())
+    raise ValueError(
+        f"This fit would hold about {needed / 2**20:,.0f} MiB beyond what the process holds now "
+        f"({listed}), and {available / 2**20:,.0f} MiB of memory is available. Lower proj_dim or "
+        "n_models, store features on disk (features_dir), lower scikit-learn's working_memory, or "
+        "use a machine with more memory; plan_memory(X, y) shows every stage."
+    )
 
 
 def check_writable_directory(directory) -> None:

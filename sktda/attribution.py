@@ -24,11 +24,12 @@ from ._features import (
     MemoryPlan,
     check_dense_fits,
     check_free_space,
+    check_memory,
     check_writable_directory,
     features_directory,
     relatif_scale,
 )
-from ._gradients import feature_blocks, feature_dim
+from ._gradients import feature_blocks
 from ._methods import METHODS, SCORE_DTYPE
 from ._nets import check_net, checkpoint_epochs, initialized_module, resolve_device, takes_token_ids
 from ._task import TARGETS
@@ -162,7 +163,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     features_dir : str or None, default=None
         Directory where the training features are written as a memory-mapped
         ``.npy`` file. None keeps them in memory unless they would take over half
-        the available memory, in which case a temporary directory is used. Before
+        of the memory that the rest of the fit leaves available (see
+        ``plan_memory``), in which case a temporary directory is used. Before
         any training the directory is checked to be writable and to have room for
         the features; the file's space is then reserved before it is written, so a
         disk that fills up gives a ``ValueError`` naming the bytes needed. A
@@ -345,10 +347,14 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             check_writable_directory(self.features_dir)
 
     def _check_resources(self, X, task, module, strategy, device):
-        n_members, blocks, dense, features = self._feature_sizes(X, task, module, strategy, device)
-        directory = features_directory(features, self.features_dir)
+        features, stages = self._resident(X, task, module, strategy, device)
+        directory = features_directory(features, self.features_dir, sum(stages.values()))
         if directory is not None:
             check_free_space(directory, features)
+        else:
+            stages["features"] = features
+        check_memory(stages)
+        self._features_at = directory  # the same decision when the features are written
 
     def _feature_sizes(self, X, task, module, strategy, device):
         """``(n_members, Kronecker blocks, dense width, bytes)`` of the features this
@@ -363,17 +369,16 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         width = sum(a * b for a, b in blocks) + dense
         return n_members, blocks, dense, n_members * num_samples(X) * width * dtype.itemsize
 
-    def _memory_plan(self, X, task, module, strategy, device, n_test: int = 0) -> MemoryPlan:
-        """What this fit will hold, sized from the untrained ``module`` and the
-        validated inputs ``X`` (see :class:`~sktda.MemoryPlan`)."""
-        from joblib import effective_n_jobs
+    def _resident(self, X, task, module, strategy, device) -> tuple[int, dict[str, int]]:
+        """The features' bytes, and the bytes of everything else a fit holds at once
+        that can be sized exactly before training: the models, sktda's copy of the
+        inputs, the residuals, the curvature and the streamed row blocks."""
         from sklearn import get_config
 
         method = self._method(task)
         n = num_samples(X)
         n_members, blocks, dense, features = self._feature_sizes(X, task, module, strategy, device)
         width = sum(a * b for a, b in blocks) + dense
-        on_disk = features_directory(features, self.features_dir) is not None
         if not method.inverts:
             curvature = 0
         elif method.per_layer:  # each block's two eigenbases and its inverse eigenvalues
@@ -381,6 +386,21 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         else:  # the Gram, then its inverse and Cholesky factor
             curvature = 2 * width * width
         params = sum(p.numel() * p.element_size() for p in module.parameters())
+        return features, {
+            "models": self.n_models * params,
+            "inputs": sum(int(np.asarray(v).nbytes) for v in (X.values() if isinstance(X, dict) else [X])),
+            "residuals": n_members * n * 4,  # float32, in memory
+            "curvature": n_members * 8 * curvature,
+            "working": min(get_config()["working_memory"] * 2**20, n * n_members * 3 * width * 4),
+        }
+
+    def _memory_plan(self, X, task, module, strategy, device, n_test: int = 0) -> MemoryPlan:
+        """What this fit will hold, sized from the untrained ``module`` and the
+        validated inputs ``X`` (see :class:`~sktda.MemoryPlan`)."""
+        from joblib import effective_n_jobs
+
+        features, stages = self._resident(X, task, module, strategy, device)
+        on_disk = features_directory(features, self.features_dir, sum(stages.values())) is not None
         try:
             activations = _activation_bytes(module, to_torch(take(X, slice(0, 1))))  # per sample
         except Exception as exc:
@@ -389,20 +409,20 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
                 f"sample, and it failed ({type(exc).__name__}: {exc}). A module that a callback sizes "
                 "when training begins cannot be planned: build it at its final size."
             ) from exc
+        params = stages["models"] // self.n_models
         at_once = min(self.n_models, effective_n_jobs(self.n_jobs))
         return MemoryPlan(
-            models=self.n_models * params,
+            models=stages["models"],
             # weights, gradients and two optimizer moments; a batch's activations, kept for the
             # backward pass, and their gradients (twice them, as measured on an MLP and a CNN)
             training=at_once * (4 * params + 2 * activations * self.estimator.batch_size),
             featurizing=at_once * 2 * activations * self.batch_size,
-            inputs=sum(int(np.asarray(v).nbytes) for v in (X.values() if isinstance(X, dict) else [X])),
-            # and a float32 residual per member and sample, in memory
-            features=(0 if on_disk else features) + n_members * n * 4,
+            inputs=stages["inputs"],
+            features=(0 if on_disk else features) + stages["residuals"],
             features_on_disk=features if on_disk else 0,
-            curvature=n_members * 8 * curvature,
-            working=min(get_config()["working_memory"] * 2**20, n * n_members * 3 * width * 4),
-            scores=16 * n_test * n,
+            curvature=stages["curvature"],
+            working=stages["working"],
+            scores=16 * n_test * num_samples(X),
         )
 
     def plan_memory(self, X, y, n_test: int = 0) -> MemoryPlan:
@@ -449,11 +469,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         method = self._method()()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
         dtype = np.dtype(self.feature_dtype)
-        k = feature_dim(members[0], self._gradient_config(task, device, dtype))
-        directory = features_directory(len(members) * len(X) * k * dtype.itemsize, self.features_dir)
         file = None
-        if directory is not None:  # held by the fit from here, so that a failure removes it
-            file = self._file = FeatureFile(directory, own_directory=self.features_dir is None)
+        if self._features_at is not None:  # held by the fit from here, so that a failure removes it
+            file = self._file = FeatureFile(self._features_at, own_directory=self.features_dir is None)
         out_file = None if file is None else file.path
         features = self._featurize(members, X, y, task=task, device=device, dtype=dtype, out_file=out_file)
         if file is not None:

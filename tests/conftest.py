@@ -120,3 +120,13 @@ def fitted_trak(digits):
     return EnsembleAttributor(
         make_classifier_net(), n_models=2, proj_dim=256, normalize=None, random_state=0
     ).fit(X_train, y_train)
+
+
+def short_memory(monkeypatch, attributor, X, y):
+    """Fake a machine whose memory holds what a fit of ``attributor`` needs beside
+    its features, and not the features too: they go to disk."""
+    import sktda._features as features_module
+
+    plan = attributor.plan_memory(X, y)
+    available = plan.models + plan.inputs + plan.curvature + plan.working + plan.features
+    monkeypatch.setattr(features_module, "available_memory", lambda: available)

@@ -11,7 +11,7 @@ import sktda._features as features_module
 from sktda import EnsembleAttributor
 from sktda.models import MLP
 
-from .conftest import make_classifier_net, make_language_model_net, make_regressor_net
+from .conftest import make_classifier_net, make_language_model_net, make_regressor_net, short_memory
 
 METHODS = ["trak", "if", "tracin", "grad_dot", "grad_cos"]
 
@@ -352,9 +352,23 @@ def test_float16_and_memory_mapped_features(digits, tmp_path):
 
 def test_features_go_to_disk_when_memory_is_short(digits, monkeypatch):
     X_train, _, y_train, _ = digits
-    monkeypatch.setattr(features_module, "available_memory", lambda: 1000)
-    attr = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0).fit(X_train, y_train)
-    assert isinstance(attr.train_features_, np.memmap)
+    attr = EnsembleAttributor(make_classifier_net(), proj_dim=32, random_state=0)
+    short_memory(monkeypatch, attr, X_train, y_train)
+    assert isinstance(attr.fit(X_train, y_train).train_features_, np.memmap)
+
+
+def test_a_fit_that_cannot_fit_in_memory_is_refused_before_training(digits, monkeypatch, tmp_path):
+    import sktda._ensembles as ensembles
+
+    X_train, _, y_train, _ = digits
+    attr = EnsembleAttributor(make_classifier_net(), proj_dim=32, features_dir=str(tmp_path))
+    plan = attr.plan_memory(X_train, y_train)
+    needed = plan.models + plan.inputs + plan.curvature + plan.working + plan.features  # residuals
+    monkeypatch.setattr(ensembles, "fit_net", lambda *a, **k: pytest.fail("trained before the check"))
+    monkeypatch.setattr(features_module, "available_memory", lambda: needed - 1)
+    with pytest.raises(ValueError, match=r"would hold about .* MiB .*\(models .* MiB, inputs .*curvature"):
+        attr.fit(X_train, y_train)
+    assert not hasattr(attr, "ensemble_")
 
 
 # ------------------------------------------------------------ value tests
@@ -568,7 +582,9 @@ def test_feature_files_are_replaced_on_refit_and_removed_with_the_estimator(digi
     assert list(tmp_path.glob("*.npy")) == []
 
     # temporary directories, used when memory is short, go too
-    monkeypatch.setattr(features_module, "available_memory", lambda: 1000)
+    short_memory(
+        monkeypatch, EnsembleAttributor(make_classifier_net(max_epochs=1), proj_dim=16), X_train, y_train
+    )
     made = []
     real_mkdtemp = features_module.tempfile.mkdtemp
     monkeypatch.setattr(
