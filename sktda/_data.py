@@ -23,6 +23,7 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_consistent_length, validate_data
 
+from ._compat import num_samples
 from ._task import NetTask
 
 
@@ -35,7 +36,8 @@ def as_array_like(data):
 
 # ---------------------------------------------------------------- operations
 def n_samples(X) -> int:
-    return len(next(iter(X.values()))) if isinstance(X, Mapping) else len(X)
+    """Rows of an array-like, a tensor, or a dict of them (not its number of keys)."""
+    return num_samples(next(iter(X.values()))) if isinstance(X, Mapping) else num_samples(X)
 
 
 def take(X, index):

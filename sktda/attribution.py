@@ -14,8 +14,8 @@ from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
-from ._compat import Interval, StrOptions, num_samples
-from ._data import call, copy_inputs, take, to_torch, validate_fit_data, validate_predict_data
+from ._compat import Interval, StrOptions
+from ._data import call, copy_inputs, n_samples, take, to_torch, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES
 from ._features import (
     FeatureFile,
@@ -367,7 +367,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         member = strategy.sizing_member(module)
         blocks, dense = feature_blocks(member, self._gradient_config(task, device, dtype))
         width = sum(a * b for a, b in blocks) + dense
-        return n_members, blocks, dense, n_members * num_samples(X) * width * dtype.itemsize
+        return n_members, blocks, dense, n_members * n_samples(X) * width * dtype.itemsize
 
     def _resident(self, X, task, module, strategy, device) -> tuple[int, dict[str, int]]:
         """The features' bytes, and the bytes of everything else a fit holds at once
@@ -376,7 +376,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         from sklearn import get_config
 
         method = self._method(task)
-        n = num_samples(X)
+        n = n_samples(X)
         n_members, blocks, dense, features = self._feature_sizes(X, task, module, strategy, device)
         width = sum(a * b for a, b in blocks) + dense
         if not method.inverts:
@@ -422,7 +422,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             features_on_disk=features if on_disk else 0,
             curvature=stages["curvature"],
             working=stages["working"],
-            scores=16 * n_test * num_samples(X),
+            scores=16 * n_test * n_samples(X),
         )
 
     def plan_memory(self, X, y, n_test: int = 0) -> MemoryPlan:
@@ -529,7 +529,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             (a proponent); ``< 0``: an opponent.
         """
         check_is_fitted(self)
-        check_dense_fits(num_samples(X), self.train_features_.shape[1])
+        check_dense_fits(n_samples(X), self.train_features_.shape[1])
         test_phis, device = self._test_features(X, y)
         A = self._store.columns(self._method()(), test_phis, slice(None), device)
         return A.cpu().numpy().astype(np.float64)

@@ -73,3 +73,31 @@ def test_available_memory_counts_the_reclaimable_page_cache():
         pytest.skip("a kernel without MemAvailable")
     # both read the same moment only approximately: within 1% of the total
     assert abs(available_memory() - fields["MemAvailable"]) < 0.01 * fields["MemTotal"]
+
+
+def test_the_plan_counts_samples_of_a_dict_input():
+    """A dict of inputs has as many samples as its arrays have rows, not keys."""
+    import torch
+    from skorch import NeuralNetClassifier
+
+    from sktda.models import TokenTransformer
+
+    rng = np.random.default_rng(0)
+    X = {"input_ids": rng.integers(0, 13, (30, 6)), "attention_mask": np.ones((30, 6), dtype=np.int64)}
+    y = rng.integers(0, 3, 30)
+    net = NeuralNetClassifier(
+        TokenTransformer,
+        module__vocab_size=13,
+        module__n_outputs=3,
+        module__d_model=8,
+        module__n_heads=2,
+        module__max_len=6,
+        criterion=torch.nn.CrossEntropyLoss,
+        max_epochs=1,
+        train_split=None,
+        verbose=0,
+    )
+    attr = EnsembleAttributor(net, proj_dim=32, random_state=0)
+    plan = attr.plan_memory(X, y)
+    assert plan.features == attr.fit(X, y).costs_["feature_bytes"] == 30 * (32 * 4 + 4)
+    assert plan.inputs == 2 * 30 * 6 * 8
