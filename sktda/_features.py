@@ -251,11 +251,6 @@ class FeatureStore:
     def nbytes(self) -> int:
         return int(self.features.nbytes + self.residuals.nbytes)
 
-    def release(self) -> None:
-        """Remove the file, if any; the store is unusable afterwards."""
-        if self.file is not None:
-            self.file.release()
-
     def __getstate__(self):
         state = dict(self.__dict__)
         state["file"] = None  # a copy holds the features in memory and owns no file
