@@ -150,8 +150,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         # state replaces the previous one only once it is complete. On an error or an
         # interrupt the previous fit stays as it was, files included.
         previous = vars(self).get("_fit_names", ())
-        fitted = object.__new__(type(self))
-        fitted.__dict__.update({k: v for k, v in vars(self).items() if k not in (*previous, "_fit_names")})
+        fitted = self._unfitted()
         given = set(vars(fitted))  # the parameters, and scikit-learn's configuration
         try:
             fitted._fit(X, y)
@@ -166,17 +165,31 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         self._fit_names = names
         return self
 
-    def _fit(self, X, y):
+    def _unfitted(self):
+        """A copy holding the parameters and scikit-learn's configuration, without
+        any fit's state: where a fit, or a plan of one, sets its attributes."""
+        fit_state = (*vars(self).get("_fit_names", ()), "_fit_names")
+        copy = object.__new__(type(self))
+        copy.__dict__.update({k: v for k, v in vars(self).items() if k not in fit_state})
+        return copy
+
+    def _prepare(self, X, y):
+        """What a fit on ``(X, y)`` checks and builds before any training: the task,
+        the initialised module, the validated data and the ensemble strategy."""
         task = check_net(self.estimator, self._target(), y)
         check_pretrained(self.estimator, self.pretrained)
         self._check_fit(task)
         module = initialized_module(self.estimator)
         X, y = validate_fit_data(self, X, y, task, takes_token_ids(module))
         self._task = task
-        device = resolve_device(self.device)
         # the strategy's parameters are the estimator's of the same names
         strategy = ENSEMBLES[self.ensemble].from_params(self.get_params(deep=False))
         strategy.check(module, take(X, slice(0, 1)))
+        return task, module, X, y, strategy
+
+    def _fit(self, X, y):
+        task, module, X, y, strategy = self._prepare(X, y)
+        device = resolve_device(self.device)
         self._check_resources(X, task, module, strategy, device)
 
         start = time.perf_counter()

@@ -260,14 +260,22 @@ class FeatureStore:
     def columns(self, method, test_phis, columns: slice, device) -> torch.Tensor:
         """Checked scores ``A[:, columns]`` of test features ``test_phis`` (one
         tensor per member), scaled by ``column_scale``."""
-        members = self.members
+        return self._columns(method, self._test_sides(method, test_phis, device), columns, device)
+
+    def _test_sides(self, method, test_phis, device) -> tuple[list, list]:
+        """The members' states on ``device`` and their test sides (``phi H^-1`` for
+        TRAK), computed once for every block of training columns."""
+        states = _states(self.members, device, SCORE_DTYPE)
+        return states, [method.test_side(state, phi) for state, phi in zip(states, test_phis)]
+
+    def _columns(self, method, test_sides, columns: slice, device) -> torch.Tensor:
+        states, sides = test_sides
 
         def score(m, state, phi, residual):
-            return method.test_side(state, test_phis[m]) @ method.train_side(state, phi, residual).T
+            return sides[m] @ method.train_side(state, phi, residual).T
 
         scores = finite(
-            _reduce_members(method, members, _states(members, device, SCORE_DTYPE), columns, device, score),
-            "attribution scores",
+            _reduce_members(method, self.members, states, columns, device, score), "attribution scores"
         )
         if self.column_scale is not None:
             scores = scores * torch.as_tensor(self.column_scale[columns], device=device, dtype=SCORE_DTYPE)
@@ -298,9 +306,10 @@ class FeatureStore:
         # per training sample: its float64 scores (twice, while merging) and features
         row_bytes = 8 * (2 * n_test + self.features.shape[2])
         chunk = max(k, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_train))
+        test_sides = self._test_sides(method, test_phis, device)
         top = bottom = None
         for columns in gen_batches(n_train, chunk):
-            scores = self.columns(method, test_phis, columns, device)
+            scores = self._columns(method, test_sides, columns, device)
             index = torch.arange(columns.start, columns.stop, device=device).expand(n_test, -1)
             top = _merge_topk(top, scores, index, k, largest=True)
             bottom = _merge_topk(bottom, scores, index, k, largest=False)

@@ -15,8 +15,7 @@ from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
 from ._compat import Interval, StrOptions
-from ._data import call, copy_inputs, n_samples, take, to_torch, validate_fit_data, validate_predict_data
-from ._ensembles import ENSEMBLES
+from ._data import call, copy_inputs, n_samples, take, to_torch, validate_predict_data
 from ._features import (
     FeatureFile,
     FeatureStore,
@@ -31,7 +30,7 @@ from ._features import (
 )
 from ._gradients import feature_blocks
 from ._methods import METHODS, SCORE_DTYPE
-from ._nets import check_net, checkpoint_epochs, initialized_module, resolve_device, takes_token_ids
+from ._nets import checkpoint_epochs, resolve_device
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
@@ -445,14 +444,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             this process, beyond what it holds already (the interpreter, torch and
             the caller's own inputs). ``print(plan)`` shows them in MiB.
         """
-        probe = object.__new__(type(self))  # validation sets attributes: not on this estimator
-        probe.__dict__.update(self.get_params(deep=False))
-        probe._validate_params()
-        task = check_net(self.estimator, self._target(), y)
-        module = initialized_module(self.estimator)
-        X, _ = validate_fit_data(probe, X, y, task, takes_token_ids(module))
-        probe._task = task
-        strategy = ENSEMBLES[self.ensemble].from_params(self.get_params(deep=False))
+        self._validate_params()
+        probe = self._unfitted()  # checks set attributes: not on this estimator
+        task, module, X, _, strategy = probe._prepare(X, y)
         return probe._memory_plan(X, task, module, strategy, resolve_device(self.device), n_test)
 
     def _target(self):
