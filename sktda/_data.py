@@ -72,6 +72,20 @@ def call(function, x, *args):
     return function(x, *args)
 
 
+def materialize(X):
+    """A dask collection computed (on the worker running this task, which reads its
+    own rows, or here), anything else as it is."""
+    if not hasattr(X, "__dask_graph__"):
+        return X
+    try:
+        from distributed import worker_client
+
+        with worker_client() as client:  # secedes from the worker's pool while it waits
+            return client.compute(X).result()
+    except ValueError:  # not in a worker
+        return X.compute()
+
+
 def copy_inputs(X):
     """A copy that does not change when the caller's arrays do."""
     return {k: np.array(v) for k, v in X.items()} if isinstance(X, Mapping) else np.array(X)

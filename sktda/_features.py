@@ -21,7 +21,6 @@ import tempfile
 import uuid
 import warnings
 import weakref
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 from sklearn.utils import gen_batches
 
 from ._compat import get_chunk_n_rows
-from ._methods import SCORE_DTYPE, row_batches
+from ._methods import SCORE_DTYPE
 
 # ---------------------------------------------------------------- storage
 
@@ -220,121 +219,252 @@ def _remove(path: str, temporary: str | None) -> None:
 
 # --------------------------------------------------------------- the store
 
-
-@dataclass
-class MemberFit:
-    """What a fit keeps of one member (an :class:`~sktda._ensembles.Member`, the
-    function differentiated): its coefficient ``coef``, the method's ``state`` (an
-    inverse Gram matrix, say), and the training features ``phi`` (n_train, k) and
-    residuals (n_train,), numpy arrays of any float dtype, possibly memory-mapped."""
-
-    coef: float
-    state: object
-    phi: np.ndarray
-    residual: np.ndarray
+SHARD_BYTES = 64 * 2**20  # the training features of a shard, about
 
 
-class FeatureStore:
-    """Every member's training features ``(n_members, n, k)`` and residuals, the
-    members' fitted states, and the scores computed from them.
+def shard_ranges(n: int, row_bytes: int, batch_size: int = 1) -> list[tuple[int, int]]:
+    """The training set's row ranges that the features are stored and reduced in:
+    whole batches of ``batch_size``, about :data:`SHARD_BYTES` of features each, fixed
+    by the data alone, so that every sum over them (a Gram, a top-k) is added up in
+    the same order wherever the shards live."""
+    rows = max(1, SHARD_BYTES // max(1, row_bytes) // batch_size) * batch_size
+    return [(a, min(a + rows, n)) for a in range(0, n, rows)]
 
-    ``file``: the :class:`FeatureFile` the features are memory-mapped from (None:
-    in memory). ``column_scale``: a factor per training sample applied to every
-    score (RelatIF), or None.
-    """
 
-    def __init__(self, features, residuals, members: list[MemberFit], file: FeatureFile | None = None):
-        self.features, self.residuals, self.members, self.file = features, residuals, members, file
-        self.column_scale: np.ndarray | None = None
+class FeatureBlock(NamedTuple):
+    """The features ``(n_members, rows, k)`` and residuals ``(n_members, rows)`` of
+    one shard, with what its featurization found of each member (``meta``: the
+    layouts and Kronecker factor sums, on a cluster)."""
+
+    features: np.ndarray
+    residuals: np.ndarray
+    meta: object = None
+
+
+class LocalShards:
+    """The shards of features held by this process, in memory or memory-mapped:
+    each shard's block is a view of one ``(n_members, n, k)`` array."""
+
+    device_bound = True  # its blocks are scored on the estimator's own device
+
+    def __init__(self, features, residuals, ranges):
+        self.features, self.residuals, self.ranges = features, residuals, ranges
+
+    def map(self, fn, *args, per_shard=None) -> list:
+        """``fn(block, *args, *per_shard[i])`` of every shard ``i``, in order."""
+        per_shard = per_shard or [()] * len(self.ranges)
+        return [
+            fn(FeatureBlock(self.features[:, a:b], self.residuals[:, a:b]), *args, *extra)
+            for (a, b), extra in zip(self.ranges, per_shard)
+        ]
+
+    def sum(self, fn, *args):
+        """The sum of ``fn(block, *args)`` over the shards, added pairwise in a fixed
+        tree (as :class:`~sktda._cluster.ClusterShards` adds them on its workers)."""
+        return tree_sum(self.map(fn, *args))
 
     @property
     def nbytes(self) -> int:
         return int(self.features.nbytes + self.residuals.nbytes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.features.shape
+
+    def array(self) -> np.ndarray:
+        return self.features
+
+
+def add_tree(a, b):
+    """``a + b`` of nested tuples and lists of tensors (None stays None)."""
+    if a is None:
+        return None
+    if isinstance(a, (tuple, list)):
+        return type(a)(add_tree(x, y) for x, y in zip(a, b))
+    return a + b
+
+
+def tree_sum(parts: list):
+    """The sum of ``parts``, added pairwise, level by level, in order."""
+    while len(parts) > 1:
+        parts = [
+            add_tree(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)
+        ]
+    return parts[0]
+
+
+class MemberRows:
+    """One member's training features, as a method's ``fit`` sees them: their size
+    ``n`` by ``k``, the ``device`` of the state fitted, and :meth:`sum` over row
+    blocks, wherever the shards live."""
+
+    def __init__(self, shards, member: int, n: int, k: int, device):
+        self.shards, self.member, self.n, self.k, self.device = shards, member, n, k, device
+
+    def sum(self, fn, *args):
+        """``sum_j fn(*args, phi_j, residual_j)`` over row blocks of the member's
+        features (float32 tensors), each block within ``working_memory``."""
+        rows = max(1, get_chunk_n_rows(row_bytes=8 * self.k, max_n_rows=self.n))
+        device = self.device if self.shards.device_bound else torch.device("cpu")
+        return self.shards.sum(_member_sum, self.member, rows, device, fn, args)
+
+
+def _member_sum(block: FeatureBlock, member: int, rows_per_block: int, device, fn, args):
+    phi, residual = block.features[member], block.residuals[member]
+    total = None
+    for rows in gen_batches(len(phi), rows_per_block):
+        part = fn(
+            *args,
+            torch.as_tensor(phi[rows], device=device, dtype=torch.float32),
+            torch.as_tensor(residual[rows], device=device, dtype=torch.float32),
+        )
+        total = part if total is None else add_tree(total, part)
+    return total
+
+
+class FeatureStore:
+    """Every member's training features and residuals, kept in shards (``shards``:
+    :class:`LocalShards`, or :class:`~sktda._cluster.ClusterShards` on a Dask
+    cluster's workers), the members' coefficients and fitted method ``states``, and
+    the scores computed from them, shard by shard.
+
+    ``file``: the :class:`FeatureFile` the features are memory-mapped from (None:
+    in memory or on a cluster). ``column_scale``: a factor per training sample
+    applied to every score (RelatIF), or None.
+    """
+
+    def __init__(self, shards, coefs: list[float], n: int, k: int, file: FeatureFile | None = None):
+        self.shards, self.coefs, self.n, self.k, self.file = shards, coefs, n, k, file
+        self.states: list = [None] * len(coefs)
+        self.column_scale: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.shards.nbytes
+
+    def member_rows(self, member: int, device) -> MemberRows:
+        return MemberRows(self.shards, member, self.n, self.k, device)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["file"] = None  # a copy holds the features in memory and owns no file
         return state
 
+    def gathered(self) -> FeatureStore:
+        """This store with its features in this process: itself, or a copy of a
+        cluster's (which a pickled copy, outliving the cluster, must hold)."""
+        if self.shards.device_bound:
+            return self
+        copy = FeatureStore.__new__(FeatureStore)
+        copy.__dict__.update(self.__dict__, shards=self.shards.to_local())
+        return copy
+
     # ------------------------------------------------------------- scores
-    def columns(self, method, test_phis, columns: slice, device) -> torch.Tensor:
-        """Checked scores ``A[:, columns]`` of test features ``test_phis`` (one
-        tensor per member), scaled by ``column_scale``."""
-        return self._columns(method, self._test_sides(method, test_phis, device), columns, device)
+    def _scoring(self, device):
+        """The device the shards are scored on, and the states there."""
+        device = device if self.shards.device_bound else torch.device("cpu")
+        return device, _states(self.states, device, SCORE_DTYPE)
 
-    def _test_sides(self, method, test_phis, device) -> tuple[list, list]:
-        """The members' states on ``device`` and their test sides (``phi H^-1`` for
-        TRAK), computed once for every block of training columns."""
-        states = _states(self.members, device, SCORE_DTYPE)
-        return states, [method.test_side(state, phi) for state, phi in zip(states, test_phis)]
+    def _scales(self) -> list[tuple]:
+        scale = self.column_scale
+        return [(None if scale is None else scale[a:b],) for a, b in self.shards.ranges]
 
-    def _columns(self, method, test_sides, columns: slice, device) -> torch.Tensor:
-        states, sides = test_sides
-
-        def score(m, state, phi, residual):
-            return sides[m] @ method.train_side(state, phi, residual).T
-
-        scores = finite(
-            _reduce_members(method, self.members, states, columns, device, score), "attribution scores"
+    def columns(self, method, test_phis, device) -> torch.Tensor:
+        """Checked scores of test features ``test_phis`` (one tensor per member)
+        against every training sample, scaled by ``column_scale``."""
+        where, states = self._scoring(device)
+        sides = [method.test_side(state, phi.to(where)) for state, phi in zip(states, test_phis)]
+        parts = self.shards.map(
+            _block_columns, method, self.coefs, states, sides, where, per_shard=self._scales()
         )
-        if self.column_scale is not None:
-            scores = scores * torch.as_tensor(self.column_scale[columns], device=device, dtype=SCORE_DTYPE)
-        return scores
+        return torch.cat([part.to(device) for part in parts], 1)
 
     def self_attribution(self, method, device, dtype=SCORE_DTYPE) -> torch.Tensor:
         """The diagonal of the training set's attribution to itself, unscaled, in
         row blocks (``dtype`` float32 where speed matters more than the last
         digits)."""
-        members = self.members
-        n, k = members[0].phi.shape
-        factors = [method.self_factor(state) for state in _states(members, device, dtype)]
-
-        def score(m, factor, phi, residual):
-            return method.self_scores(factor, phi, residual)
-
-        blocks = row_batches(n, torch.finfo(dtype).bits // 8 * 3 * k * len(members))
-        scores = torch.cat(
-            [_reduce_members(method, members, factors, rows, device, score, dtype) for rows in blocks]
-        )
-        return finite(scores, "self-attribution scores")
+        where = device if self.shards.device_bound else torch.device("cpu")
+        factors = [method.self_factor(state) for state in _states(self.states, where, dtype)]
+        rows = max(1, get_chunk_n_rows(row_bytes=torch.finfo(dtype).bits // 8 * 3 * self.k * len(factors)))
+        parts = self.shards.map(_block_self, method, self.coefs, factors, rows, where, dtype)
+        return finite(torch.cat([part.to(device) for part in parts]), "self-attribution scores")
 
     def top_k(self, method, test_phis, k: int, device):
         """``((proponent scores, indices), (opponent scores, indices))``, each
-        ``(n_test, k)``, streamed over blocks of training columns so that the full
-        score matrix is never held."""
-        n_test, n_train = test_phis[0].shape[0], self.features.shape[1]
+        ``(n_test, k)``: every shard's own top ``k``, streamed over blocks of its
+        columns, merged in shard order, so that the full score matrix is never held
+        and only ``k`` scores per test sample and shard travel."""
+        where, states = self._scoring(device)
+        sides = [method.test_side(state, phi.to(where)) for state, phi in zip(states, test_phis)]
         # per training sample: its float64 scores (twice, while merging) and features
-        row_bytes = 8 * (2 * n_test + self.features.shape[2])
-        chunk = max(k, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_train))
-        test_sides = self._test_sides(method, test_phis, device)
+        chunk = max(k, get_chunk_n_rows(row_bytes=8 * (2 * len(sides[0]) + self.k)))
+        per_shard = [(a, *scale) for (a, _), scale in zip(self.shards.ranges, self._scales())]
         top = bottom = None
-        for columns in gen_batches(n_train, chunk):
-            scores = self._columns(method, test_sides, columns, device)
-            index = torch.arange(columns.start, columns.stop, device=device).expand(n_test, -1)
-            top = _merge_topk(top, scores, index, k, largest=True)
-            bottom = _merge_topk(bottom, scores, index, k, largest=False)
+        for (t_values, t_index), (b_values, b_index) in self.shards.map(
+            _block_top_k, method, self.coefs, states, sides, k, chunk, where, per_shard=per_shard
+        ):
+            top = _merge_topk(top, t_values.to(device), t_index.to(device), k, largest=True)
+            bottom = _merge_topk(bottom, b_values.to(device), b_index.to(device), k, largest=False)
         return top, bottom
 
 
-def _states(members: list[MemberFit], device, dtype) -> list:
+def _block_columns(block: FeatureBlock, method, coefs, states, sides, device, scale) -> torch.Tensor:
+    """The scores of a shard's columns (see :meth:`FeatureStore.columns`)."""
+
+    def score(m, state, phi, residual):
+        return sides[m] @ method.train_side(state, phi, residual).T
+
+    rows = slice(0, block.features.shape[1])
+    scores = finite(_reduce_members(method, coefs, states, block, rows, device, score), "attribution scores")
+    if scale is not None:
+        scores = scores * torch.as_tensor(scale, device=device, dtype=SCORE_DTYPE)
+    return scores
+
+
+def _block_self(block: FeatureBlock, method, coefs, factors, rows_per_block, device, dtype) -> torch.Tensor:
+    def score(m, factor, phi, residual):
+        return method.self_scores(factor, phi, residual)
+
+    blocks = gen_batches(block.features.shape[1], rows_per_block)
+    return torch.cat(
+        [_reduce_members(method, coefs, factors, block, rows, device, score, dtype) for rows in blocks]
+    )
+
+
+def _block_top_k(block: FeatureBlock, method, coefs, states, sides, k, chunk, device, offset, scale):
+    top = bottom = None
+    n_test = len(sides[0])
+    for columns in gen_batches(block.features.shape[1], chunk):
+        part = FeatureBlock(block.features[:, columns], block.residuals[:, columns])
+        scores = _block_columns(
+            part, method, coefs, states, sides, device, None if scale is None else scale[columns]
+        )
+        index = torch.arange(offset + columns.start, offset + columns.stop, device=device).expand(n_test, -1)
+        top = _merge_topk(top, scores, index, k, largest=True)
+        bottom = _merge_topk(bottom, scores, index, k, largest=False)
+    return top, bottom
+
+
+def _states(states: list, device, dtype) -> list:
     """The members' method states on the scoring device, in ``dtype``: a fit on CUDA
     is scored on the CPU once ``device="auto"`` resolves there."""
-    return [m.state.to(device, dtype) if hasattr(m.state, "to") else m.state for m in members]
+    return [s.to(device, dtype) if hasattr(s, "to") else s for s in states]
 
 
-def _reduce_members(method, members: list[MemberFit], states, rows, device, score, dtype=SCORE_DTYPE):
+def _reduce_members(method, coefs, states, block: FeatureBlock, rows, device, score, dtype=SCORE_DTYPE):
     """``s * sum_m c_m score(m, state_m, phi_m[rows], residual_m[rows])`` over the
-    members' training features; ``s`` is TRAK's coefficient-weighted mean residual."""
+    members' training features in ``block``; ``s`` is TRAK's coefficient-weighted
+    mean residual."""
     out = scale = None
-    for m, member in enumerate(members):
-        phi = torch.as_tensor(member.phi[rows], device=device, dtype=dtype)
-        residual = torch.as_tensor(member.residual[rows], device=device, dtype=dtype)
-        part = score(m, states[m], phi, residual).mul_(member.coef)
+    for m, coef in enumerate(coefs):
+        phi = torch.as_tensor(block.features[m, rows], device=device, dtype=dtype)
+        residual = torch.as_tensor(block.residuals[m, rows], device=device, dtype=dtype)
+        part = score(m, states[m], phi, residual).mul_(coef)
         out = part if out is None else out.add_(part)
         if method.scales_by_residual:
-            scale = member.coef * residual if scale is None else scale.add_(member.coef * residual)
+            scale = coef * residual if scale is None else scale.add_(coef * residual)
     if scale is not None:
-        out.mul_(scale / sum(member.coef for member in members))
+        out.mul_(scale / sum(coefs))
     return out
 
 

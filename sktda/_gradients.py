@@ -35,7 +35,7 @@ from sklearn.utils import gen_batches
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
 
-from ._data import map_tensors, n_samples, take, to_torch
+from ._data import map_tensors, materialize, n_samples, take, to_torch
 from ._features import allocate_npy
 from ._layers import (
     ExactProjector,
@@ -628,6 +628,15 @@ def feature_dim(member, config: GradientConfig) -> int:
     return sum(a * b for a, b in blocks) + dense
 
 
+def featurizing_setup(members, X, y, config: GradientConfig) -> tuple[tuple, GradientConfig]:
+    """The probe samples that every engine of a member checks its routes on (so
+    that all its row ranges use the same routes), and ``config`` with the gradient
+    routes of every module the members use."""
+    probe = (materialize(take(X, slice(0, _PROBE_ROWS))), y[:_PROBE_ROWS])
+    modules = [m for member in members for m in member.module.modules()]
+    return probe, replace(config, routes=routes_for(modules, config.routes))
+
+
 def featurize_members(
     members, X, y, *, config: GradientConfig, n_jobs=None, verbose=0, out_file=None
 ) -> list[Features]:
@@ -644,9 +653,7 @@ def featurize_members(
     parts = math.ceil(effective_n_jobs(n_jobs) / len(members))
     step = max(1, math.ceil(n / parts / config.batch_size)) * config.batch_size  # whole batches
     ranges = [(start, min(start + step, n)) for start in range(0, n, step)]
-    probe = (take(X, slice(0, _PROBE_ROWS)), y[:_PROBE_ROWS])
-    modules = [m for member in members for m in member.module.modules()]
-    config = replace(config, routes=routes_for(modules, config.routes))
+    probe, config = featurizing_setup(members, X, y, config)
     # the threads are shared among the members alone, so each batch is computed
     # alike whether its row range runs alone or beside others
     jobs = delayed_tasks(

@@ -69,17 +69,11 @@ def _lower_product(phi: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _gram(phi, residual, device, scale_by_residual: bool) -> torch.Tensor:
-    """``G^T G`` in float64 over row chunks of ``phi`` (numpy, float16 or float32,
-    possibly memory-mapped), with ``G = residual * phi`` or ``phi``."""
-    k = phi.shape[1]
-    gram = torch.zeros(k, k, dtype=torch.float64, device=device)
-    for rows in row_batches(phi.shape[0], 8 * k):
-        g = torch.as_tensor(phi[rows], device=device, dtype=torch.float32)
-        if scale_by_residual:
-            g = g * torch.as_tensor(residual[rows], device=device, dtype=torch.float32)[:, None]
-        gram += _symmetric_gram(g).double()
-    return gram
+def _block_gram(scale_by_residual: bool, g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``G^T G`` of one row block in float64, with ``G = residual * g`` or ``g``."""
+    if scale_by_residual:
+        g = g * residual[:, None]
+    return _symmetric_gram(g).double()
 
 
 def _damped_inverse(gram: torch.Tensor, damping: float, n_rows: int) -> torch.Tensor:
@@ -109,11 +103,14 @@ class AttributionMethod:
     per_layer = False  # features kept per layer, as blocks side by side
     default_damping = 1.0  # damping="auto"
 
-    def fit(self, phi, residual, damping: float, device, layout=None, factors=None):
-        """Per-member state from the training features (numpy arrays of any float
-        dtype, possibly memory-mapped), e.g. an inverse Gram matrix; ``layout`` and
-        ``factors``: the blocks of ``phi``'s columns and their Kronecker factors
-        (see ``_gradients.Features``)."""
+    def fit(self, rows, damping: float, layout=None, factors=None):
+        """Per-member state from the member's training features, e.g. an inverse
+        Gram matrix. ``rows`` (:class:`~sktda._features.MemberRows`): the features'
+        size, ``n`` by ``k``, the ``device`` of the state, and ``rows.sum(fn,
+        *args)``, the sum over row blocks of ``fn(*args, phi, residual)`` (float32
+        tensors), wherever the blocks live. ``layout`` and ``factors``: the blocks of
+        the features' columns and their Kronecker factors (see
+        ``_gradients.Features``)."""
         return None
 
     def train_side(self, state, phi: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -185,8 +182,9 @@ class InfluenceFunction(_DenseInverse):
 
     name = "if"
 
-    def fit(self, phi, residual, damping, device, layout=None, factors=None):
-        return _damped_inverse(_gram(phi, residual, device, True) / phi.shape[0], damping, phi.shape[0])
+    def fit(self, rows, damping, layout=None, factors=None):
+        gram = rows.sum(_block_gram, True).to(rows.device)
+        return _damped_inverse(gram / rows.n, damping, rows.n)
 
     def self_scores(self, factor, phi, residual):
         return residual * factor(phi)
@@ -201,8 +199,8 @@ class TRAK(_DenseInverse):
     name = "trak"
     scales_by_residual = True
 
-    def fit(self, phi, residual, damping, device, layout=None, factors=None):
-        return _damped_inverse(_gram(phi, residual, device, False), damping, phi.shape[0])
+    def fit(self, rows, damping, layout=None, factors=None):
+        return _damped_inverse(rows.sum(_block_gram, False).to(rows.device), damping, rows.n)
 
     def train_side(self, state, phi, residual):
         return phi
@@ -239,7 +237,37 @@ class LayerInverse:
         return out
 
 
-def _layer_inverse(phi, layout, damping: float, device, corrected: bool, factors=None) -> LayerInverse:
+def _layer_blocks(kron, g: torch.Tensor) -> list[torch.Tensor]:
+    """A row block's Kronecker blocks, each ``(rows, k_out, k_in)``."""
+    return [g[:, a:b].reshape(len(g), *shape) for a, b, shape in kron]
+
+
+def _layer_moments(kron, missing, dense, g: torch.Tensor, residual) -> tuple:
+    """One row block's share of each Kronecker block's trace ``sum_j ||G_j||^2``, of
+    the factors ``(S, A)`` of the blocks in ``missing``, and of the dense columns'
+    Gram (all float64)."""
+    gs = _layer_blocks(kron, g)
+    traces = [(G.double() ** 2).sum() for G in gs]
+    moments = [
+        (
+            torch.einsum("noi,npi->op", gs[i], gs[i]).double(),
+            torch.einsum("noi,noj->ij", gs[i], gs[i]).double(),
+        )
+        for i in missing
+    ]
+    gram = None if dense is None else (g[:, dense].T @ g[:, dense]).double()
+    return traces, moments, gram
+
+
+def _corrected_eigenvalues(kron, bases, g: torch.Tensor, residual) -> list[torch.Tensor]:
+    """One row block's share of EK-FAC's eigenvalues, ``sum_j (Q_S^T G_j Q_A)^2``."""
+    return [
+        ((q_out.to(g).T @ G @ q_in.to(g)) ** 2).sum(0).double()
+        for G, (q_out, q_in) in zip(_layer_blocks(kron, g), bases)
+    ]
+
+
+def _layer_inverse(rows, layout, damping: float, corrected: bool, factors=None) -> LayerInverse:
     """The damped inverse of the features' Gauss-Newton matrix ``Phi^T Phi``,
     block-diagonal over the layers of ``layout``.
 
@@ -253,64 +281,37 @@ def _layer_inverse(phi, layout, damping: float, device, corrected: bool, factors
     eigenbasis, ``sum_j (Q_S^T G_j Q_A)^2`` (George et al., 2018). Each block is
     damped on its own, relative to its mean nonzero eigenvalue, ``trace / min(n,
     width)``. The dense blocks together get one damped Gauss-Newton matrix."""
-    n = phi.shape[0]
+    n, device = rows.n, rows.device
     kron = [(a, b, shape) for a, b, shape in layout if shape is not None]
     factors = factors or (None,) * len(kron)
     dense = [torch.arange(a, b) for a, b, shape in layout if shape is None and b > a]
-    dense = torch.cat(dense).to(device) if dense else None
+    dense = torch.cat(dense) if dense else None
+    missing = [i for i, given in enumerate(factors) if given is None]
+    traces, found, gram = rows.sum(_layer_moments, kron, missing, dense)
+    found = dict(zip(missing, found))
     moments = [
-        None
-        if given is None
-        else tuple(torch.as_tensor(t, device=device, dtype=torch.float64) for t in given)
-        for given in factors
+        tuple(torch.as_tensor(t, dtype=torch.float64) for t in given) if given is not None else found[i]
+        for i, given in enumerate(factors)
     ]
-    missing = [i for i, m in enumerate(moments) if m is None]
-    for i in missing:
-        ko, ki = kron[i][2]
-        moments[i] = (
-            torch.zeros(ko, ko, dtype=torch.float64, device=device),
-            torch.zeros(ki, ki, dtype=torch.float64, device=device),
-        )
-    traces = [0.0] * len(kron)
-    gram = None if dense is None else torch.zeros(len(dense), len(dense), dtype=torch.float64, device=device)
-
-    def blocks(rows):
-        g = torch.as_tensor(phi[rows], device=device, dtype=torch.float32)
-        return g, [g[:, a:b].reshape(len(g), *shape) for a, b, shape in kron]
-
-    batches = list(row_batches(n, 8 * phi.shape[1]))
-    for rows in batches:
-        g, gs = blocks(rows)
-        for i, G in enumerate(gs):
-            traces[i] += float((G.double() ** 2).sum())
-        for i in missing:
-            G = gs[i]
-            s, a = moments[i]
-            s += torch.einsum("noi,npi->op", G, G).double()
-            a += torch.einsum("noi,noj->ij", G, G).double()
-        if gram is not None:
-            d = g[:, dense]
-            gram += (d.T @ d).double()
+    moments = [tuple(t.to(device) for t in pair) for pair in moments]
+    traces = [float(t) for t in traces]
     bases = []
     for (s, a), trace in zip(moments, traces):
         (l_out, q_out), (l_in, q_in) = torch.linalg.eigh(s), torch.linalg.eigh(a)
         scale = float(torch.diagonal(s).sum()) * float(torch.diagonal(a).sum())
         eig = torch.outer(l_out.clamp(min=0), l_in.clamp(min=0))
         bases.append([q_out, q_in, eig * (trace / scale) if scale > 0 else eig * 0])
-    if corrected:
-        for basis in bases:
-            basis[2] = torch.zeros_like(basis[2])
-        for rows in batches:
-            _, gs = blocks(rows)
-            for G, basis in zip(gs, bases):
-                q_out, q_in = basis[0].float(), basis[1].float()
-                basis[2] += ((q_out.T @ G @ q_in) ** 2).sum(0).double()
+    if corrected and bases:
+        shipped = [(q_out.float().cpu(), q_in.float().cpu()) for q_out, q_in, _ in bases]
+        for basis, eig in zip(bases, rows.sum(_corrected_eigenvalues, kron, shipped)):
+            basis[2] = eig.to(device)
     layers = []
     for (a, b, _), (q_out, q_in, eig), trace in zip(kron, bases, traces):
         lam = damping * trace / min(n, b - a)
         layers.append((a, b, q_out, q_in, 1.0 / (eig + (lam if lam > 0 else _EPS))))
-    dense_inverse = None if gram is None else _damped_inverse(gram, damping, n)
-    return LayerInverse(layers, dense, dense_inverse)
+    dense_columns = None if dense is None else dense.to(device)
+    dense_inverse = None if gram is None else _damped_inverse(gram.to(device), damping, n)
+    return LayerInverse(layers, dense_columns, dense_inverse)
 
 
 class KFAC(TRAK):
@@ -326,9 +327,9 @@ class KFAC(TRAK):
     self_factor = AttributionMethod.self_factor
     self_scores = AttributionMethod.self_scores
 
-    def fit(self, phi, residual, damping, device, layout=None, factors=None):
-        layout = ((0, phi.shape[1], None),) if layout is None else layout
-        return _layer_inverse(phi, layout, damping, device, self.corrected, factors)
+    def fit(self, rows, damping, layout=None, factors=None):
+        layout = ((0, rows.k, None),) if layout is None else layout
+        return _layer_inverse(rows, layout, damping, self.corrected, factors)
 
     def test_side(self, state, phi):
         return state(phi)

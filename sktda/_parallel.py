@@ -47,3 +47,11 @@ def delayed_tasks(function, arguments: list[tuple[tuple, dict]], share: int | No
     share = len(arguments) if share is None else share
     threads = max(1, torch.get_num_threads() // max(1, share))
     return [delayed(_call)(threads, function, args, kwargs) for args, kwargs in arguments]
+
+
+def active_client():
+    """The ``distributed.Client`` of joblib's active Dask backend, or None."""
+    from joblib.parallel import get_active_backend
+
+    backend, _ = get_active_backend()
+    return getattr(backend, "client", None) if type(backend).__name__ == "DaskDistributedBackend" else None

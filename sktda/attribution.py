@@ -14,12 +14,13 @@ from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
+from ._cluster import featurize_on_cluster
 from ._compat import Interval, StrOptions
 from ._data import call, copy_inputs, n_samples, take, to_torch, validate_predict_data
 from ._features import (
     FeatureFile,
     FeatureStore,
-    MemberFit,
+    LocalShards,
     MemoryPlan,
     check_dense_fits,
     check_free_space,
@@ -27,10 +28,12 @@ from ._features import (
     check_writable_directory,
     features_directory,
     relatif_scale,
+    shard_ranges,
 )
-from ._gradients import feature_blocks
+from ._gradients import feature_blocks, feature_dim
 from ._methods import METHODS, SCORE_DTYPE
 from ._nets import checkpoint_epochs, resolve_device
+from ._parallel import active_client
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
@@ -170,6 +173,16 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         completed refit replaces the file (an interrupted one leaves it), and the
         file (and any temporary directory) is removed when the estimator is
         refitted or garbage collected.
+    cluster_features : bool or "auto", default="auto"
+        Keep the training features on the workers of a Dask cluster: each shard of
+        the training set is featurized, stored and scored on the worker that holds
+        it, and only the residuals, the fitted curvature and the results come back
+        (see "Clusters" in the user guide). ``"auto"``: when ``fit`` runs inside
+        ``joblib.parallel_config(backend="dask")`` with a ``distributed.Client``
+        and ``features_dir`` is None; True: always (refused without a Dask
+        backend); False: the features come back to this process. The fit then
+        lives on the cluster: attribute, most_influential and self_attribute need
+        the client open, and a pickled copy gathers the features.
     %(device)s
     %(n_jobs)s
     %(random_state)s
@@ -246,6 +259,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         "normalize": [StrOptions({"auto", "relatif"}), None],
         "feature_dtype": [StrOptions({"float32", "float16"})],
         "features_dir": [str, os.PathLike, None],
+        "cluster_features": ["boolean", StrOptions({"auto"})],
         "score_n_subsets": [Interval(numbers.Integral, 3, None, closed="left")],
         "score_subset_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
     }
@@ -276,6 +290,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         batch_size=256,
         feature_dtype="float32",
         features_dir=None,
+        cluster_features="auto",
         device="auto",
         n_jobs=None,
         random_state=None,
@@ -306,6 +321,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self.batch_size = batch_size
         self.feature_dtype = feature_dtype
         self.features_dir = features_dir
+        self.cluster_features = cluster_features
         self.device = device
         self.n_jobs = n_jobs
         self.random_state = random_state
@@ -328,6 +344,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
 
     def _check_fit(self, task):
         method = self._method(task)
+        if self.cluster_features is True and self.features_dir is not None:
+            raise ValueError(
+                "cluster_features=True keeps the training features on the Dask workers, and "
+                f"features_dir={self.features_dir!r} asks for them in a file here: set one of them."
+            )
         if method.needs_checkpoints and self.ensemble == "lora":
             raise ValueError(
                 "method='tracin' needs checkpoints of the differentiated parameters, and "
@@ -345,8 +366,27 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         if self.features_dir is not None:
             check_writable_directory(self.features_dir)
 
+    def _client(self):
+        """The Dask client whose workers keep the training features, or None."""
+        if self.cluster_features is False or (
+            self.cluster_features == "auto" and self.features_dir is not None
+        ):
+            return None
+        client = active_client()
+        if client is None and self.cluster_features is True:
+            raise ValueError(
+                "cluster_features=True keeps the training features on a Dask cluster, and no Dask "
+                "backend is active. Fit inside joblib.parallel_config(backend='dask') with a "
+                "distributed.Client, or set cluster_features='auto' or False."
+            )
+        return client
+
     def _check_resources(self, X, task, module, strategy, device):
         features, stages = self._resident(X, task, module, strategy, device)
+        if self._client() is not None:  # the features stay on the workers
+            check_memory(stages)
+            self._features_at = None
+            return
         directory = features_directory(features, self.features_dir, sum(stages.values()))
         if directory is not None:
             check_free_space(directory, features)
@@ -463,30 +503,28 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         method = self._method()()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
         dtype = np.dtype(self.feature_dtype)
-        file = None
-        if self._features_at is not None:  # held by the fit from here, so that a failure removes it
-            file = self._file = FeatureFile(self._features_at, own_directory=self.features_dir is None)
-        out_file = None if file is None else file.path
-        features = self._featurize(members, X, y, task=task, device=device, dtype=dtype, out_file=out_file)
-        if file is not None:
-            phi = np.load(file.path, mmap_mode="r+")
-        elif len(features) == 1:  # a single member's features are kept as they are: no copy
-            phi = features[0].phi[None]
+        client = self._client()
+        if client is None:
+            shards, residuals, layouts, factors = self._features_here(members, X, y, task, device, dtype)
         else:
-            phi = np.stack([f.phi for f in features])
-        residuals = np.stack([f.residual for f in features])
-        self.method_ = method.name
-        fits = [
-            MemberFit(
-                coef=m.coef,
-                state=method.fit(f.phi, f.residual, self._damping(method), device, f.layout, f.factors),
-                phi=member_phi,
-                residual=f.residual,
+            width = len(members) * feature_dim(members[0], self._gradient_config(task, device, dtype))
+            shards, residuals, layouts, factors = featurize_on_cluster(
+                client,
+                members,
+                X,
+                y,
+                config=self._gradient_config(task, torch.device("cpu"), dtype),
+                ranges=shard_ranges(n_samples(X), width * dtype.itemsize, self.batch_size),
+                threads=max(1, torch.get_num_threads() // len(members)),
             )
-            for m, f, member_phi in zip(members, features, phi)
+        _, n, k = shards.shape
+        self._store = FeatureStore(shards, [m.coef for m in members], n, k, getattr(self, "_file", None))
+        self._store.states = [
+            method.fit(self._store.member_rows(i, device), self._damping(method), layout, factor)
+            for i, (layout, factor) in enumerate(zip(layouts, factors))
         ]
-        self._store = FeatureStore(phi, residuals, fits, file)
-        self.train_features_, self.train_residuals_ = phi, residuals
+        self.method_ = method.name
+        self.train_features_, self.train_residuals_ = shards.array(), residuals
         if self.normalize == "relatif" or (self.normalize == "auto" and not self._task.is_sequence):
             # a scale per training sample: float32 is ample, and halves this step's cost
             self._store.column_scale = relatif_scale(
@@ -502,6 +540,29 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             "model_bytes": self.ensemble_.serving_bytes(),
             "n_members": self.n_members_,
         }
+
+    def _features_here(self, members, X, y, task, device, dtype):
+        """The training features computed through joblib and held by this process,
+        in memory or in a file: ``(LocalShards, residuals, layouts, factor sums)``."""
+        file = None
+        if self._features_at is not None:  # held by the fit from here, so that a failure removes it
+            file = self._file = FeatureFile(self._features_at, own_directory=self.features_dir is None)
+        out_file = None if file is None else file.path
+        features = self._featurize(members, X, y, task=task, device=device, dtype=dtype, out_file=out_file)
+        if file is not None:
+            phi = np.load(file.path, mmap_mode="r+")
+        elif len(features) == 1:  # a single member's features are kept as they are: no copy
+            phi = features[0].phi[None]
+        else:
+            phi = np.stack([f.phi for f in features])
+        residuals = np.stack([f.residual for f in features])
+        ranges = shard_ranges(phi.shape[1], phi.shape[0] * phi.shape[2] * dtype.itemsize, self.batch_size)
+        return (
+            LocalShards(phi, residuals, ranges),
+            residuals,
+            [f.layout for f in features],
+            [f.factors for f in features],
+        )
 
     # ------------------------------------------------------------ attribute
     def attribute(self, X, y=None) -> np.ndarray:
@@ -525,7 +586,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         check_is_fitted(self)
         check_dense_fits(n_samples(X), self.train_features_.shape[1])
         test_phis, device = self._test_features(X, y)
-        A = self._store.columns(self._method()(), test_phis, slice(None), device)
+        A = self._store.columns(self._method()(), test_phis, device)
         return A.cpu().numpy().astype(np.float64)
 
     def transform(self, X) -> np.ndarray:
@@ -650,6 +711,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_file", None)  # a copy does not own the file
+        if "_store" in state:  # features kept on a cluster are gathered into the copy
+            state["_store"] = state["_store"].gathered()
+            state["train_features_"] = state["_store"].shards.array()
         return state
 
 

@@ -615,9 +615,9 @@ def test_non_finite_scores_are_refused(fitted_trak, digits):
 
     _, X_test, _, y_test = digits
     broken = copy.deepcopy(fitted_trak)
-    for member in broken._store.members:
-        member.phi = member.phi.copy()
-        member.phi[0, 0] = np.nan
+    shards = broken._store.shards
+    shards.features = shards.features.copy()
+    shards.features[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="attribution scores are not finite"):
         broken.attribute(X_test, y_test)
     with pytest.raises(ValueError, match="not finite"):

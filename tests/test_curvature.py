@@ -12,7 +12,7 @@ from sklearn.base import clone
 from torch import nn
 
 from sktda import EnsembleAttributor
-from sktda._features import FeatureStore, MemberFit
+from sktda._features import FeatureStore, LocalShards
 from sktda._gradients import FactorSums, GradientConfig, featurize, featurize_members, make_engine
 from sktda._layers import assign_routes, layer_widths
 from sktda._methods import EKFAC, KFAC
@@ -67,6 +67,14 @@ def _raw_factors(module, X, y):
         patches = F.unfold(X, 3, padding=1)  # (n, C k k, L)
         return d.flatten(2).transpose(1, 2), patches.transpose(1, 2)
     return F.one_hot(X, 7).float(), d
+
+
+def _store(features, n_shards=1):
+    """A one-member store of ``features``, in ``n_shards`` row ranges."""
+    phi, residual = features.phi[None], features.residual[None]
+    n = phi.shape[1]
+    ranges = [(n * i // n_shards, n * (i + 1) // n_shards) for i in range(n_shards)]
+    return FeatureStore(LocalShards(phi, residual, ranges), [1.0], n, phi.shape[2])
 
 
 def _features(kind, proj_dim):
@@ -136,10 +144,11 @@ def test_factors_and_features_are_the_projected_ones(kind):
 @pytest.mark.parametrize("method", [KFAC, EKFAC])
 def test_scores_match_numpy(kind, method):
     _, _, _, _, _, features = _features(kind, proj_dim=6)
-    state = method().fit(features.phi, features.residual, DAMPING, CPU, features.layout, features.factors)
-    member = MemberFit(coef=1.0, state=state, phi=features.phi, residual=features.residual)
+    store = _store(features)
+    state = method().fit(store.member_rows(0, CPU), DAMPING, features.layout, features.factors)
+    store.states = [state]
     phi = torch.as_tensor(features.phi, dtype=torch.float64)
-    A = FeatureStore(None, None, [member]).columns(method(), [phi], slice(None), CPU).numpy()
+    A = store.columns(method(), [phi], CPU).numpy()
     S, Af = features.factors[0]
     expected = _reference_scores(
         features.phi.reshape(10, 2, 3).astype(np.float64),
@@ -162,7 +171,8 @@ def test_exact_gradients_use_the_per_sample_factors_and_a_dense_block_for_biases
     (features,) = featurize_members([_member(module)], X, y, config=config)
     assert features.layout == ((0, 20, (4, 5)), (20, 24, None))
     assert features.factors is None
-    state = EKFAC().fit(features.phi, features.residual, DAMPING, CPU, features.layout)
+    store = _store(features)
+    store.states[0] = EKFAC().fit(store.member_rows(0, CPU), DAMPING, features.layout)
     G = features.phi[:, :20].reshape(10, 4, 5).astype(np.float64)
     S, A = np.einsum("noi,npi->op", G, G), np.einsum("noi,noj->ij", G, G)
     bias = features.phi[:, 20:].astype(np.float64)
@@ -172,9 +182,8 @@ def test_exact_gradients_use_the_per_sample_factors_and_a_dense_block_for_biases
     expected = (
         _reference_scores(G, r, S, A, True) + bias @ np.linalg.solve(gram + lam * np.eye(4), bias.T) * r
     )
-    member = MemberFit(coef=1.0, state=state, phi=features.phi, residual=features.residual)
     phi = torch.as_tensor(features.phi, dtype=torch.float64)
-    got = FeatureStore(None, None, [member]).columns(EKFAC(), [phi], slice(None), CPU).numpy()
+    got = store.columns(EKFAC(), [phi], CPU).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9 * np.abs(expected).max())
 
 

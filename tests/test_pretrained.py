@@ -218,7 +218,7 @@ def test_per_layer_curvature_on_a_pretrained_module(digits, pretrained, ensemble
         random_state=0,
     ).fit(X_train[75:], y_train[75:])
     # fine-tunes: the hidden layer and the head; LoRA: the adapter's A and B, and the head
-    assert [len(m.state.kron) for m in attr._store.members] == [
+    assert [len(state.kron) for state in attr._store.states] == [
         3 if ensemble == "lora" else 2
     ] * attr.n_members_
     assert np.isfinite(attr.attribute(X_test, y_test)).all()
