@@ -16,6 +16,8 @@ replaced by recomputing its shards, with the same result.
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import torch
 
@@ -33,7 +35,12 @@ def _on_cpu(result):
     return result
 
 
-def _apply(threads: int, fn, block, args, extra):
+def _float64(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().astype(np.float64, copy=False)
+
+
+def _apply(threads: int, fn, block, payload: bytes, extra):
+    args = pickle.loads(payload)  # tensors in memory that torch allocates (see fresh_tensor)
     with _num_threads(threads):
         return _on_cpu(fn(block, *args, *extra))
 
@@ -41,13 +48,17 @@ def _apply(threads: int, fn, block, args, extra):
 class ClusterShards:
     """Shards of training features held by a Dask cluster's workers, one future
     per row range (see the module docstring). Scored on the workers' CPUs, each
-    task with ``threads`` torch threads, as the same work runs in this process."""
+    task with this process's torch threads, as the same work runs here (float32
+    products round differently with different thread counts)."""
 
     device_bound = False
 
-    def __init__(self, client, ranges, blocks, threads: int, dtype, shape):
-        self.client, self.ranges, self.blocks, self.threads = client, ranges, blocks, threads
+    def __init__(self, client, ranges, blocks, dtype, shape, sources=()):
+        self.client, self.ranges, self.blocks = client, ranges, blocks
         self.dtype, self.shape = np.dtype(dtype), shape  # (n_members, n, k)
+        # what the blocks were computed from (the members), held so that the
+        # scheduler can recompute the blocks of a worker lost later
+        self.sources = sources
 
     @property
     def nbytes(self) -> int:
@@ -55,10 +66,14 @@ class ClusterShards:
         return n_members * n * (k * self.dtype.itemsize + 4)
 
     def _submit(self, fn, args, per_shard=None) -> list:
-        shared = self.client.scatter([args], broadcast=True, hash=False)[0]
+        import cloudpickle  # a dependency of dask
+
+        # pickled here and unpickled by torch on the worker: Dask's own transfer of a
+        # tensor can leave it unaligned, and MKL's products round with alignment
+        shared = self.client.scatter([cloudpickle.dumps(args)], broadcast=True, hash=False)[0]
         per_shard = per_shard or [()] * len(self.ranges)
         return [
-            self.client.submit(_apply, self.threads, fn, block, shared, extra, pure=False)
+            self.client.submit(_apply, torch.get_num_threads(), fn, block, shared, extra, pure=False)
             for block, extra in zip(self.blocks, per_shard)
         ]
 
@@ -79,6 +94,21 @@ class ClusterShards:
                 for i in range(0, len(parts), 2)
             ]
         return parts[0].result()
+
+    def lazy(self, fn, *args, per_shard=None, rows: int):
+        """``fn``'s ``(rows, shard size)`` results, as in :meth:`map`, left on the
+        workers as one lazy float64 dask array ``(rows, n)``."""
+        import dask
+        import dask.array as da
+
+        futures = self._submit(fn, args, per_shard)
+        return da.concatenate(
+            [
+                da.from_delayed(dask.delayed(_float64)(f), (rows, b - a), np.float64)
+                for f, (a, b) in zip(futures, self.ranges)
+            ],
+            axis=1,
+        )
 
     def array(self):
         """The features as a lazy dask array ``(n_members, n, k)``, chunked by shard."""
@@ -124,7 +154,8 @@ def featurize_on_cluster(client, members, X, y, *, config, ranges, threads: int)
         for m in range(len(members))
     ]
     shape = (len(members), n_samples(y), widths[0])
-    return ClusterShards(client, ranges, blocks, threads, config.dtype, shape), residuals, layouts, factors
+    shards = ClusterShards(client, ranges, blocks, config.dtype, shape, sources=[shared])
+    return shards, residuals, layouts, factors
 
 
 def _featurize_block(threads: int, shared, X, y, start: int) -> FeatureBlock:

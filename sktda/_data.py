@@ -48,7 +48,9 @@ def take(X, index):
 
 
 def to_torch(X, device=None):
-    """Tensors (on ``device``) of a validated numpy input, or of a dict of them."""
+    """Tensors (on ``device``) of a validated numpy input (a dask array's rows
+    computed), or of a dict of them."""
+    X = materialize(X)
     if isinstance(X, Mapping):
         return {k: to_torch(v, device) for k, v in X.items()}
     if isinstance(X, torch.Tensor):
@@ -72,10 +74,14 @@ def call(function, x, *args):
     return function(x, *args)
 
 
+def is_dask(X) -> bool:
+    return hasattr(X, "__dask_graph__")
+
+
 def materialize(X):
     """A dask collection computed (on the worker running this task, which reads its
     own rows, or here), anything else as it is."""
-    if not hasattr(X, "__dask_graph__"):
+    if not is_dask(X):
         return X
     try:
         from distributed import worker_client
@@ -87,7 +93,10 @@ def materialize(X):
 
 
 def copy_inputs(X):
-    """A copy that does not change when the caller's arrays do."""
+    """A copy that does not change when the caller's arrays do; a dask array is
+    kept as it is (a reference: it may not fit in memory)."""
+    if is_dask(X):
+        return X
     return {k: np.array(v) for k, v in X.items()} if isinstance(X, Mapping) else np.array(X)
 
 
@@ -120,6 +129,8 @@ def check_inputs(X, name: str = "X", min_samples: int = 1, keep_integers: bool =
     X = as_array_like(X)
     if X is None:
         raise ValueError(f"{name} is None; pass the samples.")
+    if is_dask(X):
+        return check_dask(X, name, min_samples, keep_integers)
     if issparse(X):
         raise TypeError(f"Sparse data was passed for {name}, but dense data is required; use X.toarray().")
     if isinstance(X, Mapping):
@@ -149,12 +160,16 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
     """``X`` for ``fit`` (``reset``) or for prediction, checked against fit. 2-D
     numeric tables go through scikit-learn's ``validate_data`` (feature counts and
     names); N-d arrays and dicts are checked against the shapes seen in fit, and
-    ``n_features_in_`` is not set for them."""
+    ``n_features_in_`` is not set for them. A dask array is checked without being
+    brought here for ``fit`` (:func:`check_dask`), and computed for prediction
+    (test sets fit in memory)."""
     X = as_array_like(X)
+    if is_dask(X) and reset:
+        return _validate_dask(estimator, X, keep_integers)
+    X = materialize(X)
     if not (is_dict(X) or hasattr(X, "iloc") or issparse(X)):
         X = np.asarray(X)  # lists and other array-likes
-    tabular = not is_dict(X) and (hasattr(X, "iloc") or issparse(X) or X.ndim <= 2)
-    if tabular:
+    if not is_dict(X) and (hasattr(X, "iloc") or issparse(X) or X.ndim <= 2):
         integer = keep_integers and not hasattr(X, "iloc") and np.asarray(X).dtype.kind in "iu"
         X = validate_data(
             estimator,
@@ -178,6 +193,43 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
             f"X has per-sample shape and kind {spec}, but fit saw {estimator._input_spec}; pass "
             "inputs shaped like the training data."
         )
+    return X
+
+
+def _validate_dask(estimator, X, keep_integers: bool):
+    X = check_dask(X, min_samples=2, keep_integers=keep_integers)
+    for attr in ("n_features_in_", "feature_names_in_"):
+        if hasattr(estimator, attr):
+            delattr(estimator, attr)
+    if X.ndim == 2:
+        estimator.n_features_in_ = X.shape[1]
+    estimator._input_spec = input_spec(X)
+    return X
+
+
+def check_dask(X, name: str = "X", min_samples: int = 1, keep_integers: bool = True):
+    """A dask array of inputs, checked lazily: its shape and kind here, its values
+    by one pass where it lives (the cluster, under a distributed client). Float
+    inputs become float32, lazily."""
+    if any(isinstance(s, float) for s in X.shape):  # NaN: chunks of unknown size
+        raise ValueError(
+            f"{name} is a dask array with unknown chunk sizes; call {name}.compute_chunk_sizes()."
+        )
+    if X.ndim < 2:
+        raise ValueError(
+            f"{name} is 1-D, shape {X.shape}; pass one row per sample, for example reshape(-1, 1)."
+        )
+    if X.shape[0] < min_samples:
+        raise ValueError(f"{name} has {X.shape[0]} sample(s) while a minimum of {min_samples} is required.")
+    if X.dtype.kind not in "iuf":
+        raise TypeError(f"{name} is a dask array of dtype {X.dtype}; pass numbers (float or integer).")
+    if keep_integers and X.dtype.kind in "iu":
+        return X
+    import dask.array as da
+
+    X = X.astype(np.float32)
+    if not bool(da.isfinite(X).all().compute()):
+        raise ValueError(f"Input {name} contains NaN or infinity.")
     return X
 
 

@@ -531,13 +531,23 @@ class TrainedEnsemble:
         model's training is guarded (see :class:`~sktda._nets.TrainingGuard`). The
         caller has checked that the strategy can use the net's module."""
         seeds = [int(s) for s in check_random_state(random_state).randint(0, 2**31 - 1, size=n_models)]
-        callbacks = ()
-        if n_checkpoints:
-            epochs = checkpoint_epochs(estimator.max_epochs, n_checkpoints)
-            callbacks = [(_CHECKPOINT_CALLBACK, LearningRateCheckpoints(epochs))]
+
+        def callbacks():  # each model's own: skorch keeps a callback instance, not a copy
+            if not n_checkpoints:
+                return ()
+            return [
+                (
+                    _CHECKPOINT_CALLBACK,
+                    LearningRateCheckpoints(checkpoint_epochs(estimator.max_epochs, n_checkpoints)),
+                )
+            ]
+
         jobs = delayed_tasks(
             strategy.fit,
-            [((estimator, X, y), dict(seed=s, device=device, task=task, callbacks=callbacks)) for s in seeds],
+            [
+                ((estimator, X, y), dict(seed=s, device=device, task=task, callbacks=callbacks()))
+                for s in seeds
+            ],
         )
         models = run(jobs, n_jobs, n_models, "training", verbose)
         for model in models if n_checkpoints else ():

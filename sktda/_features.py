@@ -95,13 +95,19 @@ class MemoryPlan(NamedTuple):
         return "\n".join(f"{name.replace('_', ' '):>18}: {size / 2**20:12,.1f} MiB" for name, size in rows)
 
 
+def dense_fits(n_test: int, n_train: int) -> bool:
+    """Whether a dense attribution matrix takes under a quarter of the memory
+    available (float64 scores, then the float64 result)."""
+    available = available_memory()
+    return available is None or 16 * n_test * n_train < available // 4
+
+
 def check_dense_fits(n_test: int, n_train: int) -> None:
     """Refuse a dense attribution matrix that cannot fit in memory, and warn when it
     would take a large share of it; ``most_influential`` streams instead."""
-    available = available_memory()
-    needed = 16 * n_test * n_train  # float64 scores, then the float64 result
-    if available is None or needed < available // 4:
+    if dense_fits(n_test, n_train):
         return
+    available, needed = available_memory(), 16 * n_test * n_train
     message = (
         f"attribute would build a dense ({n_test}, {n_train}) matrix, about {needed / 2**30:.1f} GiB, "
         f"with {available / 2**30:.1f} GiB of memory available. Use most_influential(X, y, k), which "
@@ -309,14 +315,22 @@ class MemberRows:
         return self.shards.sum(_member_sum, self.member, rows, device, fn, args)
 
 
+def fresh_tensor(array: np.ndarray, device, dtype) -> torch.Tensor:
+    """A copy of ``array`` in memory that torch allocates: MKL's products round
+    differently with the alignment of their operands, and a view into a shard
+    starts wherever its rows fall, so every block is copied alike, wherever it
+    lives."""
+    return torch.tensor(np.asarray(array), device=device, dtype=dtype)
+
+
 def _member_sum(block: FeatureBlock, member: int, rows_per_block: int, device, fn, args):
     phi, residual = block.features[member], block.residuals[member]
     total = None
     for rows in gen_batches(len(phi), rows_per_block):
         part = fn(
             *args,
-            torch.as_tensor(phi[rows], device=device, dtype=torch.float32),
-            torch.as_tensor(residual[rows], device=device, dtype=torch.float32),
+            fresh_tensor(phi[rows], device, torch.float32),
+            fresh_tensor(residual[rows], device, torch.float32),
         )
         total = part if total is None else add_tree(total, part)
     return total
@@ -379,6 +393,22 @@ class FeatureStore:
         )
         return torch.cat([part.to(device) for part in parts], 1)
 
+    def columns_array(self, method, test_phis):
+        """The same scores as a lazy dask array ``(n_test, n_train)``, each shard's
+        columns computed (and kept) where the shard lives."""
+        where, states = self._scoring(torch.device("cpu"))
+        sides = [method.test_side(state, phi.to(where)) for state, phi in zip(states, test_phis)]
+        return self.shards.lazy(
+            _block_columns,
+            method,
+            self.coefs,
+            states,
+            sides,
+            where,
+            per_shard=self._scales(),
+            rows=len(sides[0]),
+        )
+
     def self_attribution(self, method, device, dtype=SCORE_DTYPE) -> torch.Tensor:
         """The diagonal of the training set's attribution to itself, unscaled, in
         row blocks (``dtype`` float32 where speed matters more than the last
@@ -417,7 +447,7 @@ def _block_columns(block: FeatureBlock, method, coefs, states, sides, device, sc
     rows = slice(0, block.features.shape[1])
     scores = finite(_reduce_members(method, coefs, states, block, rows, device, score), "attribution scores")
     if scale is not None:
-        scores = scores * torch.as_tensor(scale, device=device, dtype=SCORE_DTYPE)
+        scores = scores * fresh_tensor(scale, device, SCORE_DTYPE)
     return scores
 
 
@@ -457,8 +487,8 @@ def _reduce_members(method, coefs, states, block: FeatureBlock, rows, device, sc
     mean residual."""
     out = scale = None
     for m, coef in enumerate(coefs):
-        phi = torch.as_tensor(block.features[m, rows], device=device, dtype=dtype)
-        residual = torch.as_tensor(block.residuals[m, rows], device=device, dtype=dtype)
+        phi = fresh_tensor(block.features[m, rows], device, dtype)
+        residual = fresh_tensor(block.residuals[m, rows], device, dtype)
         part = score(m, states[m], phi, residual).mul_(coef)
         out = part if out is None else out.add_(part)
         if method.scales_by_residual:

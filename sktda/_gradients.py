@@ -691,7 +691,7 @@ def featurize_members(
 def _featurize_rows(member, X, y, *, probe, config, out_file, member_index, start) -> Features:
     probe = (to_torch(probe[0], config.device), to_torch(probe[1], config.device))
     engine = make_engine(member, config, probe)
-    X, y = to_torch(X), to_torch(y)
+    X, y = to_torch(X), to_torch(y)  # a dask array's rows read here, once
     n = n_samples(X)
     if out_file is None:
         out = np.empty((n, engine.out_dim), dtype=config.dtype)

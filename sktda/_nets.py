@@ -21,6 +21,7 @@ from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
 from skorch.utils import multi_indexing
 
+from ._data import materialize
 from ._task import LOG_PROBABILITIES, PROBABILITIES, TARGETS, NetTask
 
 _CLASSIFICATION_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
@@ -286,8 +287,10 @@ def _seeded_fit(net, X, y, seed: int, device: torch.device):
     """``net.fit(X, y)`` with every random draw seeded. Module initialisation,
     dropout during training and the data order all draw on torch's global
     generator; forking it keeps the caller's state untouched and makes the result
-    a function of ``seed`` alone, in any process."""
+    a function of ``seed`` alone, in any process. A dask array ``X`` is computed
+    here, in the process (the worker) that trains."""
     devices = [device.index or 0] if device.type == "cuda" else []
+    X = materialize(X)
     with torch.random.fork_rng(devices=devices), _interrupts_propagate():
         torch.manual_seed(seed)
         net.fit(X, y)

@@ -16,7 +16,7 @@ from sklearn.utils.validation import check_is_fitted, check_scalar
 from ._base import GradientEstimator, fill_doc
 from ._cluster import featurize_on_cluster
 from ._compat import Interval, StrOptions
-from ._data import call, copy_inputs, n_samples, take, to_torch, validate_predict_data
+from ._data import call, copy_inputs, is_dask, n_samples, take, to_torch, validate_predict_data
 from ._features import (
     FeatureFile,
     FeatureStore,
@@ -26,6 +26,7 @@ from ._features import (
     check_free_space,
     check_memory,
     check_writable_directory,
+    dense_fits,
     features_directory,
     relatif_scale,
     shard_ranges,
@@ -427,7 +428,10 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         params = sum(p.numel() * p.element_size() for p in module.parameters())
         return features, {
             "models": self.n_models * params,
-            "inputs": sum(int(np.asarray(v).nbytes) for v in (X.values() if isinstance(X, dict) else [X])),
+            # sktda's copy of the inputs (none of a dask array)
+            "inputs": 0
+            if is_dask(X)
+            else sum(int(np.asarray(v).nbytes) for v in (X.values() if isinstance(X, dict) else [X])),
             "residuals": n_members * n * 4,  # float32, in memory
             "curvature": n_members * 8 * curvature,
             "working": min(get_config()["working_memory"] * 2**20, n * n_members * 3 * width * 4),
@@ -581,11 +585,18 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         -------
         A : ndarray of shape (n_test, n_train)
             ``A[i, j] > 0``: training sample ``j`` raised the test target ``i``
-            (a proponent); ``< 0``: an opponent.
+            (a proponent); ``< 0``: an opponent. With the training features on a
+            Dask cluster (``cluster_features``), a lazy dask array, chunked by
+            shard and computed on the workers, when the dense matrix would take
+            over a quarter of this process's available memory; numpy otherwise.
         """
         check_is_fitted(self)
-        check_dense_fits(n_samples(X), self.train_features_.shape[1])
+        lazy = not self._store.shards.device_bound and not dense_fits(n_samples(X), self._store.n)
+        if not lazy:
+            check_dense_fits(n_samples(X), self._store.n)
         test_phis, device = self._test_features(X, y)
+        if lazy:
+            return self._store.columns_array(self._method()(), test_phis)
         A = self._store.columns(self._method()(), test_phis, device)
         return A.cpu().numpy().astype(np.float64)
 

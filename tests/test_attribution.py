@@ -478,6 +478,20 @@ def test_tracin_under_a_learning_rate_schedule(digits):
     np.testing.assert_allclose(A, expected, rtol=1e-3, atol=1e-6)
 
 
+def test_each_model_keeps_its_own_tracin_checkpoints(digits):
+    """Every model's last checkpoint is its own final weights (a callback shared by
+    the models would give all of them the last model's checkpoints)."""
+    X_train, _, y_train, _ = digits
+    attr = EnsembleAttributor(
+        make_classifier_net(max_epochs=2), method="tracin", n_models=3, n_checkpoints=1, proj_dim=16
+    )
+    attr.fit(X_train, y_train)
+    for model in attr.ensemble_.models:
+        ((_, _, state),) = model.checkpoints
+        for name, value in model.net.module_.state_dict().items():
+            torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+
+
 def test_score_is_the_lds_against_subset_retraining(digits):
     from sktda.metrics import linear_datamodeling_score
     from sktda.model_selection import subset_retraining

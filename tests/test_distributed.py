@@ -78,3 +78,153 @@ def test_a_worker_killed_during_fit_changes_nothing(client, digits):
     thread.join(timeout=300)
     assert not thread.is_alive()
     np.testing.assert_array_equal(result["A"], undisturbed)
+
+
+# ---------------------------------------------------- features kept on the workers
+@pytest.fixture
+def many_shards(monkeypatch):
+    """Shards of a few rows each, so that every reduction crosses shards and workers."""
+    import sktda._features
+
+    monkeypatch.setattr(sktda._features, "SHARD_BYTES", 2**12)
+
+
+@pytest.mark.parametrize("method", ["trak", "ekfac", "tracin"])
+def test_features_kept_on_the_workers_give_the_local_results_bit_for_bit(client, digits, many_shards, method):
+    import pickle
+
+    from joblib import parallel_config
+    from sklearn.base import clone
+
+    from sktda._cluster import ClusterShards
+
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(
+        make_classifier_net(),
+        method=method,
+        n_models=2,
+        n_checkpoints=2,
+        proj_dim=32,
+        batch_size=16,
+        random_state=0,
+    )
+    local = clone(attr).fit(X_train, y_train)
+    with parallel_config(backend="dask"):
+        remote = clone(attr).fit(X_train, y_train)
+    shards = remote._store.shards
+    assert isinstance(shards, ClusterShards) and len(shards.ranges) > 4
+    assert not isinstance(remote.train_features_, np.ndarray)  # a lazy dask array
+    np.testing.assert_array_equal(remote.train_features_.compute(), local.train_features_)
+    np.testing.assert_array_equal(remote.train_residuals_, local.train_residuals_)
+    np.testing.assert_array_equal(remote.attribute(X_test, y_test), local.attribute(X_test, y_test))
+    np.testing.assert_array_equal(remote.self_attribute(), local.self_attribute())
+    for got, expected in zip(
+        remote.most_influential(X_test, y_test, k=7), local.most_influential(X_test, y_test, k=7)
+    ):
+        np.testing.assert_array_equal(got, expected)
+    copy = pickle.loads(pickle.dumps(remote))  # a copy outlives the cluster: it holds the features
+    assert isinstance(copy.train_features_, np.ndarray)
+    np.testing.assert_array_equal(copy.attribute(X_test, y_test), local.attribute(X_test, y_test))
+
+
+def test_a_dask_array_is_read_by_the_workers_and_never_copied(client, digits, many_shards):
+    import os
+
+    import dask.array as da
+    from joblib import parallel_config
+    from sklearn.base import clone
+
+    X_train, X_test, y_train, y_test = digits
+    driver = os.getpid()
+
+    def rows(block, block_info=None):
+        # the driver reads the first rows alone (to check the module on them)
+        if os.getpid() == driver and block_info[None]["chunk-location"][0] > 0:
+            raise AssertionError("the driver read training rows beyond the first chunk")
+        return block
+
+    X_dask = da.from_array(X_train, chunks=32).map_blocks(rows, dtype=X_train.dtype)
+    attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
+    local = clone(attr).fit(X_train, y_train)
+    with parallel_config(backend="dask"):
+        remote = clone(attr).fit(X_dask, y_train)
+    assert remote._X_fit.name == X_dask.astype(np.float32).name  # a reference, not a copy
+    assert remote.n_features_in_ == X_train.shape[1]
+    np.testing.assert_array_equal(remote.attribute(X_test, y_test), local.attribute(X_test, y_test))
+    np.testing.assert_array_equal(
+        clone(attr).fit(X_dask, y_train).attribute(X_test, y_test), local.attribute(X_test, y_test)
+    )
+
+
+def test_attribute_stays_on_the_cluster_when_it_would_not_fit_here(client, digits, many_shards, monkeypatch):
+    from joblib import parallel_config
+
+    import sktda.attribution
+
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
+    with parallel_config(backend="dask"):
+        attr.fit(X_train, y_train)
+    dense = attr.attribute(X_test, y_test)
+    monkeypatch.setattr(sktda.attribution, "dense_fits", lambda n_test, n_train: False)
+    lazy = attr.attribute(X_test, y_test)
+    assert not isinstance(lazy, np.ndarray) and lazy.shape == dense.shape
+    np.testing.assert_array_equal(lazy.compute(), dense)
+
+
+def test_cluster_features_is_refused_without_a_dask_backend_or_with_a_features_dir(digits, tmp_path):
+    from joblib import parallel_config
+
+    X_train, _, y_train, _ = digits
+    attr = EnsembleAttributor(make_classifier_net(max_epochs=1), proj_dim=16, cluster_features=True)
+    with pytest.raises(ValueError, match="no Dask backend is active"):
+        attr.fit(X_train, y_train)
+    with pytest.raises(ValueError, match="features_dir"), parallel_config(backend="dask"):
+        attr.set_params(features_dir=str(tmp_path)).fit(X_train, y_train)
+    assert not hasattr(attr, "ensemble_")
+
+
+@pytest.mark.parametrize("stage", ["featurizing", "scoring"])
+def test_a_worker_killed_while_its_shards_are_featurized_or_scored_changes_nothing(
+    client, digits, many_shards, stage
+):
+    """The shards of a lost worker are recomputed from their lineage (the members and
+    the rows they were featurized from), with the same result bit for bit."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from joblib import parallel_config
+    from sklearn.base import clone
+
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
+    with parallel_config(backend="dask"):
+        undisturbed = clone(attr).fit(X_train, y_train)
+        expected = undisturbed.most_influential(X_test, y_test, k=5), undisturbed.attribute(X_test, y_test)
+        fitted = clone(attr).fit(X_train, y_train) if stage == "scoring" else None
+    client.wait_for_workers(2)
+    task = "_featurize_block" if stage == "featurizing" else "_apply"
+    result = {}
+
+    def work():
+        with parallel_config(backend="dask"):
+            est = fitted if fitted is not None else clone(attr).fit(X_train, y_train)
+            result["got"] = est.most_influential(X_test, y_test, k=5), est.attribute(X_test, y_test)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    deadline, busy = time.monotonic() + 120, []
+    while not busy and time.monotonic() < deadline:
+        busy = [w for w, keys in client.processing().items() if any(task in str(k) for k in keys)]
+        time.sleep(0.005)
+    assert busy, f"no worker ever ran {task}"
+    pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    (top, A), (top_expected, A_expected) = result["got"], expected
+    np.testing.assert_array_equal(A, A_expected)
+    for got, want in zip(top, top_expected):
+        np.testing.assert_array_equal(got, want)
