@@ -20,11 +20,14 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from ._cluster import featurize_on_cluster
 from ._compat import Interval, StrOptions, fit_context
-from ._data import take, validate_fit_data, validate_predict_data
+from ._data import n_samples, take, targets_of, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
-from ._gradients import GRADIENT_PATHS, GradientConfig, featurize_members
+from ._features import LocalShards, shard_ranges
+from ._gradients import GRADIENT_PATHS, GradientConfig, feature_dim, featurize_members
 from ._nets import check_net, check_pretrained, initialized_module, resolve_device, takes_token_ids
+from ._parallel import active_client
 from ._task import NetTask
 
 # One documentation fragment per shared parameter, substituted into both
@@ -128,18 +131,23 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
     }
 
     @fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y=None):
         """Train the ensemble and fit on the training set's gradient features.
 
         Parameters
         ----------
-        X : array-like, torch.Tensor or dict of them, of shape (n_samples, ...)
-            Training inputs: anything the skorch net accepts (tables, N-d arrays
-            such as images, integer token ids, dicts passed to ``forward`` by
-            keyword).
+        X : array-like, torch.Tensor, dict of them, dask array or torch Dataset
+            Training inputs, ``(n_samples, ...)``: anything the skorch net accepts
+            (tables, N-d arrays such as images, integer token ids, dicts passed to
+            ``forward`` by keyword, a map-style ``Dataset`` of ``(x, y)`` items),
+            or a dask array. A dask array or a ``Dataset`` is kept by reference,
+            not copied (do not change the data behind it); its rows are read where
+            they are featurized (on the workers, on a Dask cluster).
         y : array-like or torch.Tensor of shape (n_samples,) or (n_samples, T)
             Training targets: class labels for classifiers, values for regressors,
-            next-token ids for a language model.
+            next-token ids for a language model. Required, except with a
+            ``Dataset``, whose targets are read from it (its ``targets`` or ``y``
+            attribute, else its items) when y is None.
 
         Returns
         -------
@@ -176,6 +184,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
     def _prepare(self, X, y):
         """What a fit on ``(X, y)`` checks and builds before any training: the task,
         the initialised module, the validated data and the ensemble strategy."""
+        y = targets_of(X, y)  # a Dataset's, read once
         task = check_net(self.estimator, self._target(), y)
         check_pretrained(self.estimator, self.pretrained)
         self._check_fit(task)
@@ -260,6 +269,46 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             device=device,
             dtype=dtype,
             per_layer=self._per_layer(),
+        )
+
+    def _client(self):
+        """The Dask client whose workers keep the training features: joblib's active
+        Dask backend's, or None."""
+        return active_client()
+
+    def _training_features(self, members, X, y, *, task, device, dtype=np.float32, out_file=None):
+        """Every member's training features, in shards: ``(shards, residuals
+        (n_members, n), layouts, factor sums)``, one layout and factor sum per
+        member. On a Dask cluster (:meth:`_client`) they stay on its workers
+        (:class:`~sktda._cluster.ClusterShards`); otherwise they are computed
+        through joblib and held here (:class:`~sktda._features.LocalShards`), in
+        memory or memory-mapped from ``out_file``."""
+        client = self._client()
+        if client is not None:
+            width = len(members) * feature_dim(members[0], self._gradient_config(task, device, dtype))
+            return featurize_on_cluster(
+                client,
+                members,
+                X,
+                y,
+                config=self._gradient_config(task, torch.device("cpu"), dtype),
+                ranges=shard_ranges(n_samples(X), width * np.dtype(dtype).itemsize, self.batch_size),
+                threads=max(1, torch.get_num_threads() // len(members)),
+            )
+        features = self._featurize(members, X, y, task=task, device=device, dtype=dtype, out_file=out_file)
+        if out_file is not None:
+            phi = np.load(out_file, mmap_mode="r+")
+        elif len(features) == 1:  # a single member's features are kept as they are: no copy
+            phi = features[0].phi[None]
+        else:
+            phi = np.stack([f.phi for f in features])
+        residuals = np.stack([f.residual for f in features])
+        ranges = shard_ranges(phi.shape[1], phi.shape[0] * phi.shape[2] * phi.itemsize, self.batch_size)
+        return (
+            LocalShards(phi, residuals, ranges),
+            residuals,
+            [f.layout for f in features],
+            [f.factors for f in features],
         )
 
     def _featurize(self, members, X, y, *, task, device, dtype=np.float32, out_file=None):

@@ -41,7 +41,10 @@ def n_samples(X) -> int:
 
 
 def take(X, index):
-    """Rows ``index`` (a slice or indices) of an array, tensor or dict of them."""
+    """Rows ``index`` (a slice, indices or a boolean mask) of an array, tensor or
+    dict of them, or of a torch ``Dataset`` (a ``Subset``: nothing is read)."""
+    if is_dataset(X):
+        return torch.utils.data.Subset(X, _positions(index, len(X)))
     if isinstance(X, Mapping):
         return {k: v[index] for k, v in X.items()}
     return X[index]
@@ -49,8 +52,8 @@ def take(X, index):
 
 def to_torch(X, device=None):
     """Tensors (on ``device``) of a validated numpy input (a dask array's rows
-    computed), or of a dict of them."""
-    X = materialize(X)
+    computed, a ``Dataset``'s inputs read and collated), or of a dict of them."""
+    X = collate_inputs(X) if is_dataset(X) else materialize(X)
     if isinstance(X, Mapping):
         return {k: to_torch(v, device) for k, v in X.items()}
     if isinstance(X, torch.Tensor):
@@ -74,6 +77,57 @@ def call(function, x, *args):
     return function(x, *args)
 
 
+def is_dataset(X) -> bool:
+    """A map-style torch ``Dataset`` (what skorch takes as X, the targets inside)."""
+    return isinstance(X, torch.utils.data.Dataset) and hasattr(X, "__len__")
+
+
+def _positions(index, n: int):
+    if isinstance(index, slice):
+        return range(*index.indices(n))
+    index = np.asarray(index)
+    return np.flatnonzero(index).tolist() if index.dtype == bool else index.tolist()
+
+
+def _items(dataset):
+    """The dataset's items, each checked to be an ``(input, target)`` pair."""
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(
+                f"Item {i} of the Dataset is a {type(item).__name__}, not an (input, target) pair; sktda "
+                "reads the targets from the Dataset, as skorch does: return (x, y) from __getitem__."
+            )
+        yield item
+
+
+def collate_inputs(dataset):
+    """The inputs of every item of ``dataset``, collated into one batch (a tensor,
+    or a dict of them) by torch's ``default_collate``."""
+    from torch.utils.data import default_collate
+
+    return default_collate([x for x, _ in _items(dataset)])
+
+
+def dataset_targets(dataset) -> np.ndarray:
+    """The targets of a ``Dataset``: its ``targets`` or ``y`` attribute when it has
+    one of the right length (torchvision's and skorch's datasets), a ``Subset``'s
+    taken from its dataset's, else read item by item."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_targets(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
+    for name in ("targets", "y"):
+        targets = getattr(dataset, name, None)
+        if targets is not None and not callable(targets) and len(targets) == len(dataset):
+            return np.asarray(as_array_like(targets))
+    return np.stack([np.asarray(as_array_like(y)) for _, y in _items(dataset)])
+
+
+def targets_of(X, y):
+    """``y``, or a ``Dataset``'s own targets when ``y`` is None (given, ``y`` must be
+    them: skorch trains on the Dataset's items)."""
+    return dataset_targets(X) if y is None and is_dataset(X) else y
+
+
 def is_dask(X) -> bool:
     return hasattr(X, "__dask_graph__")
 
@@ -92,10 +146,16 @@ def materialize(X):
         return X.compute()
 
 
+def by_reference(X) -> bool:
+    """Inputs that sktda keeps a reference to, never a copy (they may not fit in
+    memory): a dask array, a ``Dataset``."""
+    return is_dask(X) or is_dataset(X)
+
+
 def copy_inputs(X):
-    """A copy that does not change when the caller's arrays do; a dask array is
-    kept as it is (a reference: it may not fit in memory)."""
-    if is_dask(X):
+    """A copy that does not change when the caller's arrays do; a dask array or a
+    ``Dataset`` is kept as it is (a reference: it may not fit in memory)."""
+    if by_reference(X):
         return X
     return {k: np.array(v) for k, v in X.items()} if isinstance(X, Mapping) else np.array(X)
 
@@ -131,6 +191,8 @@ def check_inputs(X, name: str = "X", min_samples: int = 1, keep_integers: bool =
         raise ValueError(f"{name} is None; pass the samples.")
     if is_dask(X):
         return check_dask(X, name, min_samples, keep_integers)
+    if is_dataset(X):
+        return _check_dataset(X, name, min_samples)
     if issparse(X):
         raise TypeError(f"Sparse data was passed for {name}, but dense data is required; use X.toarray().")
     if isinstance(X, Mapping):
@@ -150,7 +212,10 @@ def check_inputs(X, name: str = "X", min_samples: int = 1, keep_integers: bool =
 
 
 def input_spec(X):
-    """Per-sample shape and kind (float or integer) of every part of an input."""
+    """Per-sample shape and kind (float or integer) of every part of an input (a
+    ``Dataset``'s from its first item)."""
+    if is_dataset(X):
+        return input_spec(map_tensors(as_array_like, to_torch(take(X, slice(0, 1)))))
     if isinstance(X, Mapping):
         return {k: input_spec(v) for k, v in X.items()}
     return (tuple(X.shape[1:]), "integer" if X.dtype.kind in "iu" else "float")
@@ -164,9 +229,18 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
     brought here for ``fit`` (:func:`check_dask`), and computed for prediction
     (test sets fit in memory)."""
     X = as_array_like(X)
-    if is_dask(X) and reset:
-        return _validate_dask(estimator, X, keep_integers)
-    X = materialize(X)
+    if by_reference(X) and reset:
+        X = check_dask(X, min_samples=2, keep_integers=keep_integers) if is_dask(X) else _check_dataset(X)
+        for attr in ("n_features_in_", "feature_names_in_"):
+            if hasattr(estimator, attr):
+                delattr(estimator, attr)
+        if is_dask(X) and X.ndim == 2:
+            estimator.n_features_in_ = X.shape[1]
+        estimator._input_spec = input_spec(X)
+        return X
+    X = (
+        map_tensors(as_array_like, to_torch(X)) if is_dataset(X) else materialize(X)
+    )  # test sets fit in memory
     if not (is_dict(X) or hasattr(X, "iloc") or issparse(X)):
         X = np.asarray(X)  # lists and other array-likes
     if not is_dict(X) and (hasattr(X, "iloc") or issparse(X) or X.ndim <= 2):
@@ -196,14 +270,11 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
     return X
 
 
-def _validate_dask(estimator, X, keep_integers: bool):
-    X = check_dask(X, min_samples=2, keep_integers=keep_integers)
-    for attr in ("n_features_in_", "feature_names_in_"):
-        if hasattr(estimator, attr):
-            delattr(estimator, attr)
-    if X.ndim == 2:
-        estimator.n_features_in_ = X.shape[1]
-    estimator._input_spec = input_spec(X)
+def _check_dataset(X, name: str = "X", min_samples: int = 2):
+    if len(X) < min_samples:
+        raise ValueError(
+            f"The Dataset {name} has {len(X)} item(s) while a minimum of {min_samples} is required."
+        )
     return X
 
 
@@ -241,6 +312,7 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
     classifiers, int64 token ids ``(n, T)`` for sequence targets, a float32 column
     for regressors.
     """
+    y = targets_of(X, y)
     if y is None:
         raise ValueError(f"{type(estimator).__name__} requires y to be passed, but the target y is None.")
     y = check_y(as_array_like(y), task)
@@ -262,6 +334,11 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
                 "which label a sample should have. Pass y with at least two classes.",
                 UserWarning,
                 stacklevel=4,
+            )
+        if is_dataset(X) and not np.array_equal(estimator.classes_, np.arange(len(estimator.classes_))):
+            raise ValueError(
+                f"The Dataset's targets are the classes {estimator.classes_.tolist()[:10]}, and skorch trains "
+                "the net on them as they are: make __getitem__ return class indices 0..n_classes-1."
             )
     return X, encode_y(y, task, getattr(estimator, "classes_", None))
 
@@ -288,6 +365,7 @@ def validate_predict_data(estimator, X, y, task: NetTask):
 
     Returns the inputs and encoded targets, or ``None`` when ``y`` is ``None``.
     """
+    y = targets_of(X, y)
     X = _validate_X(estimator, X, reset=False, keep_integers=estimator._keep_integers)
     if y is None:
         return X, None

@@ -59,8 +59,10 @@ class MemoryPlan(NamedTuple):
     ``featurizing``: a chunk's activations, output gradients and layer inputs as
     the gradient routes read them; ``inputs``:
     sktda's copy of the training inputs (for ``score``); ``features``: the
-    training features and residuals held in memory, and ``features_on_disk`` those
-    memory-mapped from a file instead; ``curvature``: the Gram matrices and
+    training features and residuals held in memory, ``features_on_disk`` those
+    memory-mapped from a file instead, and ``features_on_workers`` those kept on a
+    Dask cluster's workers (each worker holds about its share, plus a shard of
+    about 64 MiB being scored); ``curvature``: the Gram matrices and
     inverses; ``working``: the row blocks that the curvature, the self-attribution
     and ``most_influential`` stream through (scikit-learn's ``working_memory``);
     ``scores``: ``attribute``'s dense matrix of ``n_test`` test samples.
@@ -72,6 +74,7 @@ class MemoryPlan(NamedTuple):
     inputs: int
     features: int
     features_on_disk: int
+    features_on_workers: int
     curvature: int
     working: int
     scores: int

@@ -21,7 +21,7 @@ from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
 from skorch.utils import multi_indexing
 
-from ._data import materialize
+from ._data import is_dataset, materialize, take, to_torch
 from ._task import LOG_PROBABILITIES, PROBABILITIES, TARGETS, NetTask
 
 _CLASSIFICATION_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
@@ -157,7 +157,7 @@ class TrainingGuard(Callback):
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         use_logits(net.module_)
-        head = multi_indexing(X, slice(0, 2))
+        head = to_torch(take(X, slice(0, 2))) if is_dataset(X) else multi_indexing(X, slice(0, 2))
         try:
             out = net.forward(head, training=False)
         except NoLogitsError:
@@ -288,12 +288,13 @@ def _seeded_fit(net, X, y, seed: int, device: torch.device):
     dropout during training and the data order all draw on torch's global
     generator; forking it keeps the caller's state untouched and makes the result
     a function of ``seed`` alone, in any process. A dask array ``X`` is computed
-    here, in the process (the worker) that trains."""
+    here, in the process (the worker) that trains; a ``Dataset`` is read by skorch,
+    its own targets with it."""
     devices = [device.index or 0] if device.type == "cuda" else []
     X = materialize(X)
     with torch.random.fork_rng(devices=devices), _interrupts_propagate():
         torch.manual_seed(seed)
-        net.fit(X, y)
+        net.fit(X, None if is_dataset(X) else y)  # a Dataset holds its targets
     net.module_.eval()  # skorch leaves train mode on; outputs must not be random
     return net
 

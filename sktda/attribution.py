@@ -14,13 +14,11 @@ from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
-from ._cluster import featurize_on_cluster
 from ._compat import Interval, StrOptions
-from ._data import call, copy_inputs, is_dask, n_samples, take, to_torch, validate_predict_data
+from ._data import by_reference, call, copy_inputs, n_samples, take, to_torch, validate_predict_data
 from ._features import (
     FeatureFile,
     FeatureStore,
-    LocalShards,
     MemoryPlan,
     check_dense_fits,
     check_free_space,
@@ -29,12 +27,10 @@ from ._features import (
     dense_fits,
     features_directory,
     relatif_scale,
-    shard_ranges,
 )
-from ._gradients import feature_blocks, feature_dim
+from ._gradients import feature_blocks
 from ._methods import METHODS, SCORE_DTYPE
 from ._nets import checkpoint_epochs, resolve_device
-from ._parallel import active_client
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
@@ -368,12 +364,13 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             check_writable_directory(self.features_dir)
 
     def _client(self):
-        """The Dask client whose workers keep the training features, or None."""
+        """The Dask client whose workers keep the training features (see
+        ``cluster_features``), or None."""
         if self.cluster_features is False or (
             self.cluster_features == "auto" and self.features_dir is not None
         ):
             return None
-        client = active_client()
+        client = super()._client()
         if client is None and self.cluster_features is True:
             raise ValueError(
                 "cluster_features=True keeps the training features on a Dask cluster, and no Dask "
@@ -428,10 +425,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         params = sum(p.numel() * p.element_size() for p in module.parameters())
         return features, {
             "models": self.n_models * params,
-            # sktda's copy of the inputs (none of a dask array)
-            "inputs": 0
-            if is_dask(X)
-            else sum(int(np.asarray(v).nbytes) for v in (X.values() if isinstance(X, dict) else [X])),
+            "inputs": _copied_bytes(X),
             "residuals": n_members * n * 4,  # float32, in memory
             "curvature": n_members * 8 * curvature,
             "working": min(get_config()["working_memory"] * 2**20, n * n_members * 3 * width * 4),
@@ -443,7 +437,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         from joblib import effective_n_jobs
 
         features, stages = self._resident(X, task, module, strategy, device)
-        on_disk = features_directory(features, self.features_dir, sum(stages.values())) is not None
+        on_workers = self._client() is not None
+        on_disk = (
+            not on_workers
+            and features_directory(features, self.features_dir, sum(stages.values())) is not None
+        )
         try:
             activations = _activation_bytes(module, to_torch(take(X, slice(0, 1))))  # per sample
         except Exception as exc:
@@ -461,19 +459,21 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             training=at_once * (4 * params + 2 * activations * self.estimator.batch_size),
             featurizing=at_once * 2 * activations * self.batch_size,
             inputs=stages["inputs"],
-            features=(0 if on_disk else features) + stages["residuals"],
+            features=(0 if on_disk or on_workers else features) + stages["residuals"],
             features_on_disk=features if on_disk else 0,
+            features_on_workers=features if on_workers else 0,
             curvature=stages["curvature"],
             working=stages["working"],
             scores=16 * n_test * n_samples(X),
         )
 
-    def plan_memory(self, X, y, n_test: int = 0) -> MemoryPlan:
+    def plan_memory(self, X, y=None, n_test: int = 0) -> MemoryPlan:
         """The memory a fit on ``(X, y)`` would need, stage by stage, before any
         training: the models, training, sktda's copy of the inputs, the features
         (in memory, or on disk where ``features_dir`` or a lack of memory puts
-        them), the curvature, the streamed row blocks, and ``attribute``'s dense
-        matrix for ``n_test`` test samples.
+        them; inside ``joblib.parallel_config(backend="dask")``, on the cluster's
+        workers), the curvature, the streamed row blocks, and ``attribute``'s
+        dense matrix for ``n_test`` test samples.
 
         Parameters
         ----------
@@ -507,22 +507,14 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         method = self._method()()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
         dtype = np.dtype(self.feature_dtype)
-        client = self._client()
-        if client is None:
-            shards, residuals, layouts, factors = self._features_here(members, X, y, task, device, dtype)
-        else:
-            width = len(members) * feature_dim(members[0], self._gradient_config(task, device, dtype))
-            shards, residuals, layouts, factors = featurize_on_cluster(
-                client,
-                members,
-                X,
-                y,
-                config=self._gradient_config(task, torch.device("cpu"), dtype),
-                ranges=shard_ranges(n_samples(X), width * dtype.itemsize, self.batch_size),
-                threads=max(1, torch.get_num_threads() // len(members)),
-            )
+        file = None
+        if self._features_at is not None:  # held by the fit from here, so that a failure removes it
+            file = self._file = FeatureFile(self._features_at, own_directory=self.features_dir is None)
+        shards, residuals, layouts, factors = self._training_features(
+            members, X, y, task=task, device=device, dtype=dtype, out_file=None if file is None else file.path
+        )
         _, n, k = shards.shape
-        self._store = FeatureStore(shards, [m.coef for m in members], n, k, getattr(self, "_file", None))
+        self._store = FeatureStore(shards, [m.coef for m in members], n, k, file)
         self._store.states = [
             method.fit(self._store.member_rows(i, device), self._damping(method), layout, factor)
             for i, (layout, factor) in enumerate(zip(layouts, factors))
@@ -544,29 +536,6 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             "model_bytes": self.ensemble_.serving_bytes(),
             "n_members": self.n_members_,
         }
-
-    def _features_here(self, members, X, y, task, device, dtype):
-        """The training features computed through joblib and held by this process,
-        in memory or in a file: ``(LocalShards, residuals, layouts, factor sums)``."""
-        file = None
-        if self._features_at is not None:  # held by the fit from here, so that a failure removes it
-            file = self._file = FeatureFile(self._features_at, own_directory=self.features_dir is None)
-        out_file = None if file is None else file.path
-        features = self._featurize(members, X, y, task=task, device=device, dtype=dtype, out_file=out_file)
-        if file is not None:
-            phi = np.load(file.path, mmap_mode="r+")
-        elif len(features) == 1:  # a single member's features are kept as they are: no copy
-            phi = features[0].phi[None]
-        else:
-            phi = np.stack([f.phi for f in features])
-        residuals = np.stack([f.residual for f in features])
-        ranges = shard_ranges(phi.shape[1], phi.shape[0] * phi.shape[2] * dtype.itemsize, self.batch_size)
-        return (
-            LocalShards(phi, residuals, ranges),
-            residuals,
-            [f.layout for f in features],
-            [f.factors for f in features],
-        )
 
     # ------------------------------------------------------------ attribute
     def attribute(self, X, y=None) -> np.ndarray:
@@ -726,6 +695,13 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             state["_store"] = state["_store"].gathered()
             state["train_features_"] = state["_store"].shards.array()
         return state
+
+
+def _copied_bytes(X) -> int:
+    """Bytes of sktda's copy of the inputs (none of a dask array or a Dataset)."""
+    if by_reference(X):
+        return 0
+    return sum(int(np.asarray(v).nbytes) for v in (X.values() if isinstance(X, dict) else [X]))
 
 
 def _activation_bytes(module: torch.nn.Module, batch) -> int:

@@ -23,7 +23,8 @@ from ._compat import (
     num_samples,
     safe_indexing,
 )
-from ._data import is_dict
+from ._data import is_dataset, is_dict, take, targets_of
+from ._features import LocalShards
 
 __all__ = ["FilteredEstimator", "OutlierGradientDetector"]
 
@@ -38,6 +39,16 @@ class _NormScore:
 
     def score_samples(self, G: np.ndarray) -> np.ndarray:
         return -np.linalg.norm(G, ord=self.p, axis=1)
+
+
+def _loss_gradients(block, member: int) -> np.ndarray:
+    """A shard's projected training-loss gradients of one member, ``-residual phi``."""
+    return -block.residuals[member][:, None] * block.features[member]
+
+
+def _norm_scores(block, member: int, p: int) -> np.ndarray:
+    """Minus the L_p norm of each of a shard's loss gradients (see :class:`_NormScore`)."""
+    return _NormScore(p).score_samples(_loss_gradients(block, member))
 
 
 def _otsu_offset(scores: np.ndarray) -> float:
@@ -232,17 +243,20 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
 
     def _fit_features(self, X, y, *, task, device):
         start = time.perf_counter()
-        gradients = self._gradients(X, y, task=task, device=device)
+        shards = self._shards(X, y, task=task, device=device)
         featurize_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        seeds = check_random_state(self.random_state).randint(0, 2**31 - 1, size=len(gradients))
+        seeds = check_random_state(self.random_state).randint(0, 2**31 - 1, size=shards.shape[0])
         groups = self._groups(y)
-        self.detectors_ = [
-            {g: self._fit_detector(G[rows], seed) for g, rows in groups.items()}
-            for G, seed in zip(gradients, seeds)
-        ]
-        self.train_scores_ = self._score(gradients, groups)
+        self.detectors_ = []
+        for m, seed in enumerate(seeds):
+            # a norm reads nothing to fit; any other detector fits on the member's gradients
+            G = None if self._is_norm() else np.concatenate(shards.map(_loss_gradients, m))
+            self.detectors_.append(
+                {g: self._fit_detector(None if G is None else G[rows], seed) for g, rows in groups.items()}
+            )
+        self.train_scores_ = self._score(shards, groups)
         self.offset_ = self._offset(self.train_scores_)
         self.labels_ = np.where(self.train_scores_ < self.offset_, -1, 1)
         self.sample_indices_ = np.flatnonzero(self.labels_ == 1)
@@ -266,7 +280,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
             The mean over members and checkpoints of the detectors' scores.
         """
         task, X, y, device = self._prepare_predict(X, y)
-        return self._score(self._gradients(X, y, task=task, device=device), self._groups(y))
+        return self._score(self._shards(X, y, task=task, device=device, local=True), self._groups(y))
 
     def decision_function(self, X, y=None) -> np.ndarray:
         """Shifted outlier score: negative for outliers.
@@ -319,28 +333,30 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         """
         return self.fit(X, y).labels_
 
-    def fit_resample(self, X, y):
+    def fit_resample(self, X, y=None):
         """Fit, then return the training samples kept (inliers), so the detector
         is a sampler in an ``imblearn.pipeline.Pipeline``.
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features)
+        X : array-like of shape (n_samples, n_features), or torch Dataset
             Training inputs.
-        y : array-like of shape (n_samples,)
-            The given (possibly noisy) labels or targets.
+        y : array-like of shape (n_samples,), default=None
+            The given (possibly noisy) labels or targets; None only with a
+            ``Dataset``, whose own targets are used.
 
         Returns
         -------
         X_kept, y_kept
             The inlier rows, in the types given (numpy arrays, pandas objects,
-            tensors).
+            tensors; a ``Subset`` of a ``Dataset``), and their targets.
         """
         self.fit(X, y)
         return self._fit_resample(X, y)
 
     def _fit_resample(self, X, y):
         keep = self.sample_indices_
+        y = targets_of(X, y)
         if hasattr(self, "classes_"):
             labels = np.asarray(indexable(y)[0])
             lost = np.setdiff1d(np.unique(labels), labels[keep])
@@ -353,6 +369,8 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
                     UserWarning,
                     stacklevel=3,
                 )
+        if is_dataset(X):  # a Subset, read by whoever fits on it
+            return take(X, keep), safe_indexing(indexable(y)[0], keep)
         if is_dict(X):  # a dict of inputs, or skorch's SliceDict, keeps its type
             return type(X)(**{k: safe_indexing(v, keep) for k, v in X.items()}), safe_indexing(
                 indexable(y)[0], keep
@@ -361,9 +379,18 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         return safe_indexing(X, keep), safe_indexing(y, keep)
 
     # ------------------------------------------------------------- helpers
-    def _gradients(self, X, y, *, task, device) -> list[np.ndarray]:
+    def _shards(self, X, y, *, task, device, local=False):
+        """The members' features of ``(X, y)`` in shards (training features on a
+        Dask cluster's workers, unless ``local``)."""
         members = self.ensemble_.members(checkpoints=bool(self.n_checkpoints))
-        return [f.loss_gradients for f in self._featurize(members, X, y, task=task, device=device)]
+        if local:
+            features = self._featurize(members, X, y, task=task, device=device)
+            phi, residuals = np.stack([f.phi for f in features]), np.stack([f.residual for f in features])
+            return LocalShards(phi, residuals, [(0, phi.shape[1])])
+        return self._training_features(members, X, y, task=task, device=device)[0]
+
+    def _is_norm(self) -> bool:
+        return isinstance(self.detector, str) and self.detector in _NORMS
 
     def _groups(self, y: np.ndarray) -> dict:
         if not self.per_class:
@@ -371,8 +398,8 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         y = np.asarray(y).reshape(-1)
         return {int(c): np.flatnonzero(y == c) for c in np.unique(y)}
 
-    def _fit_detector(self, G: np.ndarray, seed: int):
-        if isinstance(self.detector, str) and self.detector in _NORMS:
+    def _fit_detector(self, G: np.ndarray | None, seed: int):
+        if self._is_norm():
             return _NormScore(_NORMS[self.detector])
         if isinstance(self.detector, str):
             from sklearn.ensemble import IsolationForest
@@ -384,9 +411,16 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
                 detector.set_params(random_state=seed)
         return detector.fit(G)
 
-    def _score(self, gradients: list[np.ndarray], groups: dict) -> np.ndarray:
+    def _score(self, shards, groups: dict) -> np.ndarray:
+        """The mean over members of the detectors' scores of the loss gradients in
+        ``shards``: a norm computed shard by shard (where the shards live), any
+        other detector on the member's gradients gathered here."""
         scores = np.zeros(sum(len(rows) for rows in groups.values()))
-        for G, detectors in zip(gradients, self.detectors_):
+        for m, detectors in enumerate(self.detectors_):
+            if self._is_norm():
+                scores += np.concatenate(shards.map(_norm_scores, m, _NORMS[self.detector]))
+                continue
+            G = np.concatenate(shards.map(_loss_gradients, m))
             for g, rows in groups.items():
                 scores[rows] += detectors[g].score_samples(G[rows])
         if not np.all(np.isfinite(scores)):
@@ -394,7 +428,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
                 "The outlier scores are not finite: the detector returned NaN or inf on the "
                 "gradients. Use detector='l2' or 'iforest', or a projection (proj_dim)."
             )
-        return scores / len(gradients)
+        return scores / len(self.detectors_)
 
     def _offset(self, scores: np.ndarray) -> float:
         if self.contamination == "auto":  # outliers are the minority: at most half, as with a fraction

@@ -15,7 +15,17 @@ from sklearn.utils import check_random_state
 from sklearn.utils.parallel import Parallel
 
 from ._compat import HasMethods, Interval, StrOptions, validate_params
-from ._data import as_array_like, check_inputs, check_y, encode_y, input_spec, n_samples, take, to_torch
+from ._data import (
+    as_array_like,
+    check_inputs,
+    check_y,
+    encode_y,
+    input_spec,
+    n_samples,
+    take,
+    targets_of,
+    to_torch,
+)
 from ._nets import (
     check_net,
     check_pretrained,
@@ -75,6 +85,7 @@ def _retrain(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jo
 
 def _prepare(estimator, X, y, X_test, y_test, target):
     """Validated inputs and encoded targets, and the task measured on the test set."""
+    y, y_test = targets_of(X, y), targets_of(X_test, y_test)
     task = check_net(estimator, target, as_array_like(y))
     integers = takes_token_ids(initialized_module(estimator))
     X, X_test = (

@@ -228,3 +228,65 @@ def test_a_worker_killed_while_its_shards_are_featurized_or_scored_changes_nothi
     np.testing.assert_array_equal(A, A_expected)
     for got, want in zip(top, top_expected):
         np.testing.assert_array_equal(got, want)
+
+
+def test_the_memory_plan_puts_the_features_on_the_workers(client, digits):
+    import dask.array as da
+    from joblib import parallel_config
+
+    X_train, _, y_train, _ = digits
+    n = len(X_train)
+    attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=64, random_state=0)
+    here = attr.plan_memory(X_train, y_train)
+    with parallel_config(backend="dask"):
+        there = attr.plan_memory(da.from_array(X_train, chunks=50), y_train)
+    assert (here.features_on_workers, here.features) == (0, 2 * n * (64 * 4 + 4))
+    # the residuals stay here; sktda keeps a reference to a dask array, not a copy
+    assert (there.features_on_workers, there.features, there.inputs) == (2 * n * 64 * 4, 2 * n * 4, 0)
+
+
+def test_a_dataset_is_read_by_the_workers(client, digits, many_shards):
+    """Under the Dask backend the driver reads a Dataset's first items alone (to check
+    the module on them); its targets come from its ``targets`` attribute."""
+    import os
+
+    import torch
+    from joblib import parallel_config
+    from sklearn.base import clone
+    from torch.utils.data import Dataset
+
+    X_train, X_test, y_train, y_test = digits
+    driver = os.getpid()
+
+    class Rows(Dataset):
+        targets = y_train
+
+        def __len__(self):
+            return len(X_train)
+
+        def __getitem__(self, i):
+            if os.getpid() == driver and i >= 8:
+                raise AssertionError(f"the driver read training item {i}")
+            return torch.from_numpy(X_train[i]), int(y_train[i])
+
+    attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
+    expected = clone(attr).fit(X_train, y_train).attribute(X_test, y_test)
+    with parallel_config(backend="dask"):
+        remote = clone(attr).fit(Rows())
+    np.testing.assert_array_equal(remote.attribute(X_test, y_test), expected)
+
+
+@pytest.mark.parametrize("detector", ["l1", "iforest"])
+def test_the_detector_scores_the_workers_shards_as_a_local_fit_does(client, digits, many_shards, detector):
+    from joblib import parallel_config
+    from sklearn.base import clone
+
+    X_train, X_test, y_train, y_test = digits
+    det = OutlierGradientDetector(
+        make_classifier_net(), detector=detector, n_models=2, proj_dim=32, random_state=0
+    )
+    local = clone(det).fit(X_train, y_train)
+    with parallel_config(backend="dask"):
+        remote = clone(det).fit(X_train, y_train)
+    np.testing.assert_array_equal(remote.train_scores_, local.train_scores_)
+    np.testing.assert_array_equal(remote.score_samples(X_test, y_test), local.score_samples(X_test, y_test))
