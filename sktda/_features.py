@@ -61,11 +61,16 @@ class MemoryPlan(NamedTuple):
     sktda's copy of the training inputs (for ``score``); ``features``: the
     training features and residuals held in memory, ``features_on_disk`` those
     memory-mapped from a file instead, and ``features_on_workers`` those kept on a
-    Dask cluster's workers (each worker holds about its share, plus a shard of
-    about 64 MiB being scored); ``curvature``: the Gram matrices and
+    Dask cluster's workers; ``curvature``: the Gram matrices and
     inverses; ``working``: the row blocks that the curvature, the self-attribution
     and ``most_influential`` stream through (scikit-learn's ``working_memory``);
     ``scores``: ``attribute``'s dense matrix of ``n_test`` test samples.
+
+    On a Dask cluster, training, featurizing and the streamed blocks run on the
+    workers, so those stages are 0 here, and ``worker`` estimates what each worker
+    needs at its peak: training a model on the whole training set, or featurizing,
+    beside its share of the features and a few shards' float64 working copies (0
+    without a cluster).
     """
 
     models: int
@@ -78,6 +83,7 @@ class MemoryPlan(NamedTuple):
     curvature: int
     working: int
     scores: int
+    worker: int = 0
 
     @property
     def fit_peak(self) -> int:

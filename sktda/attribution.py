@@ -15,8 +15,19 @@ from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._base import GradientEstimator, fill_doc
 from ._compat import Interval, StrOptions
-from ._data import by_reference, call, copy_inputs, n_samples, take, to_torch, validate_predict_data
+from ._data import (
+    by_reference,
+    call,
+    copy_inputs,
+    is_dask,
+    is_dataset,
+    n_samples,
+    take,
+    to_torch,
+    validate_predict_data,
+)
 from ._features import (
+    SHARD_BYTES,
     FeatureFile,
     FeatureStore,
     MemoryPlan,
@@ -451,20 +462,28 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
                 "when training begins cannot be planned: build it at its final size."
             ) from exc
         params = stages["models"] // self.n_models
-        at_once = min(self.n_models, effective_n_jobs(self.n_jobs))
+        # weights, gradients and two optimizer moments; a batch's activations, kept for the
+        # backward pass, and their gradients (twice them, as measured on an MLP and a CNN)
+        training = 4 * params + 2 * activations * self.estimator.batch_size
+        featurizing = 2 * activations * self.batch_size
+        here = 0 if on_workers else min(self.n_models, effective_n_jobs(self.n_jobs))
+        worker = 0
+        if on_workers:
+            n_workers = max(1, len(self._client().scheduler_info()["workers"]))
+            whole_inputs = _input_bytes(X)  # read by the worker that trains
+            worker = max(training + whole_inputs, featurizing) + features // n_workers + 3 * SHARD_BYTES
         return MemoryPlan(
             models=stages["models"],
-            # weights, gradients and two optimizer moments; a batch's activations, kept for the
-            # backward pass, and their gradients (twice them, as measured on an MLP and a CNN)
-            training=at_once * (4 * params + 2 * activations * self.estimator.batch_size),
-            featurizing=at_once * 2 * activations * self.batch_size,
+            training=here * training,
+            featurizing=here * featurizing,
             inputs=stages["inputs"],
             features=(0 if on_disk or on_workers else features) + stages["residuals"],
             features_on_disk=features if on_disk else 0,
             features_on_workers=features if on_workers else 0,
             curvature=stages["curvature"],
-            working=stages["working"],
+            working=0 if on_workers else stages["working"],
             scores=16 * n_test * n_samples(X),
+            worker=worker,
         )
 
     def plan_memory(self, X, y=None, n_test: int = 0) -> MemoryPlan:
@@ -699,9 +718,17 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
 
 def _copied_bytes(X) -> int:
     """Bytes of sktda's copy of the inputs (none of a dask array or a Dataset)."""
-    if by_reference(X):
+    return 0 if by_reference(X) else _input_bytes(X)
+
+
+def _input_bytes(X) -> int:
+    """Bytes of the inputs (a dask array's as computed; 0 for a Dataset, unknown)."""
+    if is_dataset(X):
         return 0
-    return sum(int(np.asarray(v).nbytes) for v in (X.values() if isinstance(X, dict) else [X]))
+    return sum(
+        int(v.nbytes if is_dask(v) else np.asarray(v).nbytes)
+        for v in (X.values() if isinstance(X, dict) else [X])
+    )
 
 
 def _activation_bytes(module: torch.nn.Module, batch) -> int:

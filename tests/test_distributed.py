@@ -243,6 +243,10 @@ def test_the_memory_plan_puts_the_features_on_the_workers(client, digits):
     assert (here.features_on_workers, here.features) == (0, 2 * n * (64 * 4 + 4))
     # the residuals stay here; sktda keeps a reference to a dask array, not a copy
     assert (there.features_on_workers, there.features, there.inputs) == (2 * n * 64 * 4, 2 * n * 4, 0)
+    # training, featurizing and the streamed blocks run on the workers
+    assert (there.training, there.featurizing, there.working, here.worker) == (0, 0, 0, 0)
+    assert there.worker > there.features_on_workers // 2 + here.training // 2  # two workers
+    assert there.fit_peak < here.fit_peak
 
 
 def test_a_dataset_is_read_by_the_workers(client, digits, many_shards):
