@@ -1,14 +1,18 @@
 """The training features: one owner for where they live, how long they live, and
 the operations the attribution methods need on them.
 
-:class:`FeatureStore` holds every member's training features ``(n_members, n,
-k)`` and residuals, in memory or memory-mapped from a ``.npy`` file, with the
-members' fitted method states (:class:`MemberFit`). A file is the
-store's own (:class:`FeatureFile`): sized and checked before any training, its
-blocks reserved before it is written, removed when the store is released or
-collected; a pickled copy holds the features in memory and owns no file. The
-operations (a block of training columns' scores, the self-attribution, the
-streaming top-k) run over row blocks sized by scikit-learn's ``working_memory``.
+The features are kept in *shards*, row ranges fixed by the data alone
+(:func:`shard_ranges`): in this process (:class:`LocalShards`, in memory or
+memory-mapped from a ``.npy`` file) or on a Dask cluster's workers
+(:class:`~sktda._cluster.ClusterShards`). :class:`FeatureStore` holds them with the
+members' coefficients and fitted method states, and runs every operation shard by
+shard, where the shards live: a member's sums for ``fit`` (:class:`MemberRows`),
+the scores of the training columns, the self-attribution, the streaming top-k.
+Sums over shards are added in one fixed pairwise tree, so the results are the same
+wherever the shards live. A file is the store's own (:class:`FeatureFile`): sized
+and checked before any training, its blocks reserved before it is written, removed
+when the fit is released or collected; a pickled copy holds the features in memory
+and owns no file.
 """
 
 from __future__ import annotations

@@ -96,11 +96,6 @@ class Features:
     layout: tuple = ()
     factors: tuple | None = None
 
-    @property
-    def loss_gradients(self) -> np.ndarray:
-        """Projected per-sample gradients of the training loss."""
-        return -self.residual[:, None] * self.phi
-
 
 class GradientEngine:
     """Interface: ``chunk(x, y)`` -> ``(phi, f, residual)`` tensors for one batch."""

@@ -25,17 +25,9 @@ from __future__ import annotations
 import itertools
 
 import torch
-from sklearn.utils import gen_batches
-
-from ._compat import get_chunk_n_rows
 
 _EPS = 1e-12
 SCORE_DTYPE = torch.float64
-
-
-def row_batches(n_rows: int, row_bytes: int):
-    """Slices of rows that each fit in scikit-learn's ``working_memory``."""
-    return gen_batches(n_rows, max(1, get_chunk_n_rows(row_bytes=row_bytes, max_n_rows=n_rows)))
 
 
 def _column_blocks(k: int) -> list[slice]:
