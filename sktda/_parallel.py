@@ -19,9 +19,23 @@ from tqdm.auto import tqdm
 
 
 def run(jobs, n_jobs: int | None, total: int, desc: str, verbose: int = 0) -> list:
-    """Results of the delayed ``jobs`` in order, with a progress bar when verbose."""
-    results = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
+    """Results of the delayed ``jobs`` in order, with a progress bar when verbose.
+    Under joblib's Dask backend every job is a task on the cluster, whatever
+    ``n_jobs`` and the number of workers (joblib itself runs the jobs here when
+    they resolve to one), so that the driver never reads the training data."""
+    client = active_client()
+    if client is not None:
+        futures = [
+            client.submit(_invoke, function, args, kwargs, pure=False) for function, args, kwargs in jobs
+        ]
+        results = (future.result() for future in futures)
+    else:
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
     return list(tqdm(results, total=total, desc=desc, disable=not verbose))
+
+
+def _invoke(function, args, kwargs):
+    return function(*args, **kwargs)
 
 
 @contextmanager

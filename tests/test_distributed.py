@@ -184,47 +184,83 @@ def test_cluster_features_is_refused_without_a_dask_backend_or_with_a_features_d
     assert not hasattr(attr, "ensemble_")
 
 
-@pytest.mark.parametrize("stage", ["featurizing", "scoring"])
-def test_a_worker_killed_while_its_shards_are_featurized_or_scored_changes_nothing(
-    client, digits, many_shards, stage
-):
-    """The shards of a lost worker are recomputed from their lineage (the members and
-    the rows they were featurized from), with the same result bit for bit."""
+def _kill(client, worker) -> None:
     import os
     import signal
+
+    os.kill(client.run(os.getpid, workers=[worker])[worker], signal.SIGKILL)
+
+
+def test_a_worker_killed_while_featurizing_changes_nothing(client, digits, many_shards):
+    """The tasks of a lost worker are rerun, and its shards recomputed from their
+    lineage (the members and the rows they were featurized from), bit for bit."""
     import threading
     import time
 
+    import torch
+    from joblib import parallel_config
+    from sklearn.base import clone
+    from torch.utils.data import Dataset
+
+    X_train, X_test, y_train, y_test = digits
+
+    class SlowRows(Dataset):
+        """A few milliseconds per item, so that a featurizing task is still running
+        when the test looks for it (defined here: the workers unpickle it by value)."""
+
+        targets = y_train
+
+        def __len__(self):
+            return len(X_train)
+
+        def __getitem__(self, i):
+            time.sleep(0.005)
+            return torch.from_numpy(X_train[i]), int(y_train[i])
+
+    rows = SlowRows()
+    attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
+    with parallel_config(backend="dask"):
+        expected = clone(attr).fit(X_train, y_train).attribute(X_test, y_test)
+    client.wait_for_workers(2)
+    result = {}
+
+    def fit():
+        with parallel_config(backend="dask"):
+            result["A"] = clone(attr).fit(rows).attribute(X_test, y_test)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline, busy = time.monotonic() + 120, []
+    while not busy and time.monotonic() < deadline:
+        busy = [
+            w for w, keys in client.processing().items() if any("_featurize_block" in str(k) for k in keys)
+        ]
+        time.sleep(0.005)
+    assert busy, "no worker ever featurized"
+    _kill(client, busy[0])
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    np.testing.assert_array_equal(result["A"], expected)
+
+
+def test_a_worker_lost_before_scoring_has_its_shards_recomputed(client, digits, many_shards):
     from joblib import parallel_config
     from sklearn.base import clone
 
     X_train, X_test, y_train, y_test = digits
     attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
     with parallel_config(backend="dask"):
-        undisturbed = clone(attr).fit(X_train, y_train)
-        expected = undisturbed.most_influential(X_test, y_test, k=5), undisturbed.attribute(X_test, y_test)
-        fitted = clone(attr).fit(X_train, y_train) if stage == "scoring" else None
+        expected = clone(attr).fit(X_train, y_train)
+        top_expected, A_expected = (
+            expected.most_influential(X_test, y_test, k=5),
+            expected.attribute(X_test, y_test),
+        )
+        fitted = clone(attr).fit(X_train, y_train)
     client.wait_for_workers(2)
-    task = "_featurize_block" if stage == "featurizing" else "_apply"
-    result = {}
-
-    def work():
-        with parallel_config(backend="dask"):
-            est = fitted if fitted is not None else clone(attr).fit(X_train, y_train)
-            result["got"] = est.most_influential(X_test, y_test, k=5), est.attribute(X_test, y_test)
-
-    thread = threading.Thread(target=work)
-    thread.start()
-    deadline, busy = time.monotonic() + 120, []
-    while not busy and time.monotonic() < deadline:
-        busy = [w for w, keys in client.processing().items() if any(task in str(k) for k in keys)]
-        time.sleep(0.005)
-    assert busy, f"no worker ever ran {task}"
-    pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
-    os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive()
-    (top, A), (top_expected, A_expected) = result["got"], expected
+    holders = client.who_has(fitted._store.shards.blocks)
+    _kill(client, next(iter(holders.values()))[0])  # a worker holding shards
+    with parallel_config(backend="dask"):
+        top, A = fitted.most_influential(X_test, y_test, k=5), fitted.attribute(X_test, y_test)
     np.testing.assert_array_equal(A, A_expected)
     for got, want in zip(top, top_expected):
         np.testing.assert_array_equal(got, want)
