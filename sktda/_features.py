@@ -269,18 +269,20 @@ class LocalShards:
     def __init__(self, features, residuals, ranges):
         self.features, self.residuals, self.ranges = features, residuals, ranges
 
+    def _results(self, fn, args, per_shard):
+        per_shard = per_shard or [()] * len(self.ranges)
+        for (a, b), extra in zip(self.ranges, per_shard):
+            yield fn(FeatureBlock(self.features[:, a:b], self.residuals[:, a:b]), *args, *extra)
+
     def map(self, fn, *args, per_shard=None) -> list:
         """``fn(block, *args, *per_shard[i])`` of every shard ``i``, in order."""
-        per_shard = per_shard or [()] * len(self.ranges)
-        return [
-            fn(FeatureBlock(self.features[:, a:b], self.residuals[:, a:b]), *args, *extra)
-            for (a, b), extra in zip(self.ranges, per_shard)
-        ]
+        return list(self._results(fn, args, per_shard))
 
     def sum(self, fn, *args):
         """The sum of ``fn(block, *args)`` over the shards, added pairwise in a fixed
-        tree (as :class:`~sktda._cluster.ClusterShards` adds them on its workers)."""
-        return tree_sum(self.map(fn, *args))
+        tree (as :class:`~sktda._cluster.ClusterShards` adds them on its workers),
+        each shard's result added as soon as it is computed."""
+        return tree_sum(self._results(fn, args, None))
 
     @property
     def nbytes(self) -> int:
@@ -303,13 +305,21 @@ def add_tree(a, b):
     return a + b
 
 
-def tree_sum(parts: list):
-    """The sum of ``parts``, added pairwise, level by level, in order."""
-    while len(parts) > 1:
-        parts = [
-            add_tree(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)
-        ]
-    return parts[0]
+def tree_sum(parts):
+    """The sum of the iterable ``parts``, added pairwise, level by level, in order:
+    ``((p0 + p1) + (p2 + p3)) + ...``, a level's odd last part carried up. Streamed:
+    at most one partial sum per level is held (a binary counter), and the partials
+    left at the end are added from the right, which is the same tree."""
+    stack: list[tuple[int, object]] = []  # (level, partial sum)
+    for part in parts:
+        level = 0
+        while stack and stack[-1][0] == level:
+            part, level = add_tree(stack.pop()[1], part), level + 1
+        stack.append((level, part))
+    total = stack.pop()[1]
+    while stack:
+        total = add_tree(stack.pop()[1], total)
+    return total
 
 
 class MemberRows:

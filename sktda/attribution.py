@@ -439,7 +439,13 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             "inputs": _copied_bytes(X),
             "residuals": n_members * n * 4,  # float32, in memory
             "curvature": n_members * 8 * curvature,
-            "working": min(get_config()["working_memory"] * 2**20, n * n_members * 3 * width * 4),
+            # the blocks streamed within one shard at a time: at most a member's rows of a
+            # shard in float64 and their train side, within scikit-learn's working_memory
+            "working": min(
+                get_config()["working_memory"] * 2**20,
+                n * n_members * 3 * width * 4,
+                2 * (8 // np.dtype(self.feature_dtype).itemsize) * SHARD_BYTES // n_members,
+            ),
         }
 
     def _memory_plan(self, X, task, module, strategy, device, n_test: int = 0) -> MemoryPlan:

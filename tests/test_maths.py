@@ -205,3 +205,36 @@ def test_the_blocked_gram_and_triangular_products_equal_the_plain_ones():
     torch.testing.assert_close(
         TRAK().self_scores(TRAK().self_factor(indefinite), g, residual), ((g @ indefinite) * g).sum(1)
     )
+
+
+def test_the_streamed_tree_sum_adds_in_the_cluster_s_pairwise_order():
+    """Shards in this process are summed as they come (a binary counter, at most one
+    partial per level held); the cluster adds them level by level. The trees must be
+    the same, or a Gram would round differently in the two."""
+    from sktda._features import tree_sum
+
+    class Node:
+        alive = 0
+
+        def __init__(self, tree):
+            self.tree = tree
+            Node.alive += 1
+            Node.most = max(getattr(Node, "most", 0), Node.alive)
+
+        def __del__(self):
+            Node.alive -= 1
+
+        def __add__(self, other):
+            return Node((self.tree, other.tree))
+
+    def levels(parts):
+        while len(parts) > 1:
+            parts = [
+                (parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)
+            ]
+        return parts[0]
+
+    for n in range(1, 70):
+        Node.most = 0
+        assert tree_sum(Node(i) for i in range(n)).tree == levels(list(range(n)))
+        assert Node.most <= 2 * n.bit_length() + 2  # streamed: never all n parts at once
