@@ -238,9 +238,8 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
             estimator.n_features_in_ = X.shape[1]
         estimator._input_spec = input_spec(X)
         return X
-    X = (
-        map_tensors(as_array_like, to_torch(X)) if is_dataset(X) else materialize(X)
-    )  # test sets fit in memory
+    # for prediction: a test set fits in memory
+    X = map_tensors(as_array_like, to_torch(X)) if is_dataset(X) else materialize(X)
     if not (is_dict(X) or hasattr(X, "iloc") or issparse(X)):
         X = np.asarray(X)  # lists and other array-likes
     if not is_dict(X) and (hasattr(X, "iloc") or issparse(X) or X.ndim <= 2):
