@@ -79,7 +79,8 @@ class GradientConfig:
 class Features:
     """Per-sample gradient features of one member.
 
-    ``phi`` (n, k): projected gradient of the target; ``residual`` (n,):
+    ``phi`` (n, k): projected gradient of the target (None from a job that wrote
+    its rows into the features file, which :func:`featurize_members` maps); ``residual`` (n,):
     ``-dL/df`` at the given label (``1 - p_y`` for classifiers, twice ``y - f`` for
     regressors); ``layout``: the blocks of ``phi``'s columns, ``((start, stop,
     shape), ...)``, ``shape`` a Kronecker block's ``(k_out, k_in)`` or None for a
@@ -701,5 +702,5 @@ def _featurize_rows(member, X, y, *, probe, config, out_file, member_index, star
         start // config.batch_size,
     )
     stored.flush()
-    features.phi = None  # the rows live in the file; the caller maps them
+    features.phi = None  # the rows live in the file (see Features)
     return features

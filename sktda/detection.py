@@ -249,14 +249,13 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         start = time.perf_counter()
         seeds = check_random_state(self.random_state).randint(0, 2**31 - 1, size=shards.shape[0])
         groups = self._groups(y)
-        self.detectors_ = []
-        for m, seed in enumerate(seeds):
-            # a norm reads nothing to fit; any other detector fits on the member's gradients
-            G = None if self._is_norm() else np.concatenate(shards.map(_loss_gradients, m))
-            self.detectors_.append(
-                {g: self._fit_detector(None if G is None else G[rows], seed) for g, rows in groups.items()}
-            )
-        self.train_scores_ = self._score(shards, groups)
+        # a norm reads nothing to fit; any other detector fits on each member's gradients
+        gradients = [None if self._is_norm() else self._gradients(shards, m) for m in range(len(seeds))]
+        self.detectors_ = [
+            {g: self._fit_detector(None if G is None else G[rows], seed) for g, rows in groups.items()}
+            for G, seed in zip(gradients, seeds)
+        ]
+        self.train_scores_ = self._score(shards, groups, gradients)
         self.offset_ = self._offset(self.train_scores_)
         self.labels_ = np.where(self.train_scores_ < self.offset_, -1, 1)
         self.sample_indices_ = np.flatnonzero(self.labels_ == 1)
@@ -411,16 +410,22 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
                 detector.set_params(random_state=seed)
         return detector.fit(G)
 
-    def _score(self, shards, groups: dict) -> np.ndarray:
+    @staticmethod
+    def _gradients(shards, member: int) -> np.ndarray:
+        """A member's loss gradients, gathered here from its shards."""
+        return np.concatenate(shards.map(_loss_gradients, member))
+
+    def _score(self, shards, groups: dict, gradients=None) -> np.ndarray:
         """The mean over members of the detectors' scores of the loss gradients in
         ``shards``: a norm computed shard by shard (where the shards live), any
-        other detector on the member's gradients gathered here."""
+        other detector on the member's gradients gathered here (or ``gradients``,
+        gathered already)."""
         scores = np.zeros(sum(len(rows) for rows in groups.values()))
         for m, detectors in enumerate(self.detectors_):
             if self._is_norm():
                 scores += np.concatenate(shards.map(_norm_scores, m, _NORMS[self.detector]))
                 continue
-            G = np.concatenate(shards.map(_loss_gradients, m))
+            G = gradients[m] if gradients is not None else self._gradients(shards, m)
             for g, rows in groups.items():
                 scores[rows] += detectors[g].score_samples(G[rows])
         if not np.all(np.isfinite(scores)):
