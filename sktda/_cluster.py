@@ -16,6 +16,7 @@ replaced by recomputing its shards, with the same result.
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 from ._data import materialize, n_samples, take
 from ._features import FeatureBlock, LocalShards, add_tree
 from ._gradients import FactorSums, _featurize_rows, featurizing_setup
-from ._parallel import _num_threads
+from ._parallel import TASK_LOCK, _num_threads
 
 
 def _on_cpu(result):
@@ -35,13 +36,24 @@ def _on_cpu(result):
     return result
 
 
+def _shared(client, value):
+    """A future of ``value`` that every task of an operation reads. Made by a task
+    (``value`` travels in its spec), not scattered: the scheduler can rerun it
+    when the workers holding it are lost, where scattered data would be gone."""
+    return client.submit(_identity, value, pure=False)
+
+
+def _identity(value):
+    return value
+
+
 def _float64(t: torch.Tensor) -> np.ndarray:
     return t.numpy().astype(np.float64, copy=False)
 
 
 def _apply(threads: int, fn, block, payload: bytes, extra):
     args = pickle.loads(payload)  # tensors in memory that torch allocates (see fresh_tensor)
-    with _num_threads(threads):
+    with TASK_LOCK, _num_threads(threads):
         return _on_cpu(fn(block, *args, *extra))
 
 
@@ -70,7 +82,7 @@ class ClusterShards:
 
         # pickled here and unpickled by torch on the worker: Dask's own transfer of a
         # tensor can leave it unaligned, and MKL's products round with alignment
-        shared = self.client.scatter([cloudpickle.dumps(args)], broadcast=True, hash=False)[0]
+        shared = _shared(self.client, cloudpickle.dumps(args))
         per_shard = per_shard or [()] * len(self.ranges)
         return [
             self.client.submit(_apply, torch.get_num_threads(), fn, block, shared, extra, pure=False)
@@ -141,7 +153,7 @@ def featurize_on_cluster(client, members, X, y, *, config, ranges, threads: int)
     sum (or None) per member. A row range of a dask array is read by the worker
     that featurizes it."""
     probe, config = featurizing_setup(members, X, y, config)
-    shared = client.scatter([(members, probe, config)], broadcast=True, hash=False)[0]
+    shared = _shared(client, (members, probe, config))
     blocks = [
         client.submit(_featurize_block, threads, shared, take(X, slice(a, b)), y[a:b], a, pure=False)
         for a, b in ranges
@@ -159,9 +171,10 @@ def featurize_on_cluster(client, members, X, y, *, config, ranges, threads: int)
 
 
 def _featurize_block(threads: int, shared, X, y, start: int) -> FeatureBlock:
-    members, probe, config = shared
+    # a private copy of the members: the engine hooks their modules while it runs
+    members, probe, config = copy.deepcopy(shared)
     X = materialize(X)
-    with _num_threads(threads):
+    with TASK_LOCK, _num_threads(threads):
         parts = [
             _featurize_rows(m, X, y, probe=probe, config=config, out_file=None, member_index=i, start=start)
             for i, m in enumerate(members)

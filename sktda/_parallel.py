@@ -11,6 +11,7 @@ whether the tasks then run one after another or in parallel.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -48,8 +49,14 @@ def _num_threads(n: int):
         torch.set_num_threads(before)
 
 
+# sktda's tasks run one at a time in a process: they seed torch's global generator and
+# set its thread count, and the gradient engine hooks the modules it differentiates, so
+# two of them in threads of one Dask worker would change each other's results
+TASK_LOCK = threading.RLock()
+
+
 def _call(threads: int, function, args, kwargs):
-    with _num_threads(threads):
+    with TASK_LOCK, _num_threads(threads):
         return function(*args, **kwargs)
 
 

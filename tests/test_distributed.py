@@ -17,8 +17,10 @@ distributed = pytest.importorskip(
 def client():
     from distributed import Client, LocalCluster
 
+    # two threads per worker, as real clusters run: sktda's tasks must not disturb each
+    # other (torch's global generator and thread count, the modules' hooks)
     cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, processes=True
+        n_workers=2, threads_per_worker=2, host="127.0.0.1", dashboard_address=None, processes=True
     )
     with Client(cluster) as client:
         yield client
@@ -249,6 +251,7 @@ def test_a_worker_lost_before_scoring_has_its_shards_recomputed(client, digits, 
 
     X_train, X_test, y_train, y_test = digits
     attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
+    client.wait_for_workers(2)
     with parallel_config(backend="dask"):
         expected = clone(attr).fit(X_train, y_train)
         top_expected, A_expected = (
@@ -330,3 +333,23 @@ def test_the_detector_scores_the_workers_shards_as_a_local_fit_does(client, digi
         remote = clone(det).fit(X_train, y_train)
     np.testing.assert_array_equal(remote.train_scores_, local.train_scores_)
     np.testing.assert_array_equal(remote.score_samples(X_test, y_test), local.score_samples(X_test, y_test))
+
+
+def test_tasks_sharing_a_worker_s_threads_give_the_local_results(digits):
+    """Two models trained, and shards featurized, in threads of one worker: sktda's
+    tasks take turns (torch's generator, its thread count and the modules' hooks are
+    the process's), so the results are the local ones bit for bit."""
+    from distributed import Client, LocalCluster
+    from joblib import parallel_config
+    from sklearn.base import clone
+
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(), method="ekfac", n_models=2, proj_dim=32, random_state=0)
+    expected = clone(attr).fit(X_train, y_train).attribute(X_test, y_test)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, host="127.0.0.1", dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as own,
+        parallel_config(backend="dask", client=own),
+    ):
+        got = clone(attr).fit(X_train, y_train).attribute(X_test, y_test)
+    np.testing.assert_array_equal(got, expected)
