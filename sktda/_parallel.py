@@ -12,11 +12,15 @@ whether the tasks then run one after another or in parallel.
 from __future__ import annotations
 
 import threading
+import warnings
 from contextlib import contextmanager
 
 import torch
+from sklearn import get_config
 from sklearn.utils.parallel import Parallel, delayed
 from tqdm.auto import tqdm
+
+from ._data import materialize
 
 
 def run(jobs, n_jobs: int | None, total: int, desc: str, verbose: int = 0) -> list:
@@ -26,13 +30,22 @@ def run(jobs, n_jobs: int | None, total: int, desc: str, verbose: int = 0) -> li
     they resolve to one), so that the driver never reads the training data."""
     client = active_client()
     if client is not None:
+        # scikit-learn's configuration and warning filters travel with each job, as
+        # scikit-learn's Parallel sends them
+        config, filters = get_config(), warnings.filters
         futures = [
-            client.submit(_invoke, function, args, kwargs, pure=False) for function, args, kwargs in jobs
+            client.submit(_invoke, _configured(function, config, filters), args, kwargs, pure=False)
+            for function, args, kwargs in jobs
         ]
         results = (future.result() for future in futures)
     else:
         results = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
     return list(tqdm(results, total=total, desc=desc, disable=not verbose))
+
+
+def _configured(function, config, filters):
+    with_config = getattr(function, "with_config_and_warning_filters", None)
+    return function if with_config is None else with_config(config, filters)
 
 
 def _invoke(function, args, kwargs):
@@ -56,6 +69,9 @@ TASK_LOCK = threading.RLock()
 
 
 def _call(threads: int, function, args, kwargs):
+    # a dask array is read before the lock is taken: reading it waits on other tasks,
+    # which may need this worker's threads (and sktda's would wait on the lock)
+    args = tuple(materialize(a) for a in args)
     with TASK_LOCK, _num_threads(threads):
         return function(*args, **kwargs)
 
