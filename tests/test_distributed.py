@@ -353,3 +353,32 @@ def test_tasks_sharing_a_worker_s_threads_give_the_local_results(digits):
     ):
         got = clone(attr).fit(X_train, y_train).attribute(X_test, y_test)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_dask_array_on_a_one_thread_worker_does_not_deadlock(digits):
+    """Training reads its dask array on the worker, waiting on the tasks that compute
+    it; a second training task must not hold the worker's only thread meanwhile."""
+    import threading
+
+    import dask.array as da
+    from distributed import Client, LocalCluster
+    from joblib import parallel_config
+
+    X_train, X_test, y_train, y_test = digits
+    attr = EnsembleAttributor(make_classifier_net(max_epochs=2), n_models=2, proj_dim=16, random_state=0)
+    expected = attr.fit(X_train, y_train).attribute(X_test, y_test)
+    result = {}
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster,
+        Client(cluster, set_as_default=False) as own,
+    ):
+
+        def fit():
+            with parallel_config(backend="dask", client=own):
+                result["A"] = attr.fit(da.from_array(X_train, chunks=50), y_train).attribute(X_test, y_test)
+
+        thread = threading.Thread(target=fit, daemon=True)
+        thread.start()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the fit deadlocked on a one-thread worker"
+    np.testing.assert_array_equal(result["A"], expected)
