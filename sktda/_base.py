@@ -276,14 +276,16 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         Dask backend's, or None."""
         return active_client()
 
-    def _training_features(self, members, X, y, *, task, device, dtype=np.float32, out_file=None):
+    def _training_features(
+        self, members, X, y, *, task, device, dtype=np.float32, out_file=None, local=False
+    ):
         """Every member's training features, in shards: ``(shards, residuals
         (n_members, n), layouts, factor sums)``, one layout and factor sum per
         member. On a Dask cluster (:meth:`_client`) they stay on its workers
         (:class:`~sktda._cluster.ClusterShards`); otherwise they are computed
         through joblib and held here (:class:`~sktda._features.LocalShards`), in
-        memory or memory-mapped from ``out_file``."""
-        client = self._client()
+        memory or memory-mapped from ``out_file``, and always with ``local``."""
+        client = None if local else self._client()
         if client is not None:
             width = len(members) * feature_dim(members[0], self._gradient_config(task, device, dtype))
             return featurize_on_cluster(

@@ -231,9 +231,7 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
     X = as_array_like(X)
     if by_reference(X) and reset:
         X = check_dask(X, min_samples=2, keep_integers=keep_integers) if is_dask(X) else _check_dataset(X)
-        for attr in ("n_features_in_", "feature_names_in_"):
-            if hasattr(estimator, attr):
-                delattr(estimator, attr)
+        _forget_feature_counts(estimator)
         if is_dask(X) and X.ndim == 2:
             estimator.n_features_in_ = X.shape[1]
         estimator._input_spec = input_spec(X)
@@ -255,9 +253,7 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
     else:
         X = check_inputs(X, min_samples=2 if reset else 1, keep_integers=keep_integers)
         if reset:
-            for attr in ("n_features_in_", "feature_names_in_"):
-                if hasattr(estimator, attr):
-                    delattr(estimator, attr)
+            _forget_feature_counts(estimator)
     spec = input_spec(X)
     if reset:
         estimator._input_spec = spec
@@ -267,6 +263,13 @@ def _validate_X(estimator, X, *, reset: bool, keep_integers: bool):
             "inputs shaped like the training data."
         )
     return X
+
+
+def _forget_feature_counts(estimator) -> None:
+    """Drop a previous fit's ``n_features_in_`` and ``feature_names_in_``."""
+    for attr in ("n_features_in_", "feature_names_in_"):
+        if hasattr(estimator, attr):
+            delattr(estimator, attr)
 
 
 def _check_dataset(X, name: str = "X", min_samples: int = 2):

@@ -397,10 +397,20 @@ class FeatureStore:
         return copy
 
     # ------------------------------------------------------------- scores
-    def _scoring(self, device):
-        """The device the shards are scored on, and the states there."""
-        device = device if self.shards.device_bound else torch.device("cpu")
-        return device, _states(self.states, device, SCORE_DTYPE)
+    def _where(self, device):
+        """The device the shards are scored on: ``device``, or the workers' CPUs."""
+        return device if self.shards.device_bound else torch.device("cpu")
+
+    def _test_sides(self, method, test_phis, device):
+        """The scoring device, the members' states there, and their test sides
+        (``phi H^-1`` for TRAK), computed once for every shard."""
+        where = self._where(device)
+        states = _states(self.states, where, SCORE_DTYPE)
+        return (
+            where,
+            states,
+            [method.test_side(state, phi.to(where)) for state, phi in zip(states, test_phis)],
+        )
 
     def _scales(self) -> list[tuple]:
         scale = self.column_scale
@@ -409,8 +419,7 @@ class FeatureStore:
     def columns(self, method, test_phis, device) -> torch.Tensor:
         """Checked scores of test features ``test_phis`` (one tensor per member)
         against every training sample, scaled by ``column_scale``."""
-        where, states = self._scoring(device)
-        sides = [method.test_side(state, phi.to(where)) for state, phi in zip(states, test_phis)]
+        where, states, sides = self._test_sides(method, test_phis, device)
         parts = self.shards.map(
             _block_columns, method, self.coefs, states, sides, where, per_shard=self._scales()
         )
@@ -419,8 +428,7 @@ class FeatureStore:
     def columns_array(self, method, test_phis):
         """The same scores as a lazy dask array ``(n_test, n_train)``, each shard's
         columns computed (and kept) where the shard lives."""
-        where, states = self._scoring(torch.device("cpu"))
-        sides = [method.test_side(state, phi.to(where)) for state, phi in zip(states, test_phis)]
+        where, states, sides = self._test_sides(method, test_phis, torch.device("cpu"))
         return self.shards.lazy(
             _block_columns,
             method,
@@ -436,7 +444,7 @@ class FeatureStore:
         """The diagonal of the training set's attribution to itself, unscaled, in
         row blocks (``dtype`` float32 where speed matters more than the last
         digits)."""
-        where = device if self.shards.device_bound else torch.device("cpu")
+        where = self._where(device)
         factors = [method.self_factor(state) for state in _states(self.states, where, dtype)]
         rows = max(1, get_chunk_n_rows(row_bytes=torch.finfo(dtype).bits // 8 * 3 * self.k * len(factors)))
         parts = self.shards.map(_block_self, method, self.coefs, factors, rows, where, dtype)
@@ -447,8 +455,7 @@ class FeatureStore:
         ``(n_test, k)``: every shard's own top ``k``, streamed over blocks of its
         columns, merged in shard order, so that the full score matrix is never held
         and only ``k`` scores per test sample and shard travel."""
-        where, states = self._scoring(device)
-        sides = [method.test_side(state, phi.to(where)) for state, phi in zip(states, test_phis)]
+        where, states, sides = self._test_sides(method, test_phis, device)
         # per training sample: its float64 scores (twice, while merging) and features
         chunk = max(k, get_chunk_n_rows(row_bytes=8 * (2 * len(sides[0]) + self.k)))
         per_shard = [(a, *scale) for (a, _), scale in zip(self.shards.ranges, self._scales())]

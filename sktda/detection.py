@@ -24,7 +24,6 @@ from ._compat import (
     safe_indexing,
 )
 from ._data import is_dataset, is_dict, take, targets_of
-from ._features import LocalShards
 
 __all__ = ["FilteredEstimator", "OutlierGradientDetector"]
 
@@ -382,11 +381,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         """The members' features of ``(X, y)`` in shards (training features on a
         Dask cluster's workers, unless ``local``)."""
         members = self.ensemble_.members(checkpoints=bool(self.n_checkpoints))
-        if local:
-            features = self._featurize(members, X, y, task=task, device=device)
-            phi, residuals = np.stack([f.phi for f in features]), np.stack([f.residual for f in features])
-            return LocalShards(phi, residuals, [(0, phi.shape[1])])
-        return self._training_features(members, X, y, task=task, device=device)[0]
+        return self._training_features(members, X, y, task=task, device=device, local=local)[0]
 
     def _is_norm(self) -> bool:
         return isinstance(self.detector, str) and self.detector in _NORMS
