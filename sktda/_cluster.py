@@ -94,10 +94,10 @@ class ClusterShards:
         the worker holding the shard, gathered here in order."""
         return self.client.gather(self._submit(fn, args, per_shard))
 
-    def sum(self, fn, *args):
-        """The sum of ``fn(block, *args)`` over the shards, added pairwise on the
-        workers in :func:`~sktda._features.tree_sum`'s order."""
-        parts = self._submit(fn, args)
+    def sum(self, fn, *args, per_shard=None):
+        """The sum of ``fn(block, *args, *per_shard[i])`` over the shards ``i``, added
+        pairwise on the workers in :func:`~sktda._features.tree_sum`'s order."""
+        parts = self._submit(fn, args, per_shard)
         while len(parts) > 1:
             parts = [
                 self.client.submit(add_tree, *parts[i : i + 2], pure=False)

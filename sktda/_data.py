@@ -397,3 +397,24 @@ def encode_labels(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
             f"(classes {classes.tolist()}); the net has no output for them."
         )
     return np.searchsorted(classes, y).astype(np.int64)
+
+
+def group_codes(groups, n: int, what: str = "training sample") -> tuple[np.ndarray, int]:
+    """Each sample's index into ``np.unique(groups)`` (``groups``: one label per
+    each of the ``n`` samples), and the number of groups."""
+    groups = np.asarray(groups)
+    if groups.ndim != 1 or len(groups) != n:
+        raise ValueError(
+            f"groups must hold one label per {what}, shape ({n},); got shape {groups.shape}. "
+            f"Pass the group of each {what}, in order."
+        )
+    if groups.dtype.kind == "f" and np.isnan(groups).any():
+        raise ValueError(f"groups contains NaN: give every {what} a group label.")
+    try:
+        labels, codes = np.unique(groups, return_inverse=True)
+    except TypeError as exc:
+        raise TypeError(
+            f"groups' labels must be comparable, to order them as np.unique does ({exc}). "
+            "Pass strings or numbers of one kind."
+        ) from exc
+    return codes.astype(np.int64), len(labels)

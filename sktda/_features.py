@@ -278,11 +278,12 @@ class LocalShards:
         """``fn(block, *args, *per_shard[i])`` of every shard ``i``, in order."""
         return list(self._results(fn, args, per_shard))
 
-    def sum(self, fn, *args):
-        """The sum of ``fn(block, *args)`` over the shards, added pairwise in a fixed
-        tree (as :class:`~sktda._cluster.ClusterShards` adds them on its workers),
-        each shard's result added as soon as it is computed."""
-        return tree_sum(self._results(fn, args, None))
+    def sum(self, fn, *args, per_shard=None):
+        """The sum of ``fn(block, *args, *per_shard[i])`` over the shards ``i``,
+        added pairwise in a fixed tree (as :class:`~sktda._cluster.ClusterShards`
+        adds them on its workers), each shard's result added as soon as it is
+        computed."""
+        return tree_sum(self._results(fn, args, per_shard))
 
     @property
     def nbytes(self) -> int:
@@ -366,14 +367,29 @@ class FeatureStore:
     the scores computed from them, shard by shard.
 
     ``file``: the :class:`FeatureFile` the features are memory-mapped from (None:
-    in memory or on a cluster). ``column_scale``: a factor per training sample
-    applied to every score (RelatIF), or None.
+    in memory or on a cluster). ``sets_per_member``: the feature sets of each
+    ensemble member, consecutive (its TracIn checkpoints; one otherwise), which the
+    standard errors across members group. ``column_scale``: a factor per training
+    sample applied to every score (RelatIF), or None.
     """
 
-    def __init__(self, shards, coefs: list[float], n: int, k: int, file: FeatureFile | None = None):
+    def __init__(
+        self,
+        shards,
+        coefs: list[float],
+        n: int,
+        k: int,
+        file: FeatureFile | None = None,
+        sets_per_member: int = 1,
+    ):
         self.shards, self.coefs, self.n, self.k, self.file = shards, coefs, n, k, file
+        self.sets_per_member = sets_per_member
         self.states: list = [None] * len(coefs)
         self.column_scale: np.ndarray | None = None
+
+    @property
+    def n_members(self) -> int:
+        return len(self.coefs) // self.sets_per_member
 
     @property
     def nbytes(self) -> int:
@@ -416,21 +432,64 @@ class FeatureStore:
         scale = self.column_scale
         return [(None if scale is None else scale[a:b],) for a, b in self.shards.ranges]
 
-    def columns(self, method, test_phis, device) -> torch.Tensor:
+    def _spread(self, return_std: bool) -> int:
+        """``_reduce_members``'s ``per_member``: the standard errors' grouping of the
+        feature sets into members, or 0 for none."""
+        if return_std and self.n_members < 2:
+            raise ValueError(
+                "return_std=True needs the scores of at least 2 ensemble members to estimate a "
+                "standard error, and this fit has 1. Fit with n_models >= 2 (or ensemble='dropout' "
+                "or 'lora', whose masks and adapters are members)."
+            )
+        return self.sets_per_member if return_std else 0
+
+    def columns(self, method, test_phis, device, *, return_std=False):
         """Checked scores of test features ``test_phis`` (one tensor per member)
-        against every training sample, scaled by ``column_scale``."""
+        against every training sample, scaled by ``column_scale``; with
+        ``return_std``, also their standard errors across members."""
         where, states, sides = self._test_sides(method, test_phis, device)
         parts = self.shards.map(
-            _block_columns, method, self.coefs, states, sides, where, per_shard=self._scales()
+            _block_columns,
+            method,
+            self.coefs,
+            states,
+            sides,
+            where,
+            self._spread(return_std),
+            per_shard=self._scales(),
         )
-        return torch.cat([part.to(device) for part in parts], 1)
+        scores = torch.cat([part[0].to(device) for part in parts], 1)
+        if not return_std:
+            return scores
+        return scores, torch.cat([part[1].to(device) for part in parts], 1)
+
+    def group_columns(self, method, test_phis, codes: np.ndarray, n_groups: int, device, *, return_std=False):
+        """The scores of ``test_phis`` (as :meth:`columns` gives them) summed over
+        each group of training samples (``codes``: each sample's group,
+        ``0..n_groups-1``), ``(n_test, n_groups)``; with ``return_std``, also their
+        standard errors across members.
+
+        Every score is linear in a training sample's train side, so each member's
+        train sides are first summed per group, weighted by TRAK's residual scale
+        and ``column_scale`` (one pass over the features, independent of the test
+        set), and the test sides are then scored against ``n_groups`` rows instead
+        of ``n_train``."""
+        where, states, sides = self._test_sides(method, test_phis, device)
+        per_shard = [((codes[a:b]), *scale) for (a, b), scale in zip(self.shards.ranges, self._scales())]
+        groups = self.shards.sum(
+            _block_group_sides, method, self.coefs, states, n_groups, where, per_shard=per_shard
+        )
+        parts = (sides[m] @ groups[m].to(where).T * coef for m, coef in enumerate(self.coefs))
+        scores, std = _ensemble_sum(parts, self._spread(return_std))
+        scores = finite(scores, "attribution scores").to(device)
+        return (scores, std.to(device)) if return_std else scores
 
     def columns_array(self, method, test_phis):
         """The same scores as a lazy dask array ``(n_test, n_train)``, each shard's
         columns computed (and kept) where the shard lives."""
         where, states, sides = self._test_sides(method, test_phis, torch.device("cpu"))
         return self.shards.lazy(
-            _block_columns,
+            _block_scores,
             method,
             self.coefs,
             states,
@@ -450,35 +509,65 @@ class FeatureStore:
         parts = self.shards.map(_block_self, method, self.coefs, factors, rows, where, dtype)
         return finite(torch.cat([part.to(device) for part in parts]), "self-attribution scores")
 
-    def top_k(self, method, test_phis, k: int, device):
-        """``((proponent scores, indices), (opponent scores, indices))``, each
-        ``(n_test, k)``: every shard's own top ``k``, streamed over blocks of its
-        columns, merged in shard order, so that the full score matrix is never held
-        and only ``k`` scores per test sample and shard travel."""
+    def top_k(self, method, test_phis, k: int, device, *, return_std=False):
+        """``((proponent scores, indices[, std]), (opponent scores, indices[,
+        std]))``, each ``(n_test, k)``: every shard's own top ``k``, streamed over
+        blocks of its columns, merged in shard order, so that the full score matrix
+        is never held and only ``k`` scores per test sample and shard travel."""
         where, states, sides = self._test_sides(method, test_phis, device)
-        # per training sample: its float64 scores (twice, while merging) and features
-        chunk = max(k, get_chunk_n_rows(row_bytes=8 * (2 * len(sides[0]) + self.k)))
+        # per training sample: its float64 scores (twice, while merging, and their
+        # spread) and features
+        chunk = max(k, get_chunk_n_rows(row_bytes=8 * ((2 + 2 * return_std) * len(sides[0]) + self.k)))
         per_shard = [(a, *scale) for (a, _), scale in zip(self.shards.ranges, self._scales())]
+        spread = self._spread(return_std)
         top = bottom = None
-        for (t_values, t_index), (b_values, b_index) in self.shards.map(
-            _block_top_k, method, self.coefs, states, sides, k, chunk, where, per_shard=per_shard
+        for shard_top, shard_bottom in self.shards.map(
+            _block_top_k, method, self.coefs, states, sides, k, chunk, where, spread, per_shard=per_shard
         ):
-            top = _merge_topk(top, t_values.to(device), t_index.to(device), k, largest=True)
-            bottom = _merge_topk(bottom, b_values.to(device), b_index.to(device), k, largest=False)
+            top = merge_topk(top, [t.to(device) for t in shard_top], k, largest=True)
+            bottom = merge_topk(bottom, [t.to(device) for t in shard_bottom], k, largest=False)
         return top, bottom
 
 
-def _block_columns(block: FeatureBlock, method, coefs, states, sides, device, scale) -> torch.Tensor:
-    """The scores of a shard's columns (see :meth:`FeatureStore.columns`)."""
+def _block_columns(block: FeatureBlock, method, coefs, states, sides, device, per_member, scale):
+    """The scores of a shard's columns and their standard errors across members
+    (None without ``per_member``; see :meth:`FeatureStore.columns`)."""
 
     def score(m, state, phi, residual):
         return sides[m] @ method.train_side(state, phi, residual).T
 
     rows = slice(0, block.features.shape[1])
-    scores = finite(_reduce_members(method, coefs, states, block, rows, device, score), "attribution scores")
+    scores, std = _reduce_members(method, coefs, states, block, rows, device, score, per_member=per_member)
+    scores = finite(scores, "attribution scores")
     if scale is not None:
-        scores = scores * fresh_tensor(scale, device, SCORE_DTYPE)
-    return scores
+        scale = fresh_tensor(scale, device, SCORE_DTYPE)
+        scores, std = scores * scale, None if std is None else std * scale
+    return scores, std
+
+
+def _block_scores(block: FeatureBlock, method, coefs, states, sides, device, scale) -> torch.Tensor:
+    return _block_columns(block, method, coefs, states, sides, device, 0, scale)[0]
+
+
+def _block_group_sides(block: FeatureBlock, method, coefs, states, n_groups, device, codes, scale):
+    """Each member's train sides of a shard, weighted by TRAK's residual scale and
+    the column ``scale``, summed per group: a list of ``(n_groups, k)`` float64
+    tensors."""
+    codes = torch.as_tensor(np.asarray(codes), device=device)
+    weight = None if scale is None else fresh_tensor(scale, device, SCORE_DTYPE)
+    if method.scales_by_residual:
+        mean = sum(c * fresh_tensor(block.residuals[m], device, SCORE_DTYPE) for m, c in enumerate(coefs))
+        weight = mean / sum(coefs) if weight is None else weight * mean / sum(coefs)
+    sums = []
+    for m, state in enumerate(states):
+        phi = fresh_tensor(block.features[m], device, SCORE_DTYPE)
+        side = method.train_side(state, phi, fresh_tensor(block.residuals[m], device, SCORE_DTYPE))
+        if weight is not None:
+            side = side * weight[:, None]
+        sums.append(
+            torch.zeros(n_groups, side.shape[1], dtype=SCORE_DTYPE, device=device).index_add_(0, codes, side)
+        )
+    return sums
 
 
 def _block_self(block: FeatureBlock, method, coefs, factors, rows_per_block, device, dtype) -> torch.Tensor:
@@ -487,21 +576,24 @@ def _block_self(block: FeatureBlock, method, coefs, factors, rows_per_block, dev
 
     blocks = gen_batches(block.features.shape[1], rows_per_block)
     return torch.cat(
-        [_reduce_members(method, coefs, factors, block, rows, device, score, dtype) for rows in blocks]
+        [_reduce_members(method, coefs, factors, block, rows, device, score, dtype)[0] for rows in blocks]
     )
 
 
-def _block_top_k(block: FeatureBlock, method, coefs, states, sides, k, chunk, device, offset, scale):
+def _block_top_k(
+    block: FeatureBlock, method, coefs, states, sides, k, chunk, device, per_member, offset, scale
+):
     top = bottom = None
     n_test = len(sides[0])
     for columns in gen_batches(block.features.shape[1], chunk):
         part = FeatureBlock(block.features[:, columns], block.residuals[:, columns])
-        scores = _block_columns(
-            part, method, coefs, states, sides, device, None if scale is None else scale[columns]
+        scores, std = _block_columns(
+            part, method, coefs, states, sides, device, per_member, None if scale is None else scale[columns]
         )
         index = torch.arange(offset + columns.start, offset + columns.stop, device=device).expand(n_test, -1)
-        top = _merge_topk(top, scores, index, k, largest=True)
-        bottom = _merge_topk(bottom, scores, index, k, largest=False)
+        found = [scores, index] + ([] if std is None else [std])
+        top = merge_topk(top, found, k, largest=True)
+        bottom = merge_topk(bottom, found, k, largest=False)
     return top, bottom
 
 
@@ -511,29 +603,61 @@ def _states(states: list, device, dtype) -> list:
     return [s.to(device, dtype) if hasattr(s, "to") else s for s in states]
 
 
-def _reduce_members(method, coefs, states, block: FeatureBlock, rows, device, score, dtype=SCORE_DTYPE):
+def _ensemble_sum(parts, per_member: int):
+    """``sum_f part_f`` over the feature sets' coefficient-weighted scores, and, with
+    ``per_member`` (the consecutive feature sets of each member), the standard error
+    of that sum across the members: each member's share ``B_e`` times the number of
+    members ``M`` is one member's estimate of the ensemble's score, so the standard
+    error of their mean is ``sqrt((M sum_e B_e^2 - (sum_e B_e)^2) / (M - 1))``."""
+    total = member = squares = None
+    n_members = 0
+    for f, part in enumerate(parts):
+        if per_member:
+            member = part.clone() if f % per_member == 0 else member.add_(part)
+            if (f + 1) % per_member == 0:
+                squares = member.square() if squares is None else squares.add_(member.square())
+                n_members += 1
+        total = part if total is None else total.add_(part)
+    if not per_member:
+        return total, None
+    variance = (n_members * squares - total.square()).clamp_(min=0) / (n_members - 1)
+    return total, variance.sqrt_()
+
+
+def _reduce_members(
+    method, coefs, states, block: FeatureBlock, rows, device, score, dtype=SCORE_DTYPE, per_member=0
+):
     """``s * sum_m c_m score(m, state_m, phi_m[rows], residual_m[rows])`` over the
-    members' training features in ``block``; ``s`` is TRAK's coefficient-weighted
-    mean residual."""
-    out = scale = None
-    for m, coef in enumerate(coefs):
-        phi = fresh_tensor(block.features[m, rows], device, dtype)
-        residual = fresh_tensor(block.residuals[m, rows], device, dtype)
-        part = score(m, states[m], phi, residual).mul_(coef)
-        out = part if out is None else out.add_(part)
-        if method.scales_by_residual:
-            scale = coef * residual if scale is None else scale.add_(coef * residual)
+    members' training features in ``block``, and its standard error across members
+    with ``per_member`` (see :func:`_ensemble_sum`); ``s`` is TRAK's
+    coefficient-weighted mean residual."""
+    scale = None
+
+    def parts():
+        nonlocal scale
+        for m, coef in enumerate(coefs):
+            phi = fresh_tensor(block.features[m, rows], device, dtype)
+            residual = fresh_tensor(block.residuals[m, rows], device, dtype)
+            yield score(m, states[m], phi, residual).mul_(coef)
+            if method.scales_by_residual:
+                scale = coef * residual if scale is None else scale.add_(coef * residual)
+
+    out, std = _ensemble_sum(parts(), per_member)
     if scale is not None:
-        out.mul_(scale / sum(coefs))
-    return out
+        scale = scale / sum(coefs)
+        out.mul_(scale)
+        if std is not None:
+            std.mul_(scale.abs())
+    return out, std
 
 
-def _merge_topk(current, scores, index, k: int, largest: bool):
+def merge_topk(current, found, k: int, largest: bool):
+    """The top ``k`` of ``found`` (scores, indices and any aligned tensors, each
+    ``(n_test, columns)``) and ``current`` (the same, or None) by score."""
     if current is not None:
-        scores = torch.cat([current[0], scores], 1)
-        index = torch.cat([current[1], index], 1)
-    values, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=largest, sorted=True)
-    return values, torch.gather(index, 1, pos)
+        found = [torch.cat([a, b], 1) for a, b in zip(current, found)]
+    values, pos = torch.topk(found[0], min(k, found[0].shape[1]), dim=1, largest=largest, sorted=True)
+    return [values] + [torch.gather(t, 1, pos) for t in found[1:]]
 
 
 def finite(scores: torch.Tensor, what: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ._data import (
     by_reference,
     call,
     copy_inputs,
+    group_codes,
     is_dask,
     is_dataset,
     n_samples,
@@ -37,6 +38,7 @@ from ._features import (
     check_writable_directory,
     dense_fits,
     features_directory,
+    merge_topk,
     relatif_scale,
 )
 from ._gradients import feature_blocks
@@ -50,13 +52,36 @@ __all__ = ["EnsembleAttributor", "Influence"]
 
 
 class Influence(NamedTuple):
-    """Top-k training samples per test sample: indices into the training set and
-    their scores, proponents by decreasing score, opponents by increasing score."""
+    """Top-k training samples (or groups) per test sample: indices into the
+    training set (or into ``np.unique(groups)``) and their scores, proponents by
+    decreasing score, opponents by increasing score; with ``return_std=True``,
+    the scores' standard errors across ensemble members (None otherwise)."""
 
     proponents: np.ndarray
     proponent_scores: np.ndarray
     opponents: np.ndarray
     opponent_scores: np.ndarray
+    proponent_std: np.ndarray | None = None
+    opponent_std: np.ndarray | None = None
+
+    def distinguishable(self, z: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+        """Which proponents and opponents are distinguishable from zero: their
+        score is more than ``z`` standard errors across members away from it (the
+        default, 2, is about a 95%% two-sided normal interval; the members are few,
+        so treat it as a screen, not a test).
+
+        Returns
+        -------
+        proponents, opponents : ndarray of bool, each of shape (n_test, k)
+        """
+        if self.proponent_std is None:
+            raise ValueError(
+                "distinguishable needs the standard errors: call most_influential(..., return_std=True)."
+            )
+        return (
+            self.proponent_scores > z * self.proponent_std,
+            self.opponent_scores < -z * self.opponent_std,
+        )
 
 
 @fill_doc
@@ -219,6 +244,14 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     train_residuals_ : ndarray of shape (n_feature_sets, n_train)
         The residual ``-dL/df`` of every training sample in every feature set
         (``1 - p`` for classifiers, twice ``y - f`` for regressors).
+    units_scale_ : float
+        Set by ``calibrate_units``: the factor that turns a score into the
+        predicted change of the test target when the training sample is added
+        (``attribute(..., units="target")``).
+    units_correlation_ : float
+        Set by ``calibrate_units``: the Pearson correlation, on the calibration
+        set, between the retrained subset models' outputs and the outputs the
+        calibrated scores predict (both centred per test sample).
     costs_ : dict
         ``train_seconds``, ``featurize_seconds``, ``feature_bytes``,
         ``model_bytes`` and ``n_members``.
@@ -539,7 +572,10 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             members, X, y, task=task, device=device, dtype=dtype, out_file=None if file is None else file.path
         )
         _, n, k = shards.shape
-        self._store = FeatureStore(shards, [m.coef for m in members], n, k, file)
+        n_members = self.n_models * self.ensemble_.strategy.members_per_model
+        self._store = FeatureStore(
+            shards, [m.coef for m in members], n, k, file, sets_per_member=len(members) // n_members
+        )
         self._store.states = [
             method.fit(self._store.member_rows(i, device), self._damping(method), layout, factor)
             for i, (layout, factor) in enumerate(zip(layouts, factors))
@@ -551,7 +587,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             self._store.column_scale = relatif_scale(
                 self._store.self_attribution(method, device, torch.float32)
             )
-        self.n_members_ = self.n_models * self.ensemble_.strategy.members_per_model
+        self.n_members_ = n_members
         self._n_features_out = len(y)
         # a copy: the fitted estimator must not change when the caller's arrays do
         self._X_fit, self._y_fit = copy_inputs(X), np.array(y)
@@ -563,8 +599,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         }
 
     # ------------------------------------------------------------ attribute
-    def attribute(self, X, y=None) -> np.ndarray:
-        """Attribution of every training sample to every test sample.
+    def attribute(self, X, y=None, *, groups=None, return_std=False, units="score"):
+        """Attribution of every training sample (or group of them) to every test
+        sample.
 
         Parameters
         ----------
@@ -574,25 +611,70 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             Test targets whose prediction is attributed; None uses the ensemble's
             predicted labels (irrelevant for regressors, whose target is the
             prediction itself).
+        groups : array-like of shape (n_train,), default=None
+            One label per training sample (a data source, an annotator, a file).
+            The scores are then summed per group, columns in ``np.unique(groups)``
+            order. A group's score is the sum of its samples' scores (normalised
+            as ``normalize`` says): the linear datamodel makes that sum the
+            predicted effect of the whole group. Each member's training gradients
+            are summed per group before the test side meets them, so this costs
+            one pass over the features, and less than per-sample attribution.
+        return_std : bool, default=False
+            Also return the standard error of each score across the ensemble's
+            members: the standard deviation of the members' estimates over the
+            square root of their number (``n_members_``; TracIn's checkpoints of
+            one model are one member). Needs at least 2 members.
+        units : {"score", "target"}, default="score"
+            ``"score"``: the method's own scale (normalised as ``normalize``
+            says). ``"target"``: those scores times ``units_scale_`` (set by
+            ``calibrate_units``), each the predicted change in the test target
+            (the margin, or the regression output) that the training sample
+            causes; removing it is predicted to change the target by minus that.
 
         Returns
         -------
-        A : ndarray of shape (n_test, n_train)
+        A : ndarray of shape (n_test, n_train), or (n_test, n_groups) with groups
             ``A[i, j] > 0``: training sample ``j`` raised the test target ``i``
             (a proponent); ``< 0``: an opponent. With the training features on a
             Dask cluster (``cluster_features``), a lazy dask array, chunked by
             shard and computed on the workers, when the dense matrix would take
             over a quarter of this process's available memory; numpy otherwise.
+        std : ndarray of the same shape
+            With ``return_std=True``: the standard errors.
         """
         check_is_fitted(self)
+        if units not in ("score", "target"):
+            raise ValueError(f"units must be 'score' or 'target', got {units!r}.")
+        factor = 1.0
+        if units == "target":
+            if not hasattr(self, "units_scale_"):
+                raise ValueError(
+                    "units='target' needs the calibration of the scores to the target's units: call "
+                    "calibrate_units(X, y) first (it retrains the subset models that score uses)."
+                )
+            factor = self.units_scale_
+        method = self._method()()
+        if groups is not None:
+            codes, n_groups = self._group_codes(groups)
+            test_phis, device = self._test_features(X, y)
+            out = self._store.group_columns(method, test_phis, codes, n_groups, device, return_std=return_std)
+            return _scaled(out, factor)
         lazy = not self._store.shards.device_bound and not dense_fits(n_samples(X), self._store.n)
+        if lazy and return_std:
+            raise ValueError(
+                "return_std=True needs the dense (n_test, n_train) matrix in this process, and with the "
+                "features on the cluster it would not fit: attribute fewer test samples at a time, or pass groups."
+            )
         if not lazy:
             check_dense_fits(n_samples(X), self._store.n)
         test_phis, device = self._test_features(X, y)
         if lazy:
-            return self._store.columns_array(self._method()(), test_phis)
-        A = self._store.columns(self._method()(), test_phis, device)
-        return A.cpu().numpy().astype(np.float64)
+            return self._store.columns_array(method, test_phis)
+        out = self._store.columns(method, test_phis, device, return_std=return_std)
+        return _scaled(out, factor)
+
+    def _group_codes(self, groups) -> tuple[np.ndarray, int]:
+        return group_codes(groups, self._store.n)
 
     def transform(self, X) -> np.ndarray:
         """Attributions for the ensemble's own predictions on ``X``.
@@ -622,7 +704,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         scores = self._store.self_attribution(self._method()(), resolve_device(self.device))
         return scores.cpu().numpy().astype(np.float64)
 
-    def most_influential(self, X, y=None, k: int = 10) -> Influence:
+    def most_influential(self, X, y=None, k: int = 10, *, groups=None, return_std=False) -> Influence:
         """The ``k`` strongest proponents and opponents per test sample.
 
         Streams over the training set in chunks sized by scikit-learn's
@@ -636,24 +718,51 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         y : array-like of shape (n_test,), default=None
             As in ``attribute``.
         k : int, default=10
-            Number of proponents and of opponents, at most ``n_train``.
+            Number of proponents and of opponents, at most ``n_train`` (or the
+            number of groups).
+        groups : array-like of shape (n_train,), default=None
+            One label per training sample: rank the groups by their summed
+            scores (see ``attribute``), and return indices into
+            ``np.unique(groups)``.
+        return_std : bool, default=False
+            Also return the scores' standard errors across members
+            (``proponent_std``, ``opponent_std``), so that
+            ``Influence.distinguishable`` can say which are distinguishable from
+            zero.
 
         Returns
         -------
         Influence
-            ``proponents``/``opponents`` (n_test, k) training indices and their
-            ``proponent_scores``/``opponent_scores``.
+            ``proponents``/``opponents`` (n_test, k) training indices (or group
+            indices) and their ``proponent_scores``/``opponent_scores``.
         """
         check_is_fitted(self)
-        n_train = self.train_features_.shape[1]
-        check_scalar(k, "k", numbers.Integral, min_val=1, max_val=n_train)
-        test_phis, device = self._test_features(X, y)
-        top, bottom = self._store.top_k(self._method()(), test_phis, k, device)
+        if groups is not None:
+            codes, n_groups = self._group_codes(groups)
+            check_scalar(k, "k", numbers.Integral, min_val=1, max_val=n_groups)
+            test_phis, device = self._test_features(X, y)
+            out = self._store.group_columns(
+                self._method()(), test_phis, codes, n_groups, device, return_std=return_std
+            )
+            scores, std = out if return_std else (out, None)
+            index = torch.arange(n_groups, device=scores.device).expand(len(scores), -1)
+            found = [scores, index] + ([] if std is None else [std])
+            top, bottom = merge_topk(None, found, k, largest=True), merge_topk(None, found, k, largest=False)
+        else:
+            check_scalar(k, "k", numbers.Integral, min_val=1, max_val=self._store.n)
+            test_phis, device = self._test_features(X, y)
+            top, bottom = self._store.top_k(self._method()(), test_phis, k, device, return_std=return_std)
+
+        def numpy(t):
+            return t.cpu().numpy()
+
         return Influence(
-            proponents=top[1].cpu().numpy(),
-            proponent_scores=top[0].cpu().numpy().astype(np.float64),
-            opponents=bottom[1].cpu().numpy(),
-            opponent_scores=bottom[0].cpu().numpy().astype(np.float64),
+            proponents=numpy(top[1]),
+            proponent_scores=numpy(top[0]).astype(np.float64),
+            opponents=numpy(bottom[1]),
+            opponent_scores=numpy(bottom[0]).astype(np.float64),
+            proponent_std=numpy(top[2]).astype(np.float64) if return_std else None,
+            opponent_std=numpy(bottom[2]).astype(np.float64) if return_std else None,
         )
 
     def score(self, X, y) -> float:
@@ -677,12 +786,48 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         lds : float
             Mean Spearman correlation over test samples (higher is better).
         """
+        truth = self._subset_truth(X, y, "score")
+        return linear_datamodeling_score(self.attribute(X, y), truth.subsets, truth.outputs)
+
+    def calibrate_units(self, X, y):
+        """Calibrate the scores to the test target's own units, on the subset
+        models that ``score`` trains (the same cache: after ``score(X, y)`` this
+        retrains nothing).
+
+        The linear datamodel predicts a subset model's test target as a constant
+        plus the sum of its training samples' effects. ``units_scale_`` is the one
+        factor, fitted by least squares over every subset and test sample, that
+        turns the scores (normalised as ``normalize`` says) into those effects; ``units_correlation_`` says how
+        well the calibrated sums predict the retrained models. The subsets hold
+        ``score_subset_fraction`` of the training set, so the effect of removing a
+        handful of samples from the full set is an extrapolation:
+        :func:`sktda.model_selection.removal_effect` measures it by retraining.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_test, n_features)
+            Test inputs to calibrate on.
+        y : array-like of shape (n_test,)
+            Their targets.
+
+        Returns
+        -------
+        self : EnsembleAttributor
+        """
+        truth = self._subset_truth(X, y, "calibrate_units")
+        scale, correlation = units_calibration(self.attribute(X, y), truth.subsets, truth.outputs)
+        self.units_scale_, self.units_correlation_ = scale, correlation
+        # part of this fit's state: a refit forgets it
+        self._fit_names = tuple(dict.fromkeys((*self._fit_names, "units_scale_", "units_correlation_")))
+        return self
+
+    def _subset_truth(self, X, y, caller: str):
+        """The retrained subset models' outputs on ``(X, y)`` (cached)."""
         check_is_fitted(self)
         if y is None:
-            raise ValueError("score needs the test targets y: the LDS measures how y's prediction moves.")
+            raise ValueError(f"{caller} needs the test targets y: it measures how y's prediction moves.")
         X_valid, _ = validate_predict_data(self, X, y, self._task)
-        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
-        truth = subset_retraining(
+        return subset_retraining(
             self.estimator,
             self._X_fit,
             self._decode(self._y_fit),
@@ -691,12 +836,15 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             n_subsets=self.score_n_subsets,
             subset_fraction=self.score_subset_fraction,
             pretrained=self.pretrained,
-            random_state=seed,
+            random_state=self._seed(),
             n_jobs=self.n_jobs,
             device=self.device,
             target=self.target,
         )
-        return linear_datamodeling_score(self.attribute(X, y), truth.subsets, truth.outputs)
+
+    def _seed(self) -> int:
+        """The seed of the retrained models (``random_state``, or 0)."""
+        return self.random_state if isinstance(self.random_state, numbers.Integral) else 0
 
     # -------------------------------------------------------------- helpers
     def _discard(self):
@@ -720,6 +868,34 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             state["_store"] = state["_store"].gathered()
             state["train_features_"] = state["_store"].shards.array()
         return state
+
+
+def _scaled(out, factor: float):
+    """Scores (and their standard errors, when ``out`` is a pair) as float64 numpy
+    arrays, times ``factor``."""
+    if isinstance(out, tuple):
+        return tuple(_scaled(t, factor) for t in out)
+    return out.cpu().numpy().astype(np.float64) * factor
+
+
+def units_calibration(scores: np.ndarray, subsets: np.ndarray, outputs: np.ndarray) -> tuple[float, float]:
+    """``(scale, correlation)``: the least-squares factor from the linear datamodel's
+    predictions with ``scores`` ``(n_test, n_train)`` to the subset models'
+    ``outputs`` ``(n_subsets, n_test)`` on ``subsets`` ``(n_subsets, n_train)``,
+    both centred over the subsets per test sample, and their correlation."""
+    masks = np.asarray(subsets, dtype=np.float64)
+    predicted = (masks - masks.mean(0)) @ scores.T
+    observed = outputs - outputs.mean(0)
+    spread = float((predicted**2).sum())
+    if not spread > 0:
+        raise ValueError(
+            "The scores predict no difference between the subset models (all scores are 0), so "
+            "they cannot be calibrated to the target's units."
+        )
+    products = float((predicted * observed).sum())
+    observed_spread = float((observed**2).sum())
+    correlation = products / np.sqrt(spread * observed_spread) if observed_spread > 0 else 0.0
+    return products / spread, correlation
 
 
 def _copied_bytes(X) -> int:

@@ -23,7 +23,7 @@ from ._compat import (
     num_samples,
     safe_indexing,
 )
-from ._data import is_dataset, is_dict, take, targets_of
+from ._data import group_codes, is_dataset, is_dict, n_samples, take, targets_of
 
 __all__ = ["FilteredEstimator", "OutlierGradientDetector"]
 
@@ -279,6 +279,30 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         """
         task, X, y, device = self._prepare_predict(X, y)
         return self._score(self._shards(X, y, task=task, device=device, local=True), self._groups(y))
+
+    def score_groups(self, X, y, groups) -> np.ndarray:
+        """Outlier score of each group of samples (a data source, an annotator, a
+        file): the mean of its samples' ``score_samples``, so that lower is more
+        abnormal and a group's size does not decide its rank.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples to score, usually the training set.
+        y : array-like of shape (n_samples,)
+            As in ``score_samples``.
+        groups : array-like of shape (n_samples,)
+            One label per sample.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_groups,)
+            In ``np.unique(groups)`` order.
+        """
+        check_is_fitted(self)
+        codes, _ = group_codes(groups, n_samples(X), "sample of X")
+        scores = self.score_samples(X, y)
+        return np.bincount(codes, weights=scores) / np.bincount(codes)
 
     def decision_function(self, X, y=None) -> np.ndarray:
         """Shifted outlier score: negative for outliers.

@@ -11,8 +11,9 @@ import joblib
 import numpy as np
 import torch
 from sklearn.base import clone
-from sklearn.utils import check_random_state
+from sklearn.utils import Bunch, check_random_state
 from sklearn.utils.parallel import Parallel
+from sklearn.utils.validation import check_is_fitted
 
 from ._compat import HasMethods, Interval, StrOptions, validate_params
 from ._data import (
@@ -37,7 +38,14 @@ from ._nets import (
 from ._parallel import delayed_tasks
 from ._task import TARGETS
 
-__all__ = ["SubsetRetraining", "best_under_budget", "cost_scorer", "lds_scorer", "subset_retraining"]
+__all__ = [
+    "SubsetRetraining",
+    "best_under_budget",
+    "cost_scorer",
+    "lds_scorer",
+    "removal_effect",
+    "subset_retraining",
+]
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 32
@@ -193,11 +201,20 @@ def subset_retraining(
     for s in range(n_subsets):
         subsets[s, rng.choice(n, size, replace=False)] = True
     seeds = rng.randint(0, 2**31 - 1, size=n_subsets)
-    device = resolve_device(device)
+    outputs = _retrained_outputs(
+        estimator, task, X, y, X_test, y_test, subsets, seeds, resolve_device(device), n_jobs, memory
+    )
+    return SubsetRetraining(subsets=subsets, outputs=outputs)
 
+
+def _retrained_outputs(estimator, task, X, y, X_test, y_test, masks, seeds, device, n_jobs, memory):
+    """The test targets ``(n_masks, n_test)`` of ``estimator`` retrained on each
+    mask of the training set with its seed: cached in this process (keyed by the
+    net's configuration, the data, the masks, the seeds and the device) and in
+    ``memory``."""
     try:
         key = joblib.hash(
-            (joblib.hash(clone(estimator)), X, y, X_test, y_test, subsets, seeds, str(device), task.target)
+            (joblib.hash(clone(estimator)), X, y, X_test, y_test, masks, seeds, str(device), task.target)
         )
     except (
         pickle.PicklingError,
@@ -214,13 +231,233 @@ def subset_retraining(
         compute = (joblib.Memory(memory, verbose=0) if isinstance(memory, str) else memory).cache(
             _retrain, ignore=["n_jobs"]
         )
-    outputs = compute(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jobs)
-    result = SubsetRetraining(subsets=subsets, outputs=outputs)
+    outputs = compute(estimator, task, X, y, masks, seeds, X_test, y_test, device, n_jobs)
     if key is not None:
-        _CACHE[key] = result
+        _CACHE[key] = outputs
         if len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
-    return result
+    return outputs
+
+
+@validate_params(
+    {
+        "k": [Interval(numbers.Integral, 1, None, closed="left")],
+        "groups": ["array-like", None],
+        "remove": [StrOptions({"proponents", "opponents"})],
+        "n_retrains": [Interval(numbers.Integral, 1, None, closed="left")],
+        "flip_sizes": [StrOptions({"auto"}), "array-like", None],
+        "random_state": ["random_state"],
+        "n_jobs": [numbers.Integral, None],
+        "memory": [str, HasMethods(["cache"]), None],
+    },
+    prefer_skip_nested_validation=True,
+)
+def removal_effect(
+    attributor,
+    X,
+    y,
+    *,
+    k: int = 10,
+    groups=None,
+    remove: str = "proponents",
+    n_retrains: int = 3,
+    flip_sizes="auto",
+    random_state=None,
+    n_jobs: int | None = None,
+    memory=None,
+) -> Bunch:
+    """Check attributions by retraining: remove each test sample's top ``k``
+    proponents from the training set, retrain with the same recipe, and measure how
+    the test target moves, beside the move that removing ``k`` random samples
+    causes and the move that the attributions predicted.
+
+    Every condition is retrained ``n_retrains`` times, with the same seeds as the
+    model trained on the whole training set, and the change is the mean over those
+    seeds of the retrained target minus the whole-set model's. The models are
+    trained as ``subset_retraining`` trains them (the attributor's net, device,
+    target and ``pretrained``), in parallel and through the same cache.
+
+    Parameters
+    ----------
+    attributor : EnsembleAttributor
+        Fitted; its training set is the one the samples are removed from.
+    X : array-like of shape (n_test, n_features)
+        Test inputs.
+    y : array-like of shape (n_test,)
+        Their targets, whose prediction is attributed and measured.
+    k : int, default=10
+        Proponents removed per test sample (with ``groups``: groups removed).
+    groups : array-like of shape (n_train,), default=None
+        One label per training sample: remove each test sample's ``k`` top
+        proponent groups by their summed scores (see
+        ``EnsembleAttributor.attribute``), beside ``k`` random groups.
+    remove : {"proponents", "opponents"}, default="proponents"
+        Which to remove: the top proponents (the target should drop), or the
+        top opponents (it should rise: the check of a decision to drop harmful
+        samples or sources).
+    n_retrains : int, default=3
+        Seeds each condition is retrained with: more average out more of the
+        training noise, which removing a handful of samples hardly exceeds.
+    flip_sizes : "auto", array-like of int or None, default="auto"
+        Removal sizes tried, in increasing order, for the brittleness: the
+        smallest size whose removal of top proponents flips the prediction
+        (with ``remove="proponents"`` only).
+        ``"auto"``: ``k, 2k, 4k, 8k, 16k`` up to half the training set (with
+        ``groups``: 1 up to all groups but one). None skips it.
+    random_state : int, RandomState instance or None, default=None
+        Draws the random removals and the training seeds; None uses the
+        attributor's ``random_state`` (0 if it is not an integer).
+    n_jobs : int, default=None
+        Models trained in parallel (the attributor's ``n_jobs`` when None).
+    memory : str, joblib.Memory or None, default=None
+        Persistent cache in addition to the in-process one.
+
+    Returns
+    -------
+    Bunch
+        attributed : ndarray of shape (n_test,)
+            Change of each test target when its top ``k`` proponents (or
+            opponents) are removed and the model retrained (negative: the target
+            dropped, as removing proponents should make it).
+        random : ndarray of shape (n_test,)
+            The same for ``k`` random training samples (or groups).
+        predicted : ndarray of shape (n_test,)
+            The change the attributions predict for the top-``k`` removal: minus
+            the removed samples' scores summed, in the target's units
+            (``units_scale_``, calibrated on the subset models that ``score``
+            trains when the attributor has not been calibrated).
+        random_predicted : ndarray of shape (n_test,)
+            The same for the random removal.
+        baseline : ndarray of shape (n_test,)
+            The test targets of the models trained on the whole training set
+            (mean over seeds).
+        brittleness : ndarray of shape (n_test,) or None
+            For a classifier's margin (``target="auto"``): the smallest of
+            ``flip_sizes`` whose top proponents' removal makes the mean
+            retrained margin negative, so that the attributed label loses its
+            majority (for two classes, the prediction flips); ``inf`` when none
+            does, NaN where the whole-set models' margin is not positive. None
+            otherwise, or with ``flip_sizes=None``.
+        removed, random_removed : ndarray of shape (n_test, k)
+            Training indices (or group indices) removed per test sample.
+        flip_sizes : tuple of int
+        units_scale : float
+    """
+    from .attribution import units_calibration
+
+    check_is_fitted(attributor)
+    if y is None:
+        raise ValueError("removal_effect needs the test targets y: it measures how y's prediction moves.")
+    task, X_train, y_train, X_test, y_test = _prepare(
+        attributor.estimator,
+        attributor._X_fit,
+        attributor._decode(attributor._y_fit),
+        X,
+        y,
+        attributor.target,
+    )
+    n_train, n_test = len(y_train), len(y_test)
+    samples = attributor.attribute(X, y)
+    scores = samples if groups is None else attributor.attribute(X, y, groups=groups)
+    if hasattr(attributor, "units_scale_"):
+        scale = attributor.units_scale_
+    else:
+        truth = attributor._subset_truth(X, y, "removal_effect")
+        scale = units_calibration(samples, truth.subsets, truth.outputs)[0]
+    rng = check_random_state(attributor._seed() if random_state is None else random_state)
+    seeds = rng.randint(0, 2**31 - 1, size=n_retrains)
+
+    if groups is None:
+        units, n_units = np.arange(n_train), n_train
+    else:
+        units, n_units = attributor._group_codes(groups)
+    sizes = _flip_sizes(
+        flip_sizes if remove == "proponents" else None, k, n_units, grouped=groups is not None
+    )
+    if k >= n_units:
+        raise ValueError(
+            f"k={k} would remove every one of the {n_units} training {'groups' if groups is not None else 'samples'}; "
+            "use a smaller k."
+        )
+    # each test sample's removal order: its proponents (or opponents), strongest first
+    most = max([k, *sizes])
+    order = np.argsort(scores if remove == "opponents" else -scores, axis=1, kind="stable")[:, :most]
+    random_removed = np.stack([rng.choice(n_units, k, replace=False) for _ in range(n_test)])
+
+    def predicted(removed):
+        return -scale * np.take_along_axis(scores, removed, 1).sum(1)
+
+    def run(masks, mask_seeds):
+        return _retrained_outputs(
+            attributor.estimator,
+            task,
+            X_train,
+            y_train,
+            X_test,
+            y_test,
+            masks,
+            mask_seeds,
+            resolve_device(attributor.device),
+            attributor.n_jobs if n_jobs is None else n_jobs,
+            memory,
+        )
+
+    def outputs(removed_rows, tests):
+        """The mean over seeds of each test sample's retrained target, its own row
+        of ``removed_rows`` left out of the training set."""
+        masks = np.repeat(np.stack([~np.isin(units, removed) for removed in removed_rows]), n_retrains, 0)
+        mask_seeds = np.tile(seeds, len(tests))
+        # the same removal with the same seed is one model (test samples often share
+        # their top groups)
+        keys = np.column_stack(
+            [np.packbits(masks, axis=1), mask_seeds.astype(">u4").view(np.uint8).reshape(-1, 4)]
+        )
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        out = run(masks[first], mask_seeds[first])[inverse.ravel()]
+        return out[np.arange(len(out)), np.repeat(tests, n_retrains)].reshape(len(tests), n_retrains).mean(1)
+
+    everyone = np.arange(n_test)
+    full = run(np.ones((n_retrains, n_train), dtype=bool), seeds).mean(0)  # one model per seed
+    attributed = outputs(order[:, :k], everyone) - full
+    random = outputs(random_removed, everyone) - full
+
+    brittleness = None
+    if sizes and task.is_classifier and not task.is_sequence and task.target == "auto":
+        brittleness = np.where(full > 0, np.inf, np.nan)
+        for size in sizes:
+            tests = np.flatnonzero(np.isinf(brittleness))
+            if not len(tests):
+                break
+            after = attributed[tests] + full[tests] if size == k else outputs(order[tests, :size], tests)
+            brittleness[tests[after < 0]] = size
+    return Bunch(
+        attributed=attributed,
+        random=random,
+        predicted=predicted(order[:, :k]),
+        random_predicted=predicted(random_removed),
+        baseline=full,
+        brittleness=brittleness,
+        removed=order[:, :k],
+        random_removed=random_removed,
+        flip_sizes=tuple(sizes),
+        units_scale=float(scale),
+    )
+
+
+def _flip_sizes(flip_sizes, k: int, n_units: int, grouped: bool) -> list[int]:
+    if flip_sizes is None:
+        return []
+    if isinstance(flip_sizes, str):  # "auto"
+        if grouped:
+            return list(range(1, n_units))
+        return [s for s in (k, 2 * k, 4 * k, 8 * k, 16 * k) if s <= n_units // 2] or [k]
+    sizes = sorted({int(s) for s in np.asarray(flip_sizes).ravel()})
+    if not sizes or sizes[0] < 1 or sizes[-1] >= n_units:
+        raise ValueError(
+            f"flip_sizes must be removal sizes from 1 to {n_units - 1} (fewer than all the training "
+            f"{'groups' if grouped else 'samples'}); got {flip_sizes!r}."
+        )
+    return sizes
 
 
 def lds_scorer(estimator, X, y) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["plot_influential"]
+__all__ = ["plot_influential", "plot_removal_effect"]
 
 
 def _pyplot():
@@ -56,5 +56,48 @@ def plot_influential(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle(f"test digit | top {k} proponents (green) | top {k} opponents (red)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_removal_effect(effect, *, title=None):
+    """Two panels from :func:`sktda.model_selection.removal_effect`: the retrained
+    change of each test target with its top proponents removed beside random
+    removals, and the retrained change against the predicted one.
+
+    Parameters
+    ----------
+    effect : sklearn.utils.Bunch
+        What ``removal_effect`` returns.
+    title : str, optional
+        The figure's title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    plt = _pyplot()
+    k = effect.removed.shape[1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.boxplot([effect.attributed, effect.random], showfliers=False)
+    rng = np.random.RandomState(0)
+    for position, values, color in ((1, effect.attributed, "tab:red"), (2, effect.random, "tab:gray")):
+        left.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color=color, alpha=0.7)
+    left.set_xticks([1, 2], [f"top {k} proponents", f"{k} random"])
+    left.axhline(0, color="black", lw=0.8)
+    left.set_ylabel("retrained change of the test target")
+    left.set_title("removed, then retrained", fontsize=10)
+
+    right.scatter(effect.predicted, effect.attributed, s=14, color="tab:red", label=f"top {k}")
+    right.scatter(effect.random_predicted, effect.random, s=14, color="tab:gray", label=f"{k} random")
+    both = np.concatenate([effect.predicted, effect.attributed, effect.random_predicted, effect.random])
+    lo, hi = float(both.min()), float(both.max())
+    right.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--")
+    right.set_xlabel("predicted change (calibrated scores)")
+    right.set_ylabel("retrained change")
+    right.set_title("predicted against retrained", fontsize=10)
+    right.legend(fontsize=8)
+    if title is not None:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

@@ -121,7 +121,14 @@ def test_features_kept_on_the_workers_give_the_local_results_bit_for_bit(client,
     np.testing.assert_array_equal(remote.attribute(X_test, y_test), local.attribute(X_test, y_test))
     np.testing.assert_array_equal(remote.self_attribute(), local.self_attribute())
     for got, expected in zip(
-        remote.most_influential(X_test, y_test, k=7), local.most_influential(X_test, y_test, k=7)
+        remote.most_influential(X_test, y_test, k=7, return_std=True),
+        local.most_influential(X_test, y_test, k=7, return_std=True),
+    ):
+        np.testing.assert_array_equal(got, expected)
+    groups = np.arange(len(X_train)) % 4  # group sums are added across shards in the same tree
+    for got, expected in zip(
+        remote.attribute(X_test, y_test, groups=groups, return_std=True),
+        local.attribute(X_test, y_test, groups=groups, return_std=True),
     ):
         np.testing.assert_array_equal(got, expected)
     copy = pickle.loads(pickle.dumps(remote))  # a copy outlives the cluster: it holds the features

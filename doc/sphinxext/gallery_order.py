@@ -5,6 +5,7 @@ from pathlib import Path
 ORDER = [
     "plot_quickstart.py",
     "plot_filter_mislabeled.py",
+    "plot_scores_to_decisions.py",
     "plot_images_cnn.py",
     "text_transformer.py",
     "finetune_attribution.py",
