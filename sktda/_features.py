@@ -475,12 +475,27 @@ class FeatureStore:
         set), and the test sides are then scored against ``n_groups`` rows instead
         of ``n_train``."""
         where, states, sides = self._test_sides(method, test_phis, device)
-        per_shard = [((codes[a:b]), *scale) for (a, b), scale in zip(self.shards.ranges, self._scales())]
-        groups = self.shards.sum(
-            _block_group_sides, method, self.coefs, states, n_groups, where, per_shard=per_shard
-        )
-        parts = (sides[m] @ groups[m].to(where).T * coef for m, coef in enumerate(self.coefs))
-        scores, std = _ensemble_sum(parts, self._spread(return_std))
+        # the members' group sums within working_memory: in passes over the features,
+        # each summing one block of groups (one pass for the usual tens or thousands)
+        per_pass = get_chunk_n_rows(row_bytes=8 * self.k * len(self.coefs), max_n_rows=n_groups)
+        scores = std = None
+        for block in gen_batches(n_groups, per_pass):
+            local = np.where((codes >= block.start) & (codes < block.stop), codes - block.start, -1)
+            per_shard = [(local[a:b], *scale) for (a, b), scale in zip(self.shards.ranges, self._scales())]
+            sums = self.shards.sum(
+                _block_group_sides,
+                method,
+                self.coefs,
+                states,
+                block.stop - block.start,
+                where,
+                per_shard=per_shard,
+            )
+            parts = (sides[m] @ sums[m].to(where).T * coef for m, coef in enumerate(self.coefs))
+            part, part_std = _ensemble_sum(parts, self._spread(return_std))
+            scores = part if scores is None else torch.cat([scores, part], 1)
+            if return_std:
+                std = part_std if std is None else torch.cat([std, part_std], 1)
         scores = finite(scores, "attribution scores").to(device)
         return (scores, std.to(device)) if return_std else scores
 
@@ -552,8 +567,13 @@ def _block_scores(block: FeatureBlock, method, coefs, states, sides, device, sca
 def _block_group_sides(block: FeatureBlock, method, coefs, states, n_groups, device, codes, scale):
     """Each member's train sides of a shard, weighted by TRAK's residual scale and
     the column ``scale``, summed per group: a list of ``(n_groups, k)`` float64
-    tensors."""
-    codes = torch.as_tensor(np.asarray(codes), device=device)
+    tensors (rows of ``codes`` -1 left out)."""
+    codes = np.asarray(codes)
+    if (codes < 0).any():  # samples of groups summed in another pass
+        rows = np.flatnonzero(codes >= 0)
+        block = FeatureBlock(block.features[:, rows], block.residuals[:, rows])
+        codes, scale = codes[rows], None if scale is None else np.asarray(scale)[rows]
+    codes = torch.as_tensor(codes, device=device)
     weight = None if scale is None else fresh_tensor(scale, device, SCORE_DTYPE)
     if method.scales_by_residual:
         mean = sum(c * fresh_tensor(block.residuals[m], device, SCORE_DTYPE) for m, c in enumerate(coefs))
