@@ -314,34 +314,30 @@ def removal_effect(
 
     Returns
     -------
-    Bunch
-        attributed : ndarray of shape (n_test,)
-            Change of each test target when its top ``k`` proponents (or
-            opponents) are removed and the model retrained (negative: the target
-            dropped, as removing proponents should make it).
-        random : ndarray of shape (n_test,)
-            The same for ``k`` random training samples (or groups).
-        predicted : ndarray of shape (n_test,)
-            The change the attributions predict for the top-``k`` removal: minus
-            the removed samples' scores summed, in the target's units
-            (``units_scale_``, calibrated on the subset models that ``score``
-            trains when the attributor has not been calibrated).
-        random_predicted : ndarray of shape (n_test,)
-            The same for the random removal.
-        baseline : ndarray of shape (n_test,)
-            The test targets of the models trained on the whole training set
-            (mean over seeds).
-        brittleness : ndarray of shape (n_test,) or None
-            For a classifier's margin (``target="auto"``): the smallest of
-            ``flip_sizes`` whose top proponents' removal makes the mean
-            retrained margin negative, so that the attributed label loses its
-            majority (for two classes, the prediction flips); ``inf`` when none
-            does, NaN where the whole-set models' margin is not positive. None
-            otherwise, or with ``flip_sizes=None``.
-        removed, random_removed : ndarray of shape (n_test, k)
-            Training indices (or group indices) removed per test sample.
-        flip_sizes : tuple of int
-        units_scale : float
+    effect : sklearn.utils.Bunch
+        Arrays of shape ``(n_test,)`` unless said otherwise:
+
+        - ``attributed``: the change of each test target when its top ``k``
+          proponents (or opponents) are removed and the model retrained
+          (negative: the target dropped, as removing proponents should make it);
+        - ``random``: the same for ``k`` random training samples (or groups);
+        - ``predicted``: the change the attributions predict for the top-``k``
+          removal, minus the removed samples' scores summed, in the target's
+          units (``units_scale_``, calibrated on the subset models that
+          ``score`` trains when the attributor has not been calibrated);
+        - ``random_predicted``: the same for the random removal;
+        - ``baseline``: the test targets of the models trained on the whole
+          training set (mean over seeds);
+        - ``brittleness``: for a classifier's margin (``target="auto"``), the
+          smallest of ``flip_sizes`` whose top proponents' removal makes the mean
+          retrained margin negative, so that the attributed label loses its
+          majority (for two classes, the prediction flips); ``inf`` when none
+          does, NaN where the whole-set models' margin is not positive; None
+          otherwise, or with ``flip_sizes=None``;
+        - ``removed``, ``random_removed``: ``(n_test, k)`` training indices (or
+          group indices) removed per test sample;
+        - ``flip_sizes``: the removal sizes tried, a tuple;
+        - ``units_scale``: the factor from scores to the target's units.
     """
     from .attribution import units_calibration
 
