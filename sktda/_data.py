@@ -24,7 +24,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_consistent_length, validate_data
 
 from ._compat import num_samples
-from ._task import NetTask
+from ._task import BINARY, NetTask
 
 
 def as_array_like(data):
@@ -58,7 +58,12 @@ def to_torch(X, device=None):
         return {k: to_torch(v, device) for k, v in X.items()}
     if isinstance(X, torch.Tensor):
         return X.to(device) if device is not None else X
-    tensor = torch.from_numpy(np.ascontiguousarray(X))
+    X = np.ascontiguousarray(X)
+    with warnings.catch_warnings():
+        # a read-only array (from Ray's or joblib's shared memory) is shared, not copied:
+        # sktda never writes to its inputs' tensors
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(X)
     return tensor.to(device) if device is not None else tensor
 
 
@@ -329,6 +334,12 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
         check_classification_targets(y)
         encoder = LabelEncoder().fit(y)
         estimator.classes_ = encoder.classes_
+        if task.output in BINARY and len(encoder.classes_) > 2:
+            raise ValueError(
+                f"y has {len(encoder.classes_)} classes, and binary cross-entropy (skorch's "
+                "NeuralNetBinaryClassifier) takes two. Use a NeuralNetClassifier with CrossEntropyLoss and "
+                "one output per class."
+            )
         if len(encoder.classes_) == 1:
             warnings.warn(
                 f"y has a single class ({encoder.classes_[0]}): every training sample has the "
@@ -354,10 +365,13 @@ def check_y(y, task: NetTask) -> np.ndarray:
             )
         return y.astype(np.int64)
     y = check_array(y, ensure_2d=False, dtype=None if task.is_classifier else np.float64, input_name="y")
+    if not task.is_classifier and y.ndim == 2 and y.shape[1] > 1:  # a multi-output regressor
+        return y
     if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
         raise ValueError(
-            f"y must hold one target per sample, a 1-D array, but has shape {y.shape}; pass "
-            "the labels (or values) as a 1-D array."
+            f"y must hold one {'label' if task.is_classifier else 'target'} per sample, a 1-D array, but "
+            f"has shape {y.shape}; pass the labels as a 1-D array (a regressor takes (n_samples, "
+            "n_outputs) values)."
         )
     return y.reshape(-1)
 
@@ -382,9 +396,11 @@ def encode_y(y: np.ndarray, task: NetTask, classes) -> np.ndarray:
     indices into ``classes`` for classifiers, a float32 column for regressors."""
     if task.is_sequence:
         return y
+    if task.output in BINARY:  # binary cross-entropy takes the class index as a float
+        return encode_labels(classes, y).astype(np.float32)
     if task.is_classifier:
         return encode_labels(classes, y)
-    return np.asarray(y, dtype=np.float32).reshape(-1, 1)
+    return np.asarray(y, dtype=np.float32).reshape(len(y), -1)
 
 
 def encode_labels(classes: np.ndarray, y: np.ndarray) -> np.ndarray:

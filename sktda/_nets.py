@@ -17,15 +17,62 @@ from dataclasses import replace
 import numpy as np
 import torch
 from sklearn.base import clone
-from skorch import NeuralNet, NeuralNetClassifier, NeuralNetRegressor
+from skorch import NeuralNet, NeuralNetBinaryClassifier, NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
 from skorch.utils import multi_indexing
 
 from ._data import is_dataset, materialize, take, to_torch
-from ._task import LOG_PROBABILITIES, PROBABILITIES, TARGETS, NetTask
+from ._task import (
+    BINARY_LOGITS,
+    BINARY_PROBABILITIES,
+    CLOSED,
+    CRITERION,
+    LOG_PROBABILITIES,
+    LOSS,
+    PROBABILITIES,
+    TARGETS,
+    NetTask,
+)
 
-_CLASSIFICATION_LOSSES = (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)
-_REGRESSION_LOSSES = (torch.nn.MSELoss,)
+_REGRESSION_LOSSES = (torch.nn.MSELoss, torch.nn.L1Loss, torch.nn.HuberLoss, torch.nn.SmoothL1Loss)
+
+
+def _known_task(estimator, crit_cls) -> NetTask | None:
+    """The task of a criterion sktda knows (its output's form), or None."""
+    if issubclass(crit_cls, torch.nn.NLLLoss):
+        output = PROBABILITIES if isinstance(estimator, NeuralNetClassifier) else LOG_PROBABILITIES
+        return NetTask(is_classifier=True, output=output)
+    if issubclass(crit_cls, torch.nn.CrossEntropyLoss):
+        return NetTask(is_classifier=True)
+    if issubclass(crit_cls, torch.nn.BCEWithLogitsLoss):
+        return NetTask(is_classifier=True, output=BINARY_LOGITS)
+    if issubclass(crit_cls, torch.nn.BCELoss):
+        return NetTask(is_classifier=True, output=BINARY_PROBABILITIES)
+    if issubclass(crit_cls, _REGRESSION_LOSSES):
+        return NetTask(is_classifier=False)
+    return None
+
+
+_CLOSED_FORMS = (
+    torch.nn.CrossEntropyLoss,
+    torch.nn.NLLLoss,
+    torch.nn.MSELoss,
+    torch.nn.BCEWithLogitsLoss,
+    torch.nn.BCELoss,
+)
+
+
+def _train_side(criterion: torch.nn.Module) -> str:
+    """How ``target="auto"`` takes a training sample's side under ``criterion`` (see
+    :class:`~sktda._task.NetTask`): the closed forms for cross-entropy, NLL, squared
+    error and binary cross-entropy without weights (the tests check them against
+    the criterion's own per-sample gradients); the criterion's residual where its
+    loss depends on the output only through the target; its loss gradient
+    otherwise (label smoothing)."""
+    if getattr(criterion, "label_smoothing", 0.0):
+        return LOSS
+    weighted = any(getattr(criterion, name, None) is not None for name in ("weight", "pos_weight"))
+    return CLOSED if isinstance(criterion, _CLOSED_FORMS) and not weighted else CRITERION
 
 
 def check_net(estimator, target="auto", y=None) -> NetTask:
@@ -52,19 +99,29 @@ def check_net(estimator, target="auto", y=None) -> NetTask:
     crit_cls = criterion if isinstance(criterion, type) else type(criterion)
     if not issubclass(crit_cls, torch.nn.Module):
         raise TypeError(f"criterion must be a torch.nn.Module class or instance (a loss), got {criterion!r}.")
-    if issubclass(crit_cls, torch.nn.NLLLoss):
-        output = PROBABILITIES if isinstance(estimator, NeuralNetClassifier) else LOG_PROBABILITIES
-        task = NetTask(is_classifier=True, output=output)
-    elif issubclass(crit_cls, _CLASSIFICATION_LOSSES):
-        task = NetTask(is_classifier=True)
-    elif issubclass(crit_cls, _REGRESSION_LOSSES):
-        task = NetTask(is_classifier=False)
+    task = _known_task(estimator, crit_cls)
+    if task is not None and task.is_classifier != isinstance(
+        estimator, NeuralNetClassifier | NeuralNetBinaryClassifier
+    ):
+        if isinstance(estimator, NeuralNetClassifier | NeuralNetBinaryClassifier | NeuralNetRegressor):
+            kind = "classification" if task.is_classifier else "regression"
+            raise ValueError(
+                f"The {type(estimator).__name__} is trained with {crit_cls.__name__}, a {kind} loss. Use a "
+                f"{'NeuralNetClassifier' if task.is_classifier else 'NeuralNetRegressor'} with it, or a "
+                f"{'regression' if task.is_classifier else 'classification'} loss."
+            )
+    if task is not None:
+        instance = _criterion_instance(estimator)
+        side = _train_side(instance)
+        task = replace(task, criterion=None if side == CLOSED else instance, train_side=side)
     else:  # the user's own loss, evaluated per sample by itself
         is_classifier = isinstance(estimator, NeuralNetClassifier) or (
             not isinstance(estimator, NeuralNetRegressor)
             and (target in ("log_prob", "sequence_log_likelihood") or np.asarray(y).dtype.kind in "iu")
         )
-        task = NetTask(is_classifier=is_classifier, criterion=_criterion_instance(estimator))
+        task = NetTask(
+            is_classifier=is_classifier, criterion=_criterion_instance(estimator), auto_is_loss=True
+        )
     params = estimator.get_params()
     ignore_index = params.get("criterion__ignore_index", getattr(criterion, "ignore_index", -100))
     is_sequence = target == "sequence_log_likelihood" or (

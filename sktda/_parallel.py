@@ -39,7 +39,11 @@ def run(jobs, n_jobs: int | None, total: int, desc: str, verbose: int = 0) -> li
         ]
         results = (future.result() for future in futures)
     else:
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
+        from joblib.parallel import get_active_backend
+
+        # results as they come, for the progress bar, where the backend can (Ray's cannot)
+        streams = getattr(get_active_backend()[0], "supports_return_generator", False)
+        results = Parallel(n_jobs=n_jobs, return_as="generator" if streams else "list")(jobs)
     return list(tqdm(results, total=total, desc=desc, disable=not verbose))
 
 

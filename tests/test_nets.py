@@ -44,7 +44,7 @@ def test_probability_outputs_are_logged_and_regression_weight_is_residual():
     )
     torch.testing.assert_close(f, torch.tensor([1.5, 0.0]))
     torch.testing.assert_close(w, torch.tensor([-1.0, 4.0]))
-    with pytest.raises(ValueError, match="single-output"):
+    with pytest.raises(ValueError, match="target=.loss."):
         NetTask(is_classifier=False).target_and_residual(torch.zeros(2, 3), torch.zeros(2))
 
 
