@@ -145,13 +145,13 @@ def test_single_class_warns(make, digits):
 def test_y_with_several_columns_is_refused_at_prediction(fitted_trak, digits):
     X, X_test, y, y_test = digits
     two_columns = np.stack([y_test, y_test], 1)
-    with pytest.raises(ValueError, match=r"one target per sample.*\(20, 2\)"):
+    with pytest.raises(ValueError, match=r"one label per sample.*\(20, 2\)"):
         fitted_trak.attribute(X_test, two_columns)
-    with pytest.raises(ValueError, match="one target per sample"):
+    with pytest.raises(ValueError, match="one label per sample"):
         fitted_trak.most_influential(X_test, two_columns, k=2)
     det = OutlierGradientDetector(make_classifier_net(max_epochs=1), n_checkpoints=None).fit(X, y)
     for method in (det.score_samples, det.predict, det.decision_function):
-        with pytest.raises(ValueError, match="one target per sample"):
+        with pytest.raises(ValueError, match="one label per sample"):
             method(X_test, two_columns)
-    # a single column is one target per sample
+    # a single column is one label per sample
     np.testing.assert_array_equal(det.predict(X_test, y_test[:, None]), det.predict(X_test, y_test))

@@ -246,3 +246,16 @@ def test_multi_output_regression(regression_data):
     picked = _fit_exact(net, X_train, Y_train, target=first)
     assert picked.attribute(X_test, Y_test).shape == (len(X_test), len(X_train))
     assert rng is not None
+
+
+def test_the_criterion_s_residual_nests_in_the_vmap_engine(binary_data):
+    """The criterion's ``-dL/df`` is taken by ``torch.func``, inside ``vmap(grad)``
+    as in the layer engine's plain pass."""
+    X_train, X_test, y_train, y_test = binary_data
+    net = _binary_net(criterion__pos_weight=torch.tensor(2.0))
+    layer = _fit_exact(net, X_train, y_train, method="trak", layers=None)
+    vmapped = _fit_exact(net, X_train, y_train, method="trak", layers=None, gradient_path="vmap")
+    np.testing.assert_allclose(vmapped.train_residuals_, layer.train_residuals_, rtol=1e-6)
+    np.testing.assert_allclose(
+        vmapped.attribute(X_test, y_test), layer.attribute(X_test, y_test), rtol=1e-5, atol=1e-9
+    )

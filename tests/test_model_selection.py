@@ -111,7 +111,7 @@ def test_bad_input(digits):
         subset_retraining(net, X_train[y_train < 5], y_train[y_train < 5], X_test, y_test)
     with pytest.raises(TypeError, match="skorch"):
         subset_retraining(object(), X_train, y_train, X_test, y_test)
-    with pytest.raises(ValueError, match="one target per sample"):
+    with pytest.raises(ValueError, match="one label per sample"):
         subset_retraining(net, X_train, np.stack([y_train, y_train], 1), X_test, y_test)
     with pytest.raises(ValueError, match="n_subsets"):
         subset_retraining(net, X_train, y_train, X_test, y_test, n_subsets="3")
