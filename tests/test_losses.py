@@ -72,6 +72,23 @@ def _criterion_loss(net, out, y_i):
     return criterion(out, y_i)
 
 
+def _training_side(attr, X, y):
+    """Assert that the attributor's training sides are minus the gradients of the
+    net's criterion, sample by sample, and return them."""
+    net = attr.estimators_[0]
+
+    def loss(out, i):
+        target = torch.as_tensor(y[i : i + 1])
+        return _criterion_loss(
+            net, out, target.reshape(out.shape) if target.numel() == out.numel() else target
+        )
+
+    expected = -_last_layer_gradients(net.module_, loss, X)
+    got = attr.train_residuals_[0][:, None] * attr.train_features_[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    return expected
+
+
 BINARY_CASES = {
     "BCEWithLogitsLoss": dict(),
     "BCEWithLogitsLoss pos_weight": dict(criterion__pos_weight=torch.tensor(3.0)),
@@ -85,13 +102,7 @@ def test_binary_classifier_sides_are_the_criterion_s_and_the_margin_s(binary_dat
     X_train, X_test, y_train, y_test = binary_data
     attr = _fit_exact(_binary_net(**BINARY_CASES[case]), X_train, y_train)
     net = attr.estimators_[0]
-    expected = -_last_layer_gradients(
-        net.module_,
-        lambda out, i: _criterion_loss(net, out, torch.tensor(y_train[i : i + 1]).reshape(out.shape)),
-        X_train,
-    )
-    got = attr.train_residuals_[0][:, None] * attr.train_features_[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    expected = _training_side(attr, X_train, y_train)
 
     # the test side: the margin (2y - 1) z, z the logit
     def margin(out, i):
@@ -128,38 +139,6 @@ def test_binary_classifier_labels_and_refusals(binary_data):
     assert det.train_scores_.shape == (len(X_train),)
 
 
-MULTICLASS_CASES = {
-    "CrossEntropyLoss weight": (dict(criterion__weight=torch.linspace(0.5, 2, 10)), CRITERION),
-    "CrossEntropyLoss label_smoothing": (dict(criterion__label_smoothing=0.1), LOSS),
-    "NLLLoss weight (probabilities)": (
-        dict(criterion=torch.nn.NLLLoss, criterion__weight=torch.linspace(0.5, 2, 10), module__softmax=True),
-        CRITERION,
-    ),
-    "CrossEntropyLoss reduction=sum": (dict(criterion__reduction="sum"), CLOSED),
-}
-
-
-@pytest.mark.parametrize("case", MULTICLASS_CASES)
-def test_criterion_parameters_are_honoured(digits, case):
-    X_train, _, y_train, _ = digits
-    params, side = MULTICLASS_CASES[case]
-    softmax = params.pop("module__softmax", False) if "module__softmax" in params else False
-    net = make_classifier_net(**params)
-    if softmax:
-        net.set_params(module=_Softmax)
-    attr = _fit_exact(net, X_train, y_train)
-    assert attr._task.train_side == side
-    trained = attr.estimators_[0]
-    expected = -_last_layer_gradients(
-        trained.module_,
-        lambda out, i: _criterion_loss(trained, out, torch.tensor(y_train[i : i + 1])),
-        X_train,
-    )
-    got = attr.train_residuals_[0][:, None] * attr.train_features_[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
-    params.setdefault("module__softmax", softmax)
-
-
 class _Softmax(torch.nn.Module):
     """The digits MLP ending in a softmax (NLLLoss in a NeuralNetClassifier)."""
 
@@ -173,6 +152,30 @@ class _Softmax(torch.nn.Module):
         return torch.softmax(self.mlp(x), -1)
 
 
+MULTICLASS_CASES = {  # (criterion parameters, the module if not the MLP, the training side)
+    "CrossEntropyLoss weight": (dict(criterion__weight=torch.linspace(0.5, 2, 10)), None, CRITERION),
+    "CrossEntropyLoss label_smoothing": (dict(criterion__label_smoothing=0.1), None, LOSS),
+    "NLLLoss weight (probabilities)": (
+        dict(criterion=torch.nn.NLLLoss, criterion__weight=torch.linspace(0.5, 2, 10)),
+        _Softmax,
+        CRITERION,
+    ),
+    "CrossEntropyLoss reduction=sum": (dict(criterion__reduction="sum"), None, CLOSED),
+}
+
+
+@pytest.mark.parametrize("case", MULTICLASS_CASES)
+def test_criterion_parameters_are_honoured(digits, case):
+    X_train, _, y_train, _ = digits
+    params, module, side = MULTICLASS_CASES[case]
+    net = make_classifier_net(**params)
+    if module is not None:
+        net.set_params(module=module)
+    attr = _fit_exact(net, X_train, y_train)
+    assert attr._task.train_side == side
+    _training_side(attr, X_train, y_train)
+
+
 @pytest.mark.parametrize(
     "criterion",
     [torch.nn.L1Loss, torch.nn.HuberLoss, torch.nn.SmoothL1Loss, torch.nn.MSELoss],
@@ -184,13 +187,7 @@ def test_regression_losses_use_their_own_per_sample_gradient(regression_data, cr
     kwargs = {"criterion__beta": 0.5} if criterion is torch.nn.SmoothL1Loss else kwargs
     attr = _fit_exact(make_regressor_net(criterion=criterion, **kwargs), X_train, y_train)
     net = attr.estimators_[0]
-    expected = -_last_layer_gradients(
-        net.module_,
-        lambda out, i: _criterion_loss(net, out, torch.tensor(y_train[i : i + 1]).reshape(out.shape)),
-        X_train,
-    )
-    got = attr.train_residuals_[0][:, None] * attr.train_features_[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    expected = _training_side(attr, X_train, y_train)
     # the test side is the prediction's gradient, whatever the loss
     test_side = _last_layer_gradients(net.module_, lambda out, i: out.reshape(()), X_test)
     np.testing.assert_allclose(attr.attribute(X_test, y_test), test_side @ expected.T, rtol=1e-3, atol=1e-6)
