@@ -158,7 +158,9 @@ config = LoraConfig(
     r=8, lora_alpha=8, target_modules=["linear1", "linear2"], modules_to_save=["head", "norm"]
 )
 recipe = classifier(get_peft_model(copy.deepcopy(pretrained), config), lr=2e-3)
-detector = OutlierGradientDetector(recipe, contamination=NOISE, pretrained=True, random_state=0)
+detector = OutlierGradientDetector(
+    recipe, contamination=NOISE, sampling_strategy="all", pretrained=True, random_state=0
+)
 detector.fit(X_train, y_noisy)
 suspicion = -detector.train_scores_
 k = int(flipped.sum())

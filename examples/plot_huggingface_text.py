@@ -130,7 +130,9 @@ fine_tune = NeuralNetClassifier(
 # %%
 # Find the flipped labels
 # -----------------------
-det = OutlierGradientDetector(fine_tune, contamination=NOISE, pretrained=True, random_state=0)
+det = OutlierGradientDetector(
+    fine_tune, contamination=NOISE, sampling_strategy="all", pretrained=True, random_state=0
+)
 X_kept, y_kept = det.fit_resample(X_train, y_noisy)
 suspicion = -det.train_scores_
 print(f"AUROC of the outlier score against the flips: {roc_auc_score(flipped, suspicion):.3f}")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numbers
 import time
 import warnings
+from collections import OrderedDict
 
 import numpy as np
-from sklearn.base import BaseEstimator, MetaEstimatorMixin, OutlierMixin, clone
+from sklearn.base import BaseEstimator, MetaEstimatorMixin, OneToOneFeatureMixin, OutlierMixin, clone
 from sklearn.utils import check_random_state, indexable
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
@@ -67,8 +68,11 @@ def _otsu_offset(scores: np.ndarray) -> float:
     return float((s[k] + s[k + 1]) / 2)
 
 
+_STRATEGIES = ("auto", "all", "majority", "not minority", "not majority")
+
+
 @fill_doc
-class OutlierGradientDetector(OutlierMixin, GradientEstimator):
+class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstimator):
     """Detrimental or mislabeled training samples as outliers in gradient space.
 
     ``fit`` trains the skorch net (or an ensemble of it), computes every training
@@ -107,6 +111,14 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         recipe). Checkpoints need ``max_epochs >= 1``.
     per_class : bool, default=False
         Fit one detector per class on the samples given that label (classifiers).
+    sampling_strategy : {"auto", "all", "majority", "not minority", "not majority"}, \
+            list or callable, default="auto"
+        The classes whose flagged samples ``fit_resample`` removes, as
+        imbalanced-learn's cleaning samplers choose them: ``"auto"`` is ``"not
+        minority"``, so the smallest class is never emptied; ``"all"`` cleans
+        every class; a list names the classes; a callable ``y -> list`` returns
+        them. Detection itself (``labels_``, ``predict``, the scores) covers every
+        sample; regressors clean every sample whatever it says.
     ensemble : {"independent", "dropout"}, default="independent"
         Members whose scores are averaged: ``n_models`` trained nets, times
         ``n_masks`` fixed dropout masks with ``"dropout"``.
@@ -141,8 +153,12 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
     labels_ : ndarray of shape (n_samples,)
         +1 inlier, -1 outlier, for the training set.
     sample_indices_ : ndarray of shape (n_kept,)
-        Indices of the training samples kept (the inliers), what ``fit_resample``
+        Indices of the training samples kept (the inliers, and every sample of a
+        class that ``sampling_strategy`` leaves alone), what ``fit_resample``
         returns, as imbalanced-learn's samplers record it.
+    sampling_strategy_ : OrderedDict
+        Classifiers: the classes cleaned, each with the size of the smallest class,
+        as imbalanced-learn's cleaning samplers record it.
     %(classes_)s
     %(n_features_in_)s
     %(feature_names_in_)s
@@ -183,6 +199,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         "contamination": [StrOptions({"auto"}), Interval(numbers.Real, 0, 0.5, closed="right")],
         "n_checkpoints": [Interval(numbers.Integral, 1, None, closed="left"), None],
         "per_class": ["boolean"],
+        "sampling_strategy": [StrOptions(set(_STRATEGIES)), list, callable],
         "ensemble": [StrOptions({"independent", "dropout"})],
     }
 
@@ -195,6 +212,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         layers="all",
         n_checkpoints=8,
         per_class=False,
+        sampling_strategy="auto",
         ensemble="independent",
         n_models=1,
         n_masks=5,
@@ -215,6 +233,7 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         self.layers = layers
         self.n_checkpoints = n_checkpoints
         self.per_class = per_class
+        self.sampling_strategy = sampling_strategy
         self.ensemble = ensemble
         self.n_models = n_models
         self.n_masks = n_masks
@@ -257,7 +276,11 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
         self.train_scores_ = self._score(shards, groups, gradients)
         self.offset_ = self._offset(self.train_scores_)
         self.labels_ = np.where(self.train_scores_ < self.offset_, -1, 1)
-        self.sample_indices_ = np.flatnonzero(self.labels_ == 1)
+        keep = self.labels_ == 1
+        if task.is_classifier and not task.is_sequence:
+            self.sampling_strategy_ = self._cleaned_classes(y)
+            keep |= ~np.isin(y, [self._encoded(c) for c in self.sampling_strategy_])
+        self.sample_indices_ = np.flatnonzero(keep)
         return {"featurize_seconds": featurize_seconds, "detect_seconds": time.perf_counter() - start}
 
     # -------------------------------------------------------------- predict
@@ -373,8 +396,44 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
             The inlier rows, in the types given (numpy arrays, pandas objects,
             tensors; a ``Subset`` of a ``Dataset``), and their targets.
         """
-        self.fit(X, y)
+        labels = _one_vs_all_labels(y)
+        self.fit(X, y if labels is None else labels)
+        if hasattr(self, "classes_") and len(self.classes_) < 2:
+            raise ValueError(
+                f"fit_resample cleans the classes of y, and y has a single class ({self.classes_[0]}): "
+                "there is nothing to keep apart. Use fit_predict to flag its outliers."
+            )
         return self._fit_resample(X, y)
+
+    def _cleaned_classes(self, y) -> OrderedDict:
+        """``sampling_strategy`` resolved on the encoded training labels ``y``: the
+        classes (as given) to clean, each with the smallest class's size."""
+        labels = self.classes_[np.asarray(y)]
+        counts = dict(zip(*(a.tolist() for a in np.unique(labels, return_counts=True))))
+        strategy = self.sampling_strategy
+        if callable(strategy):
+            strategy = list(strategy(labels))
+        if isinstance(strategy, list):
+            unknown = [c for c in strategy if c not in counts]
+            if unknown:
+                raise ValueError(
+                    f"sampling_strategy names the classes {unknown}, which y does not have (its classes: "
+                    f"{list(counts)}). Name classes of y."
+                )
+            chosen = set(strategy)
+        elif strategy == "all":
+            chosen = set(counts)
+        elif strategy == "majority":
+            chosen = {max(counts, key=counts.get)}
+        elif strategy == "not majority":
+            chosen = set(counts) - {max(counts, key=counts.get)}
+        else:  # "auto", "not minority"
+            chosen = set(counts) - {min(counts, key=counts.get)}
+        smallest = min(counts.values())
+        return OrderedDict((c, smallest) for c in counts if c in chosen)
+
+    def _encoded(self, label) -> int:
+        return int(np.searchsorted(self.classes_, label))
 
     def _fit_resample(self, X, y):
         keep = self.sample_indices_
@@ -398,7 +457,54 @@ class OutlierGradientDetector(OutlierMixin, GradientEstimator):
                 indexable(y)[0], keep
             )
         X, y = indexable(X, y)
-        return safe_indexing(X, keep), safe_indexing(y, keep)
+        return self._outputs(safe_indexing(X, keep)), safe_indexing(y, keep)
+
+    def set_output(self, *, transform=None):
+        """Set the container of ``fit_resample``'s kept inputs.
+
+        Parameters
+        ----------
+        transform : {"default", "pandas", "polars"} or None, default=None
+            ``"pandas"`` or ``"polars"``: a DataFrame whose columns are
+            ``get_feature_names_out()``, whatever type the 2-D input had;
+            ``"default"``: the type given; None: unchanged.
+
+        Returns
+        -------
+        self : OutlierGradientDetector
+        """
+        if transform not in (None, "default", "pandas", "polars"):
+            raise ValueError(f"transform must be 'default', 'pandas', 'polars' or None, got {transform!r}.")
+        if transform is not None:
+            self._output = transform
+        return self
+
+    def _outputs(self, X):
+        """The kept inputs in the container ``set_output`` asked for."""
+        container = getattr(self, "_output", "default")
+        if container == "default" or is_dataset(X) or is_dict(X):
+            return X
+        if np.ndim(X) != 2:
+            raise ValueError(
+                f"set_output(transform={container!r}) needs 2-D inputs; X has shape {np.shape(X)}."
+            )
+        columns = self.get_feature_names_out()
+        if container == "pandas":
+            import pandas as pd
+
+            return X if isinstance(X, pd.DataFrame) else pd.DataFrame(np.asarray(X), columns=columns)
+        import polars as pl
+
+        return (
+            X
+            if isinstance(X, pl.DataFrame)
+            else pl.DataFrame(np.asarray(X), schema=list(columns), orient="row")
+        )
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False  # gradients need dense inputs (sparse ones are refused)
+        return _with_sampler_tags(tags)
 
     # ------------------------------------------------------------- helpers
     def _shards(self, X, y, *, task, device, local=False):
@@ -665,6 +771,40 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
         tags.target_tags = inner.target_tags
         tags.target_tags.required = True
         return tags
+
+
+def _with_sampler_tags(tags):
+    """``tags`` with imbalanced-learn's sampler tags (it records
+    ``sample_indices_``, takes DataFrames), in imbalanced-learn's own tag classes
+    when it is installed, so that its sampler checks read them."""
+    try:
+        from imblearn.utils._tags import InputTags, SamplerTags, Tags
+    except ImportError:  # imbalanced-learn is optional
+        return tags
+    from dataclasses import fields
+
+    inputs = InputTags(**{f.name: getattr(tags.input_tags, f.name) for f in fields(tags.input_tags)})
+    inputs.dataframe = True
+    given = {f.name: getattr(tags, f.name) for f in fields(tags) if f.name != "input_tags"}
+    return Tags(**given, input_tags=inputs, sampler_tags=SamplerTags(sample_indices=True))
+
+
+def _one_vs_all_labels(y):
+    """The class of each row of a one-vs-all label indicator ``y`` (one 1 per row,
+    as ``label_binarize`` gives it), or None for any other ``y``; refuses a
+    multilabel one."""
+    if y is None or np.ndim(y) != 2 or np.shape(y)[1] < 2:
+        return None
+    values = np.asarray(y)
+    if not np.isin(values, (0, 1)).all():
+        return None  # a multi-output regression target, checked by fit
+    if not (values.sum(1) == 1).all():
+        raise ValueError(
+            "Multilabel and multioutput targets are not supported: y is a label indicator with "
+            f"{values.sum(1).max()} labels in a row. Pass one label per sample, or a one-vs-all "
+            "indicator with a single 1 per row."
+        )
+    return values.argmax(1)
 
 
 def _kept_indices(detector, fit_params: dict) -> np.ndarray:

@@ -137,13 +137,20 @@ def test_auto_contamination_is_otsus_threshold(noisy_digits):
 
 
 def test_fit_resample_that_empties_a_class_warns_and_names_it(noisy_digits):
-    """Three digits labelled 'rare', the class's only samples, are all flagged: the
-    samples go, as imbalanced-learn's cleaning samplers would remove them, with a
-    warning naming the class."""
+    """Three digits labelled 'rare', the class's only samples, are all flagged. By
+    default the smallest class is not cleaned (as imbalanced-learn's cleaning
+    samplers' "auto"); with sampling_strategy="all" the samples go, with a warning
+    naming the class."""
     X, _, y_noisy, _, _ = noisy_digits
     y = y_noisy.astype(str)
     y[:3] = "rare"
     det = OutlierGradientDetector(_net(module__n_outputs=11), contamination=0.3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        X_kept, y_kept = det.fit_resample(X, y)
+    assert (det.labels_[:3] == -1).all() and list(y_kept).count("rare") == 3
+    assert "rare" not in det.sampling_strategy_
+    det.set_params(sampling_strategy="all")
     with pytest.warns(UserWarning, match=r"removes every training sample of class\(es\) \['rare'\]"):
         X_kept, y_kept = det.fit_resample(X, y)
     assert "rare" not in set(y_kept) and len(y_kept) == len(det.sample_indices_)
@@ -152,6 +159,52 @@ def test_fit_resample_that_empties_a_class_warns_and_names_it(noisy_digits):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every class keeps samples: no warning
         det.set_params(contamination=0.001).fit_resample(X, y)  # one sample flagged
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    ["auto", "all", "majority", "not minority", "not majority", [3, 5], "callable"],
+)
+def test_sampling_strategy_chooses_the_classes_cleaned(noisy_digits, strategy):
+    X, _, y_noisy, _, _ = noisy_digits
+    counts = dict(zip(*np.unique(y_noisy, return_counts=True)))
+    smallest, largest = min(counts, key=counts.get), max(counts, key=counts.get)
+    expected = {
+        "auto": set(counts) - {smallest},
+        "not minority": set(counts) - {smallest},
+        "all": set(counts),
+        "majority": {largest},
+        "not majority": set(counts) - {largest},
+        "callable": {0, 1},
+    }.get(strategy if isinstance(strategy, str) else "", {3, 5})
+    given = (lambda y: [0, 1]) if strategy == "callable" else strategy
+    det = OutlierGradientDetector(
+        _net(max_epochs=3), n_checkpoints=None, sampling_strategy=given, random_state=0
+    )
+    X_kept, y_kept = det.fit_resample(X, y_noisy)
+    assert set(det.sampling_strategy_) == expected
+    assert set(det.sampling_strategy_.values()) == {counts[smallest]}
+    keep = (det.labels_ == 1) | ~np.isin(y_noisy, sorted(expected))
+    np.testing.assert_array_equal(det.sample_indices_, np.flatnonzero(keep))
+    np.testing.assert_array_equal(y_kept, y_noisy[keep])
+    with pytest.raises(ValueError, match=r"names the classes \[42\]"):
+        det.set_params(sampling_strategy=[42]).fit(X, y_noisy)
+
+
+def test_sampler_outputs_feature_names_and_refuses_sparse_inputs(noisy_digits):
+    import scipy.sparse
+
+    X, _, y_noisy, _, _ = noisy_digits
+    det = OutlierGradientDetector(_net(max_epochs=2), n_checkpoints=None, random_state=0)
+    X_kept, y_kept = det.set_output(transform="pandas").fit_resample(X, y_noisy)
+    assert isinstance(X_kept, pd.DataFrame) and list(X_kept.columns) == [f"x{i}" for i in range(X.shape[1])]
+    np.testing.assert_array_equal(X_kept.to_numpy(), X[det.sample_indices_])
+    np.testing.assert_array_equal(det.get_feature_names_out(), X_kept.columns)
+    frame = pd.DataFrame(X, columns=[f"pixel{i}" for i in range(X.shape[1])])
+    X_kept, _ = det.set_output(transform="default").fit_resample(frame, y_noisy)
+    np.testing.assert_array_equal(det.get_feature_names_out(), frame.columns)
+    with pytest.raises(TypeError, match=r"toarray\(\)"):
+        det.fit_resample(scipy.sparse.csr_matrix(X), y_noisy)
 
 
 def test_bad_input(noisy_digits, regression_data):
@@ -194,9 +247,8 @@ def test_fit_resample_and_imblearn_pipeline(noisy_digits):
     frame = pd.DataFrame(X)
     X_kept, y_kept = det.fit_resample(frame, pd.Series(y_noisy))
     assert isinstance(X_kept, pd.DataFrame) and isinstance(y_kept, pd.Series)
-    assert len(X_kept) == int((det.labels_ == 1).sum())
-    np.testing.assert_array_equal(X_kept.index, np.flatnonzero(det.labels_ == 1))
-    assert flipped[det.labels_ == 1].mean() < flipped.mean() / 2  # most flips are gone
+    np.testing.assert_array_equal(X_kept.index, det.sample_indices_)
+    assert flipped[det.sample_indices_].mean() < flipped.mean() / 2  # most flips are gone
     pipe = Pipeline([("filter", det), ("clf", LogisticRegression(max_iter=1000))]).fit(X, y_noisy)
     assert pipe.predict(X_test).shape == (len(X_test),)
     assert pipe.named_steps["filter"].labels_.shape == (len(X),)
@@ -204,7 +256,7 @@ def test_fit_resample_and_imblearn_pipeline(noisy_digits):
 
 def test_filtered_estimator_in_sklearn_tools(noisy_digits):
     X, X_test, y_noisy, y_test, _ = noisy_digits
-    det = OutlierGradientDetector(_net(), contamination=0.2, random_state=0)
+    det = OutlierGradientDetector(_net(), contamination=0.2, sampling_strategy="all", random_state=0)
     model = make_pipeline(StandardScaler(), FilteredEstimator(LogisticRegression(max_iter=1000), det))
     model.fit(X, y_noisy)
     filtered = model[-1]
@@ -228,7 +280,7 @@ def test_filtered_estimator_in_sklearn_tools(noisy_digits):
         FilteredEstimator(LogisticRegression(), detector=StandardScaler()).fit(X, y_noisy)
     # without a detector the skorch net filters its own training set
     own = FilteredEstimator(_net(max_epochs=5)).fit(X, y_noisy)
-    assert own.n_removed_ == int((own.detector_.labels_ == -1).sum())
+    assert own.n_removed_ == len(X) - len(own.detector_.sample_indices_)
 
 
 def test_per_class_detectors_are_fitted_on_their_class_only(noisy_digits):
@@ -275,7 +327,7 @@ def test_filtered_estimator_routes_sample_weight_to_the_kept_samples(noisy_digit
     weights = np.linspace(0.5, 2.0, len(X))
     det = OutlierGradientDetector(_net(max_epochs=3), contamination=0.2, n_checkpoints=None, random_state=0)
     model = FilteredEstimator(LogisticRegression(max_iter=300), det).fit(X, y_noisy, sample_weight=weights)
-    kept = np.flatnonzero(model.detector_.labels_ == 1)
+    kept = model.detector_.sample_indices_
     expected = LogisticRegression(max_iter=300).fit(X[kept], y_noisy[kept], sample_weight=weights[kept])
     np.testing.assert_allclose(model.estimator_.coef_, expected.coef_, rtol=1e-6)
     unweighted = FilteredEstimator(LogisticRegression(max_iter=300), det).fit(X, y_noisy)

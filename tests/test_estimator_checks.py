@@ -1,3 +1,4 @@
+import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -31,4 +32,32 @@ ESTIMATORS = [
 
 @parametrize_with_checks(ESTIMATORS, expected_failed_checks=lambda est: EXPECTED_FAILURES[type(est).__name__])
 def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+imblearn_checks = pytest.importorskip("imblearn.utils.estimator_checks").parametrize_with_checks
+
+# imbalanced-learn's own checks of a sampler (and of a classifier, for anything with
+# predict), with the reason of every check expected to fail
+IMBLEARN_EXPECTED_FAILURES = {
+    "check_samplers_pandas_sparse": "sparse inputs are refused with a TypeError that names .toarray(): "
+    "per-sample gradients need dense tensors (input_tags.sparse is False, so the plain sparse check is "
+    "not run; this one runs on every DataFrame-taking sampler)",
+    **{
+        check: "imbalanced-learn runs its classifier checks on anything with predict, and the "
+        "detector's predict flags outliers (+1 / -1), as scikit-learn's outlier detectors do: it is "
+        "not a classifier of y"
+        for check in (
+            "check_classifier_on_multilabel_or_multioutput_targets",
+            "check_classifiers_with_encoded_labels",
+        )
+    },
+}
+
+
+@imblearn_checks(
+    [OutlierGradientDetector(_net(), n_checkpoints=2, random_state=0)],
+    expected_failed_checks=lambda est: IMBLEARN_EXPECTED_FAILURES,
+)
+def test_imblearn_sampler_compatible(estimator, check):
     check(estimator)
