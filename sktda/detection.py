@@ -24,7 +24,7 @@ from ._compat import (
     num_samples,
     safe_indexing,
 )
-from ._data import group_codes, is_dataset, is_dict, n_samples, take, targets_of
+from ._data import group_codes, is_dask, is_dataset, is_dict, n_samples, take, targets_of
 
 __all__ = ["FilteredEstimator", "OutlierGradientDetector"]
 
@@ -793,9 +793,11 @@ def _one_vs_all_labels(y):
     """The class of each row of a one-vs-all label indicator ``y`` (one 1 per row,
     as ``label_binarize`` gives it), or None for any other ``y``; refuses a
     multilabel one."""
-    if y is None or np.ndim(y) != 2 or np.shape(y)[1] < 2:
+    if y is None or is_dask(y):
         return None
     values = np.asarray(y)
+    if values.ndim != 2 or values.shape[1] < 2:
+        return None
     if not np.isin(values, (0, 1)).all():
         return None  # a multi-output regression target, checked by fit
     if not (values.sum(1) == 1).all():
