@@ -408,7 +408,7 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
     def _cleaned_classes(self, y) -> OrderedDict:
         """``sampling_strategy`` resolved on the encoded training labels ``y``: the
         classes (as given) to clean, each with the smallest class's size."""
-        labels = self.classes_[np.asarray(y)]
+        labels = self.classes_[np.asarray(y).astype(np.int64)]  # indices (floats, for binary cross-entropy)
         counts = dict(zip(*(a.tolist() for a in np.unique(labels, return_counts=True))))
         strategy = self.sampling_strategy
         if callable(strategy):
@@ -606,8 +606,9 @@ class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
     >>> net = NeuralNetClassifier(MLP, module__n_features=64, module__n_outputs=10,
     ...                           criterion=torch.nn.CrossEntropyLoss, max_epochs=20,
     ...                           lr=0.1, train_split=None, verbose=0)
-    >>> model = FilteredEstimator(LogisticRegression(max_iter=500),
-    ...                           OutlierGradientDetector(net, contamination=0.2, random_state=0))
+    >>> detector = OutlierGradientDetector(net, contamination=0.2, sampling_strategy="all",
+    ...                                    random_state=0)
+    >>> model = FilteredEstimator(LogisticRegression(max_iter=500), detector)
     >>> model.fit(X, y_noisy).n_removed_
     60
     """

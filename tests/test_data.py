@@ -80,7 +80,7 @@ def test_detector_and_subset_retraining_on_images(images):
     assert det.predict(X_test, y_test).shape == (len(X_test),)
     X_kept, y_kept = det.fit_resample(torch.from_numpy(X_train), y_train)
     assert isinstance(X_kept, torch.Tensor) and X_kept.shape[1:] == (1, 8, 8)
-    torch.testing.assert_close(X_kept, torch.from_numpy(X_train[det.labels_ == 1]))
+    torch.testing.assert_close(X_kept, torch.from_numpy(X_train[det.sample_indices_]))
     truth = subset_retraining(cnn_net(max_epochs=1), X_train, y_train, X_test, y_test, n_subsets=3)
     assert truth.outputs.shape == (3, len(X_test)) and np.all(np.isfinite(truth.outputs))
 
@@ -131,8 +131,8 @@ def test_dict_and_slicedict_inputs(tokens):
     for kind in (dict, SliceDict):
         X_kept, y_kept = det.fit_resample(as_dict(X_train, kind), y_train)
         assert type(X_kept) is kind
-        np.testing.assert_array_equal(X_kept["input_ids"], X_train[det.labels_ == 1])
-        np.testing.assert_array_equal(y_kept, y_train[det.labels_ == 1])
+        np.testing.assert_array_equal(X_kept["input_ids"], X_train[det.sample_indices_])
+        np.testing.assert_array_equal(y_kept, y_train[det.sample_indices_])
 
 
 # ----------------------------------------------------------------- targets
