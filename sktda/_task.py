@@ -192,13 +192,15 @@ class NetTask:
         """Refuse a module output that the loss would silently mistreat, and a
         criterion that cannot be evaluated per sample (checked on ``y``)."""
         if self.criterion is not None and y is not None:
-            given = torch.log(out.detach() + 1e-12) if self.output == PROBABILITIES else out
+            given = (
+                torch.log(out.detach() + torch.finfo(out.dtype).eps) if self.output == PROBABILITIES else out
+            )
             check_per_sample(
                 self.criterion, given, y.reshape(out.shape).to(out.dtype) if self.output in BINARY else y
             )
         if not self.is_classifier:
             width = out[0].numel() if out.ndim else 1
-            if width > 1 and self.target == "auto":
+            if width > 1 and self.target == "auto" and not self.auto_is_loss:
                 raise ValueError(_MULTI_OUTPUT.format(width))
             return
         if self.output in BINARY:
