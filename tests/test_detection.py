@@ -207,6 +207,15 @@ def test_sampler_outputs_feature_names_and_refuses_sparse_inputs(noisy_digits):
         det.fit_resample(scipy.sparse.csr_matrix(X), y_noisy)
 
 
+def test_sampler_outputs_polars(noisy_digits):
+    pl = pytest.importorskip("polars")
+    X, _, y_noisy, _, _ = noisy_digits
+    det = OutlierGradientDetector(_net(max_epochs=2), n_checkpoints=None, random_state=0)
+    X_kept, _ = det.set_output(transform="polars").fit_resample(X, y_noisy)
+    assert isinstance(X_kept, pl.DataFrame) and X_kept.columns == [f"x{i}" for i in range(X.shape[1])]
+    np.testing.assert_array_equal(X_kept.to_numpy(), X[det.sample_indices_])
+
+
 def test_bad_input(noisy_digits, regression_data):
     X, X_test, y_noisy, _, _ = noisy_digits
     with pytest.raises(ValueError, match="contamination"):
