@@ -474,6 +474,7 @@ class FeatureStore:
         and ``column_scale`` (one pass over the features, independent of the test
         set), and the test sides are then scored against ``n_groups`` rows instead
         of ``n_train``."""
+        spread = self._spread(return_std)
         where, states, sides = self._test_sides(method, test_phis, device)
         # the members' group sums within working_memory: in passes over the features,
         # each summing one block of groups (one pass for the usual tens or thousands)
@@ -492,7 +493,7 @@ class FeatureStore:
                 per_shard=per_shard,
             )
             parts = (sides[m] @ sums[m].to(where).T * coef for m, coef in enumerate(self.coefs))
-            part, part_std = _ensemble_sum(parts, self._spread(return_std))
+            part, part_std = _ensemble_sum(parts, spread)
             scores = part if scores is None else torch.cat([scores, part], 1)
             if return_std:
                 std = part_std if std is None else torch.cat([std, part_std], 1)

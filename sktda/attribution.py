@@ -655,10 +655,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             factor = self.units_scale_
         method = self._method()()
         if groups is not None:
-            codes, n_groups = self._group_codes(groups)
-            test_phis, device = self._test_features(X, y)
-            out = self._store.group_columns(method, test_phis, codes, n_groups, device, return_std=return_std)
-            return _scaled(out, factor)
+            return _scaled(self._group_scores(X, y, *self._group_codes(groups), return_std), factor)
         lazy = not self._store.shards.device_bound and not dense_fits(n_samples(X), self._store.n)
         if lazy and return_std:
             raise ValueError(
@@ -675,6 +672,14 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
 
     def _group_codes(self, groups) -> tuple[np.ndarray, int]:
         return group_codes(groups, self._store.n)
+
+    def _group_scores(self, X, y, codes, n_groups, return_std):
+        """The test samples' scores summed per group (and their standard errors),
+        as tensors: what ``attribute`` and ``most_influential`` rank by group."""
+        test_phis, device = self._test_features(X, y)
+        return self._store.group_columns(
+            self._method()(), test_phis, codes, n_groups, device, return_std=return_std
+        )
 
     def transform(self, X) -> np.ndarray:
         """Attributions for the ensemble's own predictions on ``X``.
@@ -740,10 +745,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         if groups is not None:
             codes, n_groups = self._group_codes(groups)
             check_scalar(k, "k", numbers.Integral, min_val=1, max_val=n_groups)
-            test_phis, device = self._test_features(X, y)
-            out = self._store.group_columns(
-                self._method()(), test_phis, codes, n_groups, device, return_std=return_std
-            )
+            out = self._group_scores(X, y, codes, n_groups, return_std)
             scores, std = out if return_std else (out, None)
             index = torch.arange(n_groups, device=scores.device).expand(len(scores), -1)
             found = [scores, index] + ([] if std is None else [std])
@@ -797,8 +799,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         The linear datamodel predicts a subset model's test target as a constant
         plus the sum of its training samples' effects. ``units_scale_`` is the one
         factor, fitted by least squares over every subset and test sample, that
-        turns the scores (normalised as ``normalize`` says) into those effects; ``units_correlation_`` says how
-        well the calibrated sums predict the retrained models. The subsets hold
+        turns the scores (normalised as ``normalize`` says) into those effects;
+        ``units_correlation_`` says how well the calibrated sums predict the
+        retrained models. The subsets hold
         ``score_subset_fraction`` of the training set, so the effect of removing a
         handful of samples from the full set is an extrapolation:
         :func:`sktda.model_selection.removal_effect` measures it by retraining.

@@ -278,8 +278,11 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
         self.labels_ = np.where(self.train_scores_ < self.offset_, -1, 1)
         keep = self.labels_ == 1
         if task.is_classifier and not task.is_sequence:
-            self.sampling_strategy_ = self._cleaned_classes(y)
-            keep |= ~np.isin(y, [self._encoded(c) for c in self.sampling_strategy_])
+            labels = self.classes_[
+                np.asarray(y).astype(np.int64)
+            ]  # indices (floats for binary cross-entropy)
+            self.sampling_strategy_ = self._cleaned_classes(labels)
+            keep |= ~np.isin(labels, list(self.sampling_strategy_))
         self.sample_indices_ = np.flatnonzero(keep)
         return {"featurize_seconds": featurize_seconds, "detect_seconds": time.perf_counter() - start}
 
@@ -405,10 +408,9 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
             )
         return self._fit_resample(X, y)
 
-    def _cleaned_classes(self, y) -> OrderedDict:
-        """``sampling_strategy`` resolved on the encoded training labels ``y``: the
-        classes (as given) to clean, each with the smallest class's size."""
-        labels = self.classes_[np.asarray(y).astype(np.int64)]  # indices (floats, for binary cross-entropy)
+    def _cleaned_classes(self, labels) -> OrderedDict:
+        """``sampling_strategy`` resolved on the training ``labels`` (as given): the
+        classes to clean, each with the smallest class's size."""
         counts = dict(zip(*(a.tolist() for a in np.unique(labels, return_counts=True))))
         strategy = self.sampling_strategy
         if callable(strategy):
@@ -431,9 +433,6 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
             chosen = set(counts) - {min(counts, key=counts.get)}
         smallest = min(counts.values())
         return OrderedDict((c, smallest) for c in counts if c in chosen)
-
-    def _encoded(self, label) -> int:
-        return int(np.searchsorted(self.classes_, label))
 
     def _fit_resample(self, X, y):
         keep = self.sample_indices_

@@ -353,12 +353,12 @@ def removal_effect(
         attributor.target,
     )
     n_train, n_test = len(y_train), len(y_test)
-    samples = attributor.attribute(X, y)
-    scores = samples if groups is None else attributor.attribute(X, y, groups=groups)
+    scores = attributor.attribute(X, y, groups=groups)
     if hasattr(attributor, "units_scale_"):
         scale = attributor.units_scale_
-    else:
+    else:  # calibrated on the per-sample scores, the group sums' terms
         truth = attributor._subset_truth(X, y, "removal_effect")
+        samples = scores if groups is None else attributor.attribute(X, y)
         scale = units_calibration(samples, truth.subsets, truth.outputs)[0]
     rng = check_random_state(attributor._seed() if random_state is None else random_state)
     seeds = rng.randint(0, 2**31 - 1, size=n_retrains)
