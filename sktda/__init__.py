@@ -2,6 +2,7 @@
 detection for PyTorch models wrapped by skorch."""
 
 from ._features import MemoryPlan
+from ._nets import frozen_net
 from .attribution import EnsembleAttributor, Influence
 from .detection import FilteredEstimator, OutlierGradientDetector
 
@@ -14,4 +15,5 @@ __all__ = [
     "MemoryPlan",
     "OutlierGradientDetector",
     "__version__",
+    "frozen_net",
 ]

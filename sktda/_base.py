@@ -26,15 +26,33 @@ from ._data import n_samples, take, targets_of, validate_fit_data, validate_pred
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._features import LocalShards, shard_ranges
 from ._gradients import GRADIENT_PATHS, GradientConfig, feature_dim, featurize_members
-from ._nets import check_net, check_pretrained, initialized_module, resolve_device, takes_token_ids
+from ._nets import (
+    check_net,
+    check_pretrained,
+    frozen_nets,
+    given_checkpoints,
+    initialized_module,
+    is_peft_model,
+    resolve_device,
+    takes_token_ids,
+    working_copy,
+)
 from ._parallel import active_client
 from ._task import NetTask
 
 # One documentation fragment per shared parameter, substituted into both
 # estimators' docstrings by :func:`fill_doc` (``%(name)s`` markers).
 _PARAMETER_DOCS = {
-    "estimator": """estimator : skorch.NeuralNetClassifier, skorch.NeuralNetRegressor or skorch.NeuralNet
-        Unfitted skorch net, cloned for every trained model. ``CrossEntropyLoss``
+    "estimator": """estimator : skorch net, FrozenEstimator or list of FrozenEstimator
+        Unfitted skorch net (``NeuralNetClassifier``, ``NeuralNetRegressor``,
+        ``NeuralNet``...), cloned for every trained model; a fitted net passed
+        as it is is cloned and trained again too, as in scikit-learn. A
+        ``sklearn.frozen.FrozenEstimator`` around a fitted net (or a list of
+        them, your own ensemble) is used as it is: its weights are attributed or
+        scored, nothing is trained (but LoRA adapters on top), and the net is
+        left unchanged; :func:`sktda.frozen_net` wraps a module trained
+        elsewhere. With weights the module already holds (frozen,
+        ``pretrained=True``, a peft model) class labels are its output indices. ``CrossEntropyLoss``
         (the module returns logits), ``NLLLoss`` (the module returns probabilities
         in a ``NeuralNetClassifier``, log-probabilities in a plain ``NeuralNet``)
         and ``MSELoss`` (one output per sample) have closed forms; any other
@@ -43,7 +61,15 @@ _PARAMETER_DOCS = {
         transformers ``ModelOutput``, a dict or a tuple is trained and attributed
         on its logits.""",
     "n_models": """n_models : int, default=1
-        Independently trained models, each from its own seed.""",
+        Independently trained models, each from its own seed (with frozen nets:
+        their number, which n_models must leave at 1 or equal).""",
+    "checkpoints": """checkpoints : list or None, default=None
+        With a frozen ``estimator`` only: the checkpoints of your own training,
+        for ``method="tracin"`` and the detector's checkpoints. A list of ``(state,
+        learning_rate)`` pairs, ``state`` a ``module.state_dict()`` or the path of
+        one saved by ``torch.save`` (skorch's ``Checkpoint`` callback writes its
+        ``f_params`` so), or with several frozen nets a list of such lists, one
+        per net. sktda records its own when it trains.""",
     "n_masks": """n_masks : int, default=5
         Fixed dropout masks per model (``ensemble="dropout"``).""",
     "dropout_rate": """dropout_rate : float in (0, 1) or None, default=None
@@ -128,6 +154,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "pretrained": ["boolean"],
+        "checkpoints": [list, None],
     }
 
     @fit_context(prefer_skip_nested_validation=True)
@@ -183,13 +210,32 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
 
     def _prepare(self, X, y):
         """What a fit on ``(X, y)`` checks and builds before any training: the task,
-        the initialised module, the validated data and the ensemble strategy."""
+        the initialised module (a frozen net's own, copied), the validated data and
+        the ensemble strategy."""
         y = targets_of(X, y)  # a Dataset's, read once
-        task = check_net(self.estimator, self._target(), y)
-        check_pretrained(self.estimator, self.pretrained)
+        nets = self._frozen_nets()
+        task = check_net(self.estimator if nets is None else nets[0], self._target(), y)
+        if nets is None:
+            check_pretrained(self.estimator, self.pretrained)
+            module = initialized_module(self.estimator)
+            if self.checkpoints is not None:
+                raise ValueError(
+                    "checkpoints are the training checkpoints of a model you trained yourself, given with "
+                    "a FrozenEstimator; sktda records its own along the training it runs. Pass "
+                    "FrozenEstimator(fitted_net) as estimator, or checkpoints=None."
+                )
+        else:
+            module = working_copy(nets[0].module_)
+            if self.n_models not in (1, len(nets)):
+                raise ValueError(
+                    f"n_models={self.n_models}, and the ensemble is the {len(nets)} frozen net(s) given: "
+                    "nothing is trained. Leave n_models=1, or pass that many FrozenEstimators in a list."
+                )
         self._check_fit(task)
-        module = initialized_module(self.estimator)
-        X, y = validate_fit_data(self, X, y, task, takes_token_ids(module))
+        holds_weights = nets is not None or self.pretrained or is_peft_model(module)
+        X, y = validate_fit_data(
+            self, X, y, task, takes_token_ids(module), module=module if holds_weights else None
+        )
         self._task = task
         # the strategy's parameters are the estimator's of the same names
         strategy = ENSEMBLES[self.ensemble].from_params(self.get_params(deep=False))
@@ -202,22 +248,44 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         self._check_resources(X, task, module, strategy, device)
 
         start = time.perf_counter()
-        self.ensemble_ = TrainedEnsemble.fit(
-            strategy,
-            self.estimator,
-            X,
-            y,
-            task=task,
-            n_models=self.n_models,
-            random_state=self.random_state,
-            device=device,
-            n_jobs=self.n_jobs,
-            verbose=self.verbose,
-            n_checkpoints=self._n_checkpoints(),
-        )
+        nets = self._frozen_nets()
+        if nets is None:
+            self.ensemble_ = TrainedEnsemble.fit(
+                strategy,
+                self.estimator,
+                X,
+                y,
+                task=task,
+                n_models=self.n_models,
+                random_state=self.random_state,
+                device=device,
+                n_jobs=self.n_jobs,
+                verbose=self.verbose,
+                n_checkpoints=self._n_checkpoints(),
+            )
+        else:  # the user's models, as they are: nothing trained but LoRA adapters
+            self.ensemble_ = TrainedEnsemble.adopt(
+                strategy,
+                nets,
+                X,
+                y,
+                random_state=self.random_state,
+                device=device,
+                checkpoints=given_checkpoints(self.checkpoints, nets),
+            )
         self.estimators_ = self.ensemble_.nets
         train_seconds = time.perf_counter() - start
         self.costs_ = {"train_seconds": train_seconds, **self._fit_features(X, y, task=task, device=device)}
+
+    def _frozen_nets(self) -> list | None:
+        """The user's fitted nets (``estimator`` a ``FrozenEstimator`` or a list of
+        them), or None when sktda trains the ensemble."""
+        return frozen_nets(self.estimator)
+
+    def _n_models(self) -> int:
+        """The models of the ensemble: ``n_models`` trained, or the frozen nets."""
+        nets = self._frozen_nets()
+        return self.n_models if nets is None else len(nets)
 
     # ------------------------------------------------------------------ hooks
     def _target(self):

@@ -311,9 +311,13 @@ def check_dask(X, name: str = "X", min_samples: int = 1, keep_integers: bool = T
     return X
 
 
-def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True):
+def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True, module=None):
     """Validate ``(X, y)`` for ``fit``; set ``n_features_in_`` (2-D tables) and
     ``classes_`` (classifiers).
+
+    ``module``: a module that holds trained or pretrained weights, whose output
+    units are the classes (see :func:`output_classes`); None: the classes are
+    those present in ``y``, encoded in sorted order, as scikit-learn does.
 
     Returns the inputs and the targets the net trains on: int64 class indices for
     classifiers, int64 token ids ``(n, T)`` for sequence targets, a float32 column
@@ -334,13 +338,15 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
         check_classification_targets(y)
         encoder = LabelEncoder().fit(y)
         estimator.classes_ = encoder.classes_
+        if module is not None:
+            estimator.classes_ = output_classes(module, X, task, y)
         if task.output in BINARY and len(encoder.classes_) > 2:
             raise ValueError(
                 f"y has {len(encoder.classes_)} classes, and binary cross-entropy (skorch's "
                 "NeuralNetBinaryClassifier) takes two. Use a NeuralNetClassifier with CrossEntropyLoss and "
                 "one output per class."
             )
-        if len(encoder.classes_) == 1:
+        if len(encoder.classes_) == 1 and module is None:
             warnings.warn(
                 f"y has a single class ({encoder.classes_[0]}): every training sample has the "
                 "same label, so attributions and outlier scores carry no information about "
@@ -354,6 +360,34 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
                 "the net on them as they are: make __getitem__ return class indices 0..n_classes-1."
             )
     return X, encode_y(y, task, getattr(estimator, "classes_", None))
+
+
+def output_classes(module, X, task: NetTask, y) -> np.ndarray:
+    """The classes of a module that holds weights: its output units ``0 ..
+    n_outputs - 1``, as skorch trains on class indices. Labels are never
+    re-encoded from the classes present in ``y`` (a class missing from the data
+    must not shift the others onto the wrong output units), so ``y`` must hold
+    those indices."""
+    first = take(X, slice(0, 1))
+    device = next(iter(module.parameters())).device
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            n_outputs = int(task.logits(call(module, to_torch(first, device))).shape[-1])
+    finally:
+        module.train(training)
+    labels = np.unique(np.asarray(y))
+    integral = labels.dtype.kind in "iu" or (labels.dtype.kind == "f" and np.all(labels == np.round(labels)))
+    if not integral or labels.min() < 0 or labels.max() >= n_outputs:
+        shown = labels.tolist()[:10]
+        raise ValueError(
+            f"The module holds trained weights (a FrozenEstimator, pretrained=True or a peft model), so "
+            f"class labels are its output units 0..{n_outputs - 1}, as skorch trains on them; y holds "
+            f"{shown}{'...' if len(labels) > 10 else ''}. Pass the class indices the module was trained "
+            "with (for example LabelEncoder fitted on the original training labels)."
+        )
+    return np.arange(n_outputs)
 
 
 def check_y(y, task: NetTask) -> np.ndarray:

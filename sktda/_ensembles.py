@@ -10,7 +10,6 @@ attribution methods never learn which strategy made a member.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -29,11 +28,13 @@ from ._nets import (
     checkpoint_epochs,
     fine_tune,
     fit_net,
+    is_peft_model,
     module_bytes,
     parameter_names,
     trainable_names,
     trained_module,
     untrained_net,
+    working_copy,
 )
 from ._parallel import delayed_tasks, run
 from ._task import NetTask
@@ -86,8 +87,8 @@ class Member:
         its coefficient scaled by the learning rate in force there."""
         return replace(
             self,
-            params={k: state.get(k, v).to(v.device) for k, v in self.params.items()},
-            frozen={k: state.get(k, v).to(v.device) for k, v in self.frozen.items()},
+            params={k: state.get(k, v).to(v.device, v.dtype) for k, v in self.params.items()},
+            frozen={k: state.get(k, v).to(v.device, v.dtype) for k, v in self.frozen.items()},
             coef=self.coef * lr,
         )
 
@@ -169,6 +170,12 @@ class EnsembleStrategy:
 
     def fit(self, estimator, X, y, *, seed: int, device: torch.device, task: NetTask, callbacks=()):
         net = fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
+        return TrainedModel(net, seed)
+
+    def adopt(self, net, X, y, *, seed: int, device: torch.device) -> TrainedModel:
+        """One of the user's fitted nets as a trained model, never trained nor
+        changed (a strategy that trains something of its own on top, as LoRA's
+        adapters, does it here)."""
         return TrainedModel(net, seed)
 
     def members(self, model: TrainedModel, X_sample: torch.Tensor) -> list[Member]:
@@ -389,14 +396,14 @@ class LoraEnsemble(EnsembleStrategy):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.random.default_generator.manual_seed(seed)
-            module = inject_adapter_in_model(config, copy.deepcopy(module).cpu()).to(device)
+            module = inject_adapter_in_model(config, working_copy(module).cpu()).to(device)
         head = module.get_submodule(linear[-1]) if linear else None
         if self.pretrained and isinstance(head, nn.Linear):  # not adapted itself
             head.requires_grad_(True)
         return module
 
     def check(self, module, X_sample):
-        if _is_peft_model(module):
+        if is_peft_model(module):
             raise ValueError(
                 "ensemble='lora' adds LoRA adapters of its own, and the net's module is already a "
                 "peft.PeftModel. Use ensemble='independent' (each member trains your adapters with "
@@ -423,6 +430,10 @@ class LoraEnsemble(EnsembleStrategy):
             net = untrained_net(estimator, device)
         else:
             net = fit_net(estimator, X, y, seed=seed, device=device, task=task, callbacks=callbacks)
+        return self.adopt(net, X, y, seed=seed, device=device)
+
+    def adopt(self, net, X, y, *, seed, device):
+        """Adapters trained on the net's weights, which stay as they are."""
         adapters = []
         for j in range(self.n_adapters):
             adapter_seed = derive_seed(seed, 2, j)
@@ -472,10 +483,6 @@ def _plain_linears(module: nn.Module) -> list[str]:
         for name, m in module.named_modules()
         if isinstance(m, nn.Linear) and name not in inside_attention
     ]
-
-
-def _is_peft_model(module: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("peft.") for m in module.modules())
 
 
 def _adapted_size(module: nn.Module) -> int | None:
@@ -553,6 +560,35 @@ class TrainedEnsemble:
         for model in models if n_checkpoints else ():
             model.checkpoints = dict(model.net.callbacks_)[_CHECKPOINT_CALLBACK].checkpoints_
         return cls(strategy, models, to_torch(copy_inputs(take(X, slice(0, 1)))))
+
+    @classmethod
+    def adopt(
+        cls,
+        strategy: EnsembleStrategy,
+        nets: list,
+        X,
+        y,
+        *,
+        random_state,
+        device: torch.device,
+        checkpoints: list[list[tuple]] | None = None,
+    ) -> TrainedEnsemble:
+        """The user's fitted ``nets`` as the ensemble's models, each with its seed
+        (for masks and adapters, as :meth:`fit` draws them) and its ``checkpoints``
+        (``(epoch, learning rate, state)``, given by the user). Nothing is trained
+        but what the strategy adds on top (LoRA's adapters); the nets are left as
+        they are, and kept here, in this process: the estimator's ``estimators_``
+        are the user's own objects."""
+        seeds = [int(s) for s in check_random_state(random_state).randint(0, 2**31 - 1, size=len(nets))]
+        models = [strategy.adopt(net, X, y, seed=s, device=device) for net, s in zip(nets, seeds)]
+        for model, given in zip(models, checkpoints or [[] for _ in nets]):
+            model.checkpoints = given
+        return cls(strategy, models, to_torch(copy_inputs(take(X, slice(0, 1)))))
+
+    @property
+    def has_checkpoints(self) -> bool:
+        """Whether every model has checkpoints along its training."""
+        return all(model.checkpoints for model in self.models)
 
     def members(self, checkpoints: bool = False) -> list[Member]:
         """Every member, with coefficient ``1 / n_members``; with ``checkpoints``,

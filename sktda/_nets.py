@@ -8,15 +8,19 @@ sees ``torch.nn.Module`` objects and the :class:`~sktda._task.NetTask` that
 from __future__ import annotations
 
 import copy
+import numbers
+import os
 import signal
 import threading
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import replace
+from itertools import chain
 
 import numpy as np
 import torch
 from sklearn.base import clone
+from sklearn.frozen import FrozenEstimator
 from skorch import NeuralNet, NeuralNetBinaryClassifier, NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
 from skorch.utils import multi_indexing
@@ -416,6 +420,235 @@ def check_pretrained(estimator, pretrained: bool) -> None:
         )
 
 
+def frozen_nets(estimator) -> list | None:
+    """The fitted skorch nets of a scikit-learn ``FrozenEstimator`` (or of a list of
+    them: the user's own ensemble), or None for an unfitted net that sktda trains.
+
+    A frozen net is used as it is: attributed or scored with its own weights,
+    never trained, never changed."""
+    items = list(estimator) if isinstance(estimator, (list, tuple)) else [estimator]
+    if not any(isinstance(e, FrozenEstimator) for e in items):
+        if isinstance(estimator, (list, tuple)):
+            raise TypeError(
+                "A list of estimators is the user's own ensemble of trained models: each must be a "
+                "sklearn.frozen.FrozenEstimator around a fitted skorch net; got "
+                f"{[type(e).__name__ for e in items]}. Pass one unfitted net to have sktda train the ensemble."
+            )
+        return None
+    if not all(isinstance(e, FrozenEstimator) for e in items):
+        raise TypeError(
+            "Every model of your own ensemble must be a FrozenEstimator around a fitted skorch net; got "
+            f"{[type(e).__name__ for e in items]}."
+        )
+    nets = [e.estimator for e in items]
+    for i, net in enumerate(nets):
+        if not isinstance(net, NeuralNet):
+            raise TypeError(
+                f"FrozenEstimator {i} wraps a {type(net).__name__}; sktda attributes skorch nets. Wrap your "
+                "trained torch module with sktda.frozen_net(module, criterion)."
+            )
+        if not getattr(net, "initialized_", False) or not isinstance(
+            getattr(net, "module_", None), torch.nn.Module
+        ):
+            raise ValueError(
+                f"FrozenEstimator {i} wraps a skorch net that is not fitted (no module_), so it has no "
+                "weights to attribute. Fit it first, or pass the unfitted net itself (without "
+                "FrozenEstimator) to have sktda train the ensemble."
+            )
+    first = nets[0]
+    for i, net in enumerate(nets[1:], 1):
+        same = (type(net), type(net.module_), _criterion_class(net)) == (
+            type(first),
+            type(first.module_),
+            _criterion_class(first),
+        )
+        if not same:
+            raise ValueError(
+                f"The frozen nets of one ensemble must be the same kind of net with the same module "
+                f"class and criterion; net {i} is a {type(net).__name__} of {type(net.module_).__name__} "
+                f"with {_criterion_class(net).__name__}, net 0 a {type(first).__name__} of "
+                f"{type(first.module_).__name__} with {_criterion_class(first).__name__}."
+            )
+    return nets
+
+
+def _criterion_class(net) -> type:
+    return net.criterion if isinstance(net.criterion, type) else type(net.criterion)
+
+
+def retraining_net(estimator):
+    """The unfitted net that retrains ``estimator``'s recipe (``score``,
+    ``subset_retraining``, ``removal_effect``): the net itself, or a frozen net's
+    unfitted clone (its module class and parameters, or a module instance that
+    still holds the weights training started from). A frozen net whose module
+    instance was trained in place has no such recipe: refused."""
+    nets = frozen_nets(estimator)
+    if nets is None:
+        return estimator
+    net = nets[0]
+    if isinstance(net.module, torch.nn.Module) and net.module is net.module_:
+        raise ValueError(
+            "This needs models retrained on subsets of the training data, and the frozen net's module "
+            "is the trained instance itself: the weights its training started from are gone, so sktda "
+            "cannot retrain it as it was trained. Give that recipe as an unfitted net, with the module "
+            "class (NeuralNetClassifier(MyModule, module__...=...)) or an instance holding the starting "
+            "(pretrained) weights: EnsembleAttributor(..., retrain_estimator=net), or "
+            "subset_retraining(net, ...)."
+        )
+    return clone(net)
+
+
+def _load_state(item, where: str) -> dict:
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            item = torch.load(item, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"{where}: cannot load a state dict from {str(item)!r} ({exc}).") from exc
+    if not isinstance(item, Mapping) or not all(isinstance(v, torch.Tensor) for v in item.values()):
+        raise TypeError(
+            f"{where} must be a state dict (names to tensors, module.state_dict()) or the path of one saved "
+            f"by torch.save (skorch's Checkpoint writes f_params so); got {type(item).__name__}."
+        )
+    return dict(item)
+
+
+def given_checkpoints(checkpoints, nets: list) -> list[list[tuple]]:
+    """The user's checkpoints of each frozen net, ``(epoch, learning rate,
+    state)`` as sktda records its own: ``checkpoints`` is a list of ``(state dict or
+    path, learning rate)`` pairs (one frozen net), or a list of such lists, one per
+    net. Each state holds every trained parameter of the net, with its shape."""
+    if checkpoints is None:
+        return [[] for _ in nets]
+    per_net = (
+        checkpoints if len(nets) > 1 or (checkpoints and _is_pair_list(checkpoints[0])) else [checkpoints]
+    )
+    if len(per_net) != len(nets) or not all(_is_pair_list(c) for c in per_net):
+        raise ValueError(
+            "checkpoints must be a list of (state dict or path, learning rate) pairs for one frozen net, "
+            f"or a list of {len(nets)} such lists, one per frozen net; got {_shape(checkpoints)}."
+        )
+    out = []
+    for i, (net, pairs) in enumerate(zip(nets, per_net)):
+        if not pairs:
+            raise ValueError(f"checkpoints of frozen net {i} is empty; give at least one (state, lr) pair.")
+        reference = net.module_.state_dict()
+        trained = trainable_names(net.module_)
+        recorded = []
+        for j, (state, lr) in enumerate(pairs):
+            where = f"checkpoint {j} of frozen net {i}"
+            state = _load_state(state, where)
+            if not isinstance(lr, numbers.Real) or not np.isfinite(lr) or lr < 0:
+                raise ValueError(f"{where}: the learning rate must be a finite number >= 0, got {lr!r}.")
+            missing = sorted(trained - set(state))
+            unknown = sorted(set(state) - set(reference))
+            wrong = sorted(k for k in set(state) & set(reference) if state[k].shape != reference[k].shape)
+            if missing or unknown or wrong:
+                raise ValueError(
+                    f"{where} does not fit the net's module: "
+                    + "; ".join(
+                        f"{what} {names[:5]}"
+                        for what, names in (
+                            ("missing", missing),
+                            ("unknown", unknown),
+                            ("wrong shape", wrong),
+                        )
+                        if names
+                    )
+                    + ". Give module.state_dict() of the same module at that point of training."
+                )
+            recorded.append((j + 1, float(lr), state))
+        out.append(recorded)
+    return out
+
+
+def _is_pair_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and not isinstance(p[1], (list, tuple)) for p in value
+    )
+
+
+def _shape(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {[type(v).__name__ for v in value][:5]}"
+    return type(value).__name__
+
+
+def frozen_net(module: torch.nn.Module, criterion=torch.nn.CrossEntropyLoss, *, net_class=None, **params):
+    """A trained torch module, wrapped for sktda as it is: a ``FrozenEstimator``
+    around an initialised (never fitted) skorch net whose ``module_`` is ``module``
+    itself.
+
+    The path from a model trained elsewhere (a plain torch loop, a transformers
+    model loaded with ``from_pretrained``, a peft ``PeftModel``) to both
+    estimators. Nothing is copied or trained: the estimators work on copies, and
+    ``module`` is left bitwise unchanged.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The trained module. A module returning a transformers ``ModelOutput`` (or a
+        dict or tuple) is attributed on its logits.
+    criterion : torch.nn.Module class or instance, default=torch.nn.CrossEntropyLoss
+        The loss it was trained with (per-sample losses are taken from it).
+    net_class : skorch net class or None, default=None
+        None chooses from the criterion: ``NeuralNetBinaryClassifier`` for binary
+        cross-entropy, ``NeuralNetRegressor`` for the regression losses,
+        ``NeuralNetClassifier`` for cross-entropy and NLL, ``NeuralNet`` for any
+        other loss (a language model's token loss).
+    **params
+        Further skorch parameters: the learning rate, optimizer and batch size
+        that LoRA adapters are trained with (``ensemble="lora"``), and the
+        ``criterion__`` arguments. ``train_split=None``, ``verbose=0`` and the
+        module's device unless given.
+
+    Returns
+    -------
+    sklearn.frozen.FrozenEstimator
+        Pass it as ``estimator`` to :class:`~sktda.EnsembleAttributor` or
+        :class:`~sktda.OutlierGradientDetector`. Class labels are the module's
+        output indices.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from sktda import frozen_net
+    >>> module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> frozen = frozen_net(module, torch.nn.CrossEntropyLoss, lr=0.01)
+    >>> frozen.estimator.module_ is module
+    True
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a trained torch.nn.Module instance, got {type(module).__name__}.")
+    if any(k.startswith("module__") for k in params):
+        raise ValueError(
+            "module__ arguments would build a new module; frozen_net wraps the trained module as it is."
+        )
+    if net_class is None:
+        crit_cls = criterion if isinstance(criterion, type) else type(criterion)
+        if issubclass(crit_cls, torch.nn.BCEWithLogitsLoss | torch.nn.BCELoss):
+            net_class = NeuralNetBinaryClassifier
+        elif issubclass(crit_cls, _REGRESSION_LOSSES):
+            net_class = NeuralNetRegressor
+        elif issubclass(crit_cls, torch.nn.CrossEntropyLoss | torch.nn.NLLLoss):
+            net_class = NeuralNetClassifier
+        else:
+            net_class = NeuralNet
+    tensor = next(chain(module.parameters(), module.buffers()), None)
+    defaults = {
+        "train_split": None,
+        "verbose": 0,
+        "device": str(tensor.device) if tensor is not None else "cpu",
+    }
+    net = net_class(module, criterion=criterion, **{**defaults, **params})
+    with torch.random.fork_rng(devices=[]):
+        net.initialize()
+    return FrozenEstimator(net)
+
+
+def is_peft_model(module: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("peft.") for m in module.modules())
+
+
 def trainable_names(module: torch.nn.Module) -> set[str]:
     """The parameters training updates (a ``peft.PeftModel`` trains only its adapters)."""
     return {name for name, p in module.named_parameters() if p.requires_grad}
@@ -450,9 +683,24 @@ def takes_token_ids(module: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) for m in module.modules())
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def working_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``module`` that sktda may change (the user's module is never
+    touched): its logits read (:func:`use_logits`), and a half-precision module
+    (bfloat16, float16) in float32, so that per-sample gradients, their
+    projections and their sums are accumulated safely and meet float32 inputs."""
+    module = copy.deepcopy(module)
+    if any(t.dtype in _HALF for t in chain(module.parameters(), module.buffers())):
+        module.float()
+    return use_logits(module)
+
+
 def trained_module(net) -> torch.nn.Module:
-    """A frozen, eval-mode copy of the net's module (the net itself is untouched)."""
-    module = copy.deepcopy(net.module_)
+    """A frozen, eval-mode working copy of the net's module (the net itself is
+    untouched)."""
+    module = working_copy(net.module_)
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)

@@ -43,7 +43,7 @@ from ._features import (
 )
 from ._gradients import feature_blocks
 from ._methods import METHODS, SCORE_DTYPE
-from ._nets import checkpoint_epochs, resolve_device
+from ._nets import checkpoint_epochs, given_checkpoints, resolve_device
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
@@ -137,6 +137,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     n_checkpoints : int, default=5
         Checkpoints per model for ``method="tracin"``, evenly spread over the
         epochs, the last included (the net needs ``max_epochs >= 1``).
+    %(checkpoints)s
     proj_dim : int or None, default=2048
         Dimension of the random projection of the gradients. When a member has at
         most ``proj_dim`` differentiated parameters (or with None), the exact
@@ -223,6 +224,14 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         Retrained subset models behind ``score``.
     score_subset_fraction : float, default=0.5
         Fraction of the training set in each of those subsets.
+    retrain_estimator : skorch net or None, default=None
+        With a frozen ``estimator``: the unfitted net that ``score``,
+        ``calibrate_units`` and :func:`~sktda.model_selection.removal_effect`
+        retrain on subsets of the training data, the recipe of the frozen net
+        (its module class, or an instance holding the weights its training
+        started from, with ``pretrained=True``). None retrains the frozen net's
+        unfitted clone, which is refused when its module is the trained instance
+        itself (:func:`~sktda.frozen_net` makes such nets).
     %(verbose)s
 
     Attributes
@@ -303,6 +312,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         "cluster_features": ["boolean", StrOptions({"auto"})],
         "score_n_subsets": [Interval(numbers.Integral, 3, None, closed="left")],
         "score_subset_fraction": [Interval(numbers.Real, 0, 1, closed="neither")],
+        "retrain_estimator": "no_validation",  # checked where it is retrained, as estimator is
     }
 
     def __init__(
@@ -320,6 +330,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         lora_target_modules=None,
         lora_epochs=5,
         n_checkpoints=5,
+        checkpoints=None,
         proj_dim=2048,
         projection="gaussian",
         gradient_path="auto",
@@ -337,6 +348,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         random_state=None,
         score_n_subsets=50,
         score_subset_fraction=0.5,
+        retrain_estimator=None,
         verbose=0,
     ):
         self.estimator = estimator
@@ -351,6 +363,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self.lora_target_modules = lora_target_modules
         self.lora_epochs = lora_epochs
         self.n_checkpoints = n_checkpoints
+        self.checkpoints = checkpoints
         self.proj_dim = proj_dim
         self.projection = projection
         self.gradient_path = gradient_path
@@ -368,6 +381,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         self.random_state = random_state
         self.score_n_subsets = score_n_subsets
         self.score_subset_fraction = score_subset_fraction
+        self.retrain_estimator = retrain_estimator
         self.verbose = verbose
 
     # ------------------------------------------------------------------ fit
@@ -389,6 +403,19 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             raise ValueError(
                 "cluster_features=True keeps the training features on the Dask workers, and "
                 f"features_dir={self.features_dir!r} asks for them in a file here: set one of them."
+            )
+        nets = self._frozen_nets()
+        if method.needs_checkpoints and nets is not None and self.checkpoints is None:
+            raise ValueError(
+                "method='tracin' sums over checkpoints along training, and a frozen net comes without "
+                "them. Pass your own: checkpoints=[(state_dict or path, learning_rate), ...] (one list per "
+                "frozen net), or use another method (grad_dot is TracIn at the final weights alone)."
+            )
+        if self.retrain_estimator is not None and nets is None:
+            raise ValueError(
+                "retrain_estimator is the recipe that retrains a frozen net (for score, calibrate_units "
+                "and removal_effect); this estimator is an unfitted net, which is its own recipe. Leave "
+                "retrain_estimator=None."
             )
         if method.needs_checkpoints and self.ensemble == "lora":
             raise ValueError(
@@ -442,9 +469,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         fit will store (residuals aside), sized from the untrained ``module``."""
         method = self._method(task)
         dtype = np.dtype(self.feature_dtype)
-        n_members = self.n_models * strategy.members_per_model
+        n_members = self._n_models() * strategy.members_per_model
         if method.needs_checkpoints:
-            n_members *= len(checkpoint_epochs(self.estimator.max_epochs, self.n_checkpoints))
+            n_members *= self._checkpoints_per_model()
         member = strategy.sizing_member(module)
         blocks, dense = feature_blocks(member, self._gradient_config(task, device, dtype))
         width = sum(a * b for a, b in blocks) + dense
@@ -468,7 +495,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             curvature = 2 * width * width
         params = sum(p.numel() * p.element_size() for p in module.parameters())
         return features, {
-            "models": self.n_models * params,
+            "models": self._n_models() * params,
             "inputs": _copied_bytes(X),
             "residuals": n_members * n * 4,  # float32, in memory
             "curvature": n_members * 8 * curvature,
@@ -500,12 +527,15 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
                 f"sample, and it failed ({type(exc).__name__}: {exc}). A module that a callback sizes "
                 "when training begins cannot be planned: build it at its final size."
             ) from exc
-        params = stages["models"] // self.n_models
+        params = stages["models"] // self._n_models()
+        nets = self._frozen_nets()
         # weights, gradients and two optimizer moments; a batch's activations, kept for the
         # backward pass, and their gradients (twice them, as measured on an MLP and a CNN)
-        training = 4 * params + 2 * activations * self.estimator.batch_size
+        training = 4 * params + 2 * activations * (self.estimator if nets is None else nets[0]).batch_size
+        if nets is not None and self.ensemble != "lora":
+            training = 0  # nothing is trained
         featurizing = 2 * activations * self.batch_size
-        here = 0 if on_workers else min(self.n_models, effective_n_jobs(self.n_jobs))
+        here = 0 if on_workers else min(self._n_models(), effective_n_jobs(self.n_jobs))
         worker = 0
         if on_workers:
             n_workers = max(1, len(self._client().scheduler_info()["workers"]))
@@ -554,6 +584,13 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     def _target(self):
         return self.target
 
+    def _checkpoints_per_model(self) -> int:
+        """TracIn's checkpoints of each model: recorded along training, or given."""
+        nets = self._frozen_nets()
+        if nets is None:
+            return len(checkpoint_epochs(self.estimator.max_epochs, self.n_checkpoints))
+        return len(given_checkpoints(self.checkpoints, nets)[0])
+
     def _n_checkpoints(self):
         return self.n_checkpoints if self._method().needs_checkpoints else None
 
@@ -572,7 +609,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             members, X, y, task=task, device=device, dtype=dtype, out_file=None if file is None else file.path
         )
         _, n, k = shards.shape
-        n_members = self.n_models * self.ensemble_.strategy.members_per_model
+        n_members = self._n_models() * self.ensemble_.strategy.members_per_model
         self._store = FeatureStore(
             shards, [m.coef for m in members], n, k, file, sets_per_member=len(members) // n_members
         )
@@ -831,7 +868,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             raise ValueError(f"{caller} needs the test targets y: it measures how y's prediction moves.")
         X_valid, _ = validate_predict_data(self, X, y, self._task)
         return subset_retraining(
-            self.estimator,
+            self._retraining_estimator(),
             self._X_fit,
             self._decode(self._y_fit),
             X_valid,
@@ -843,7 +880,14 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             n_jobs=self.n_jobs,
             device=self.device,
             target=self.target,
+            classes=getattr(self, "classes_", None),
         )
+
+    def _retraining_estimator(self):
+        """What ``score``, ``calibrate_units`` and ``removal_effect`` retrain: the
+        net (a frozen one's recipe, see :func:`sktda.model_selection.subset_retraining`),
+        or ``retrain_estimator``."""
+        return self.estimator if self.retrain_estimator is None else self.retrain_estimator
 
     def _seed(self) -> int:
         """The seed of the retrained models (``random_state``, or 0)."""

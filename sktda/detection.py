@@ -108,7 +108,9 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
     n_checkpoints : int or None, default=8
         Gradients at this many checkpoints evenly spread over training (the last
         included), scores averaged; None uses the final model only (the paper's
-        recipe). Checkpoints need ``max_epochs >= 1``.
+        recipe). Checkpoints need ``max_epochs >= 1``. A frozen net is scored at
+        the ``checkpoints`` given (all of them), else at its own weights only.
+    %(checkpoints)s
     per_class : bool, default=False
         Fit one detector per class on the samples given that label (classifiers).
     sampling_strategy : {"auto", "all", "majority", "not minority", "not majority"}, \
@@ -211,6 +213,7 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
         contamination=0.1,
         layers="all",
         n_checkpoints=8,
+        checkpoints=None,
         per_class=False,
         sampling_strategy="auto",
         ensemble="independent",
@@ -232,6 +235,7 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
         self.contamination = contamination
         self.layers = layers
         self.n_checkpoints = n_checkpoints
+        self.checkpoints = checkpoints
         self.per_class = per_class
         self.sampling_strategy = sampling_strategy
         self.ensemble = ensemble
@@ -509,7 +513,8 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
     def _shards(self, X, y, *, task, device, local=False):
         """The members' features of ``(X, y)`` in shards (training features on a
         Dask cluster's workers, unless ``local``)."""
-        members = self.ensemble_.members(checkpoints=bool(self.n_checkpoints))
+        checkpoints = bool(self.n_checkpoints) and self.ensemble_.has_checkpoints
+        members = self.ensemble_.members(checkpoints=checkpoints)
         return self._training_features(members, X, y, task=task, device=device, local=local)[0]
 
     def _is_norm(self) -> bool:

@@ -23,6 +23,7 @@ from ._data import (
     encode_y,
     input_spec,
     n_samples,
+    output_classes,
     take,
     targets_of,
     to_torch,
@@ -31,8 +32,10 @@ from ._nets import (
     check_net,
     check_pretrained,
     fit_net,
+    frozen_nets,
     initialized_module,
     resolve_device,
+    retraining_net,
     takes_token_ids,
 )
 from ._parallel import delayed_tasks
@@ -91,11 +94,18 @@ def _retrain(estimator, task, X, y, subsets, seeds, X_test, y_test, device, n_jo
     return outputs
 
 
-def _prepare(estimator, X, y, X_test, y_test, target):
-    """Validated inputs and encoded targets, and the task measured on the test set."""
+def _prepare(estimator, X, y, X_test, y_test, target, pretrained=False, classes=None):
+    """The net that retrains (a frozen net's recipe), the task measured on the test
+    set, and validated inputs with their encoded targets: class labels as
+    ``classes`` orders them, else the module's output indices where its weights
+    are given (a frozen net, ``pretrained``), else the classes present in ``y``."""
     y, y_test = targets_of(X, y), targets_of(X_test, y_test)
+    held = frozen_nets(estimator) is not None or pretrained
+    estimator = retraining_net(estimator)
+    check_pretrained(estimator, pretrained)
     task = check_net(estimator, target, as_array_like(y))
-    integers = takes_token_ids(initialized_module(estimator))
+    module = initialized_module(estimator)
+    integers = takes_token_ids(module)
     X, X_test = (
         check_inputs(X, "X", keep_integers=integers),
         check_inputs(X_test, "X_test", keep_integers=integers),
@@ -111,8 +121,16 @@ def _prepare(estimator, X, y, X_test, y_test, target):
             f"X has {n_samples(X)} samples and y {len(y)}; X_test has {n_samples(X_test)} "
             f"and y_test {len(y_test)}. Pass one target per sample."
         )
-    classes = np.unique(y) if task.is_classifier and not task.is_sequence else None
-    return task.as_test(), X, encode_y(y, task, classes), X_test, encode_y(y_test, task, classes)
+    if task.is_classifier and not task.is_sequence and classes is None:
+        classes = output_classes(module, X, task, y) if held else np.unique(y)
+    return (
+        estimator,
+        task.as_test(),
+        X,
+        encode_y(y, task, classes),
+        X_test,
+        encode_y(y_test, task, classes),
+    )
 
 
 @validate_params(
@@ -125,6 +143,7 @@ def _prepare(estimator, X, y, X_test, y_test, target):
         "memory": [str, HasMethods(["cache"]), None],
         "target": [StrOptions(set(TARGETS)), callable],
         "pretrained": ["boolean"],
+        "classes": ["array-like", None],
     },
     prefer_skip_nested_validation=True,
 )
@@ -143,6 +162,7 @@ def subset_retraining(
     memory=None,
     target="auto",
     pretrained: bool = False,
+    classes=None,
 ) -> SubsetRetraining:
     """Retrain ``estimator`` on random subsets of ``(X, y)`` and record its outputs
     on ``(X_test, y_test)``: the ground truth of the linear datamodeling score.
@@ -154,8 +174,11 @@ def subset_retraining(
 
     Parameters
     ----------
-    estimator : skorch.NeuralNet
-        Unfitted skorch net; cloned and trained once per subset.
+    estimator : skorch.NeuralNet or sklearn.frozen.FrozenEstimator
+        Unfitted skorch net; cloned and trained once per subset. A
+        ``FrozenEstimator`` (or a list of them) is retrained from its recipe:
+        the frozen net's unfitted clone, refused when its module is the trained
+        instance itself (pass the recipe as an unfitted net instead).
     X, y : array-like, torch.Tensor or dict of arrays
         Training data the subsets are drawn from (any input the net accepts).
     X_test, y_test : array-like, torch.Tensor or dict of arrays
@@ -178,6 +201,11 @@ def subset_retraining(
         The net's module is an instance holding pretrained weights, and every
         retrained model is a full fine-tune of them on its subset (what a user
         fine-tuning the model trains, whatever ensemble the attribution uses).
+    classes : array-like or None, default=None
+        The class labels in the order of the module's outputs (an attributor's
+        ``classes_``). None: the module's output indices with a frozen net or
+        ``pretrained=True`` (its weights already map outputs to classes), else
+        the classes present in ``y``, sorted.
 
     Returns
     -------
@@ -186,8 +214,9 @@ def subset_retraining(
         (n_subsets, n_test): the correct-class margin for classifiers, the
         prediction for regressors.
     """
-    check_pretrained(estimator, pretrained)
-    task, X, y, X_test, y_test = _prepare(estimator, X, y, X_test, y_test, target)
+    estimator, task, X, y, X_test, y_test = _prepare(
+        estimator, X, y, X_test, y_test, target, pretrained, None if classes is None else np.asarray(classes)
+    )
     n = len(y)
     size = int(round(subset_fraction * n))
     if size < 2 or size >= n:
@@ -344,13 +373,15 @@ def removal_effect(
     check_is_fitted(attributor)
     if y is None:
         raise ValueError("removal_effect needs the test targets y: it measures how y's prediction moves.")
-    task, X_train, y_train, X_test, y_test = _prepare(
-        attributor.estimator,
+    estimator, task, X_train, y_train, X_test, y_test = _prepare(
+        attributor._retraining_estimator(),
         attributor._X_fit,
         attributor._decode(attributor._y_fit),
         X,
         y,
         attributor.target,
+        attributor.pretrained,
+        getattr(attributor, "classes_", None),
     )
     n_train, n_test = len(y_train), len(y_test)
     scores = attributor.attribute(X, y, groups=groups)
@@ -385,7 +416,7 @@ def removal_effect(
 
     def run(masks, mask_seeds):
         return _retrained_outputs(
-            attributor.estimator,
+            estimator,
             task,
             X_train,
             y_train,
