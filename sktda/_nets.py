@@ -366,7 +366,9 @@ def fit_net(estimator, X, y, *, seed: int, device: torch.device, task: NetTask, 
     net = clone(estimator)
     n_classes = int(np.max(y)) + 1 if task.is_classifier and len(y) else 0
     guard = [(_GUARD, TrainingGuard(task, n_classes))]
-    net.set_params(device=str(device), callbacks=list(net.callbacks or []) + list(callbacks) + guard)
+    ours = {_GUARD, *(name for name, _ in callbacks)}  # a net sktda trained before carries them
+    own = [c for c in net.callbacks or [] if not (isinstance(c, tuple) and c[0] in ours)]
+    net.set_params(device=str(device), callbacks=own + list(callbacks) + guard)
     return _seeded_fit(net, X, y, seed, device)
 
 
