@@ -92,3 +92,17 @@ def test_hugging_face_recipes_run(tmp_path, monkeypatch):
     assert len(namespace["y_kept"]) == 54 and type(namespace["X_kept"]).__name__ == "SliceDict"
     assert namespace["top"].proponents.shape == (3, 5)
     assert namespace["lora"].n_members_ == 2 and namespace["best"]["ensemble"] in ("independent", "dropout")
+
+
+def test_frozen_model_recipes_run(tmp_path, monkeypatch):
+    """Every code block of "Attributing a model you already trained", in order."""
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "doc" / "user_guide" / "frozen.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 6
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "frozen.md", "exec"), namespace)
+    assert namespace["A"].shape == (20, 300) and namespace["own"].n_members_ == 9
+    assert namespace["tracin"].n_members_ == 1 and len(namespace["tracin"].train_features_) == 2
+    assert -1 <= namespace["lds"] <= 1 and (namespace["flags"] == -1).mean() == pytest.approx(0.2, abs=0.01)
