@@ -117,7 +117,9 @@ print(f"{share:.0%} of their top-10 opponents are flipped labels ({flipped.mean(
 # Remove each test digit's ten strongest opponents, retrain with the recipe, and
 # compare the margin's change with the removal of ten random samples and with the
 # change the scores predicted.
-effect = removal_effect(attr, X_test[wrong], y_test[wrong], k=10, remove="opponents", n_retrains=2, flip_sizes=None)
+effect = removal_effect(
+    attr, X_test[wrong], y_test[wrong], k=10, remove="opponents", n_retrains=2, flip_sizes=None
+)
 print(
     f"margin change, top-10 opponents removed: {effect.attributed.mean():+.3f}; "
     f"10 random removed: {effect.random.mean():+.3f}; predicted: {effect.predicted.mean():+.3f}"
