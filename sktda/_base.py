@@ -25,7 +25,7 @@ from ._compat import Interval, StrOptions, fit_context
 from ._data import n_samples, take, targets_of, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._features import LocalShards, shard_ranges
-from ._gradients import GRADIENT_PATHS, GradientConfig, feature_dim, featurize_members
+from ._gradients import GRADIENT_PATHS, GradientConfig, assign_members, feature_dim, featurize_members
 from ._nets import (
     check_net,
     check_pretrained,
@@ -355,13 +355,15 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         memory or memory-mapped from ``out_file``, and always with ``local``."""
         client = None if local else self._client()
         if client is not None:
-            width = len(members) * feature_dim(members[0], self._gradient_config(task, device, dtype))
+            config = self._gradient_config(task, torch.device("cpu"), dtype)
+            width = len(members) * feature_dim(members[0], config)
             return featurize_on_cluster(
                 client,
                 members,
                 X,
                 y,
-                config=self._gradient_config(task, torch.device("cpu"), dtype),
+                config=config,
+                assignments=self._assignments(members, X, y, config),
                 ranges=shard_ranges(n_samples(X), width * np.dtype(dtype).itemsize, self.batch_size),
                 threads=max(1, torch.get_num_threads() // len(members)),
             )
@@ -381,12 +383,22 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             [f.factors for f in features],
         )
 
+    def _assignments(self, members, X, y, config) -> list:
+        """How each member's parameters are differentiated: checked once, on the
+        first training samples, by the fit (whose state keeps it), and reused by
+        every later featurization, so that a query pays no route check."""
+        if "_route_assignments" not in vars(self):
+            self._route_assignments = assign_members(members, X, y, config)
+        return self._route_assignments
+
     def _featurize(self, members, X, y, *, task, device, dtype=np.float32, out_file=None):
+        config = self._gradient_config(task, device, dtype)
         return featurize_members(
             members,
             X,
             y,
-            config=self._gradient_config(task, device, dtype),
+            config=config,
+            assignments=self._assignments(members, X, y, config),
             n_jobs=self.n_jobs,
             verbose=self.verbose,
             out_file=out_file,

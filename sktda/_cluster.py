@@ -146,14 +146,14 @@ class ClusterShards:
         )
 
 
-def featurize_on_cluster(client, members, X, y, *, config, ranges, threads: int):
+def featurize_on_cluster(client, members, X, y, *, config, assignments, ranges, threads: int):
     """Every member's features of each row range in ``ranges``, computed and kept
     on the workers, each task with ``threads`` torch threads: ``(ClusterShards,
     residuals (n_members, n), layouts, factor sums)``, one layout and one factor
     sum (or None) per member. A row range of a dask array is read by the worker
     that featurizes it."""
-    probe, config = featurizing_setup(members, X, y, config)
-    shared = _shared(client, (members, probe, config))
+    config = featurizing_setup(members, config)
+    shared = _shared(client, (members, assignments, config))
     blocks = [
         client.submit(_featurize_block, threads, shared, take(X, slice(a, b)), y[a:b], a, pure=False)
         for a, b in ranges
@@ -172,11 +172,13 @@ def featurize_on_cluster(client, members, X, y, *, config, ranges, threads: int)
 
 def _featurize_block(threads: int, shared, X, y, start: int) -> FeatureBlock:
     # a private copy of the members: the engine hooks their modules while it runs
-    members, probe, config = copy.deepcopy(shared)
+    members, assignments, config = copy.deepcopy(shared)
     X = materialize(X)
     with TASK_LOCK, _num_threads(threads):
         parts = [
-            _featurize_rows(m, X, y, probe=probe, config=config, out_file=None, member_index=i, start=start)
+            _featurize_rows(
+                m, X, y, assignment=assignments[i], config=config, out_file=None, member_index=i, start=start
+            )
             for i, m in enumerate(members)
         ]
     return FeatureBlock(

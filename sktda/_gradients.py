@@ -433,7 +433,21 @@ def _accumulate(total: dict, part: dict) -> None:
         total[k] = total[k] + v if k in total else v
 
 
-def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
+@dataclass(frozen=True)
+class RouteAssignment:
+    """How a member's parameters are differentiated, as its route check decided:
+    the routes ``demoted`` (by module name) because they disagreed with autograd,
+    the ``traced`` parameters (taken from the operations that use them) and the
+    ``rowwise`` ones (one sample at a time). Checked once (:func:`assign_members`),
+    it is reused by every engine of the member, in every job and every later
+    featurization (the test samples of a query), which then skip the check."""
+
+    demoted: frozenset = frozenset()
+    traced: frozenset = frozenset()
+    rowwise: frozenset = frozenset()
+
+
+def make_engine(member, config: GradientConfig, probe=None, assignment=None) -> GradientEngine:
     """The engine for ``member``.
 
     ``"auto"`` and ``"layers"``: the per-layer engine, projected when the member
@@ -441,10 +455,10 @@ def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
     ``probe``: a few ``(x, y)`` samples on which every route and traced
     parameter is compared with plain autograd; a route that disagrees leaves
     its parameters to the operations that use them, and a parameter whose uses
-    cannot be split per sample is differentiated row by row, with a warning. The
-    same probe gives every engine of a member (row ranges in parallel) the same
-    routes. ``"vmap"``: ``torch.func.vmap(grad)`` over the whole model, with a dense
-    (or identity) projection."""
+    cannot be split per sample is differentiated row by row, with a warning.
+    ``assignment``: the outcome of such a check (:class:`RouteAssignment`),
+    applied without checking again. ``"vmap"``: ``torch.func.vmap(grad)`` over
+    the whole model, with a dense (or identity) projection."""
     path, proj_dim = config.path, config.proj_dim
     if path not in GRADIENT_PATHS:
         raise ValueError(f"gradient_path={path!r} is not one of {GRADIENT_PATHS}.")
@@ -466,6 +480,11 @@ def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
         )
     if path == "vmap":
         return VmapEngine(member, config.task, config.device, projector)
+    if assignment is not None:
+        kept = [r for r in routes if r.name not in assignment.demoted]
+        return LayerEngine(
+            member, config.task, config.device, projector, kept, assignment.traced, assignment.rowwise
+        )
     engine = LayerEngine(member, config.task, config.device, projector, routes, traced)
     while probe is not None:
         failed_routes, failed_traced = engine.check(*probe)
@@ -482,7 +501,42 @@ def make_engine(member, config: GradientConfig, probe=None) -> GradientEngine:
             set(engine.rowwise) | failed_traced,
         )
     _warn_slow(member.module, engine)
+    engine.assignment = RouteAssignment(
+        frozenset(r.name for r in routes if r not in engine.routes),
+        frozenset(engine.traced),
+        frozenset(engine.rowwise),
+    )
     return engine
+
+
+def _structure(member) -> tuple:
+    """What a route check depends on: the module's layers and the member's tensors
+    by name and shape (members of one model, its masks, adapters and checkpoints,
+    share it)."""
+    return (
+        tuple((name, type(m)) for name, m in member.module.named_modules()),
+        tuple((k, tuple(v.shape)) for k, v in member.params.items()),
+        tuple((k, tuple(v.shape)) for k, v in member.frozen.items()),
+    )
+
+
+def assign_members(members, X, y, config: GradientConfig) -> list[RouteAssignment | None]:
+    """Each member's :class:`RouteAssignment`, from one route check on the first
+    training samples per distinct structure (an ensemble of one architecture is
+    checked once); None on the vmap path, which has no routes."""
+    if config.path == "vmap":
+        return [None] * len(members)
+    probe = (materialize(take(X, slice(0, _PROBE_ROWS))), y[:_PROBE_ROWS])
+    probe = (to_torch(probe[0], config.device), to_torch(probe[1], config.device))
+    config = featurizing_setup(members, config)
+    checked: dict[tuple, RouteAssignment] = {}
+    assignments = []
+    for member in members:
+        key = _structure(member)
+        if key not in checked:
+            checked[key] = make_engine(member, config, probe).assignment
+        assignments.append(checked[key])
+    return assignments
 
 
 # traced parameters of one layer above this many entries are named in a warning: their
@@ -624,24 +678,23 @@ def feature_dim(member, config: GradientConfig) -> int:
     return sum(a * b for a, b in blocks) + dense
 
 
-def featurizing_setup(members, X, y, config: GradientConfig) -> tuple[tuple, GradientConfig]:
-    """The probe samples that every engine of a member checks its routes on (so
-    that all its row ranges use the same routes), and ``config`` with the gradient
-    routes of every module the members use."""
-    probe = (materialize(take(X, slice(0, _PROBE_ROWS))), y[:_PROBE_ROWS])
+def featurizing_setup(members, config: GradientConfig) -> GradientConfig:
+    """``config`` with the gradient routes of every module the members use."""
     modules = [m for member in members for m in member.module.modules()]
-    return probe, replace(config, routes=routes_for(modules, config.routes))
+    return replace(config, routes=routes_for(modules, config.routes))
 
 
 def featurize_members(
-    members, X, y, *, config: GradientConfig, n_jobs=None, verbose=0, out_file=None
+    members, X, y, *, config: GradientConfig, assignments=None, n_jobs=None, verbose=0, out_file=None
 ) -> list[Features]:
-    """Features of every member on ``(X, y)``, each with its own seeded projection,
-    in parallel over members and, when there are more jobs than members, over row
-    ranges of whole batches (so every batch, and every result, is the same
-    whatever ``n_jobs``). ``phi`` is stored as ``config.dtype``; with ``out_file``
-    the jobs write their rows of one ``(n_members, n, k)`` ``.npy`` file,
-    memory-mapped, so the features never need to fit in memory."""
+    """Features of every member on ``(X, y)``, each with its own seeded projection
+    and its checked ``assignments`` (:func:`assign_members`; checked here when
+    None), in parallel over
+    members and, when there are more jobs than members, over row ranges of whole
+    batches (so every batch, and every result, is the same whatever ``n_jobs``).
+    ``phi`` is stored as ``config.dtype``; with ``out_file`` the jobs write their
+    rows of one ``(n_members, n, k)`` ``.npy`` file, memory-mapped, so the
+    features never need to fit in memory."""
     n = n_samples(X)
     shape = (len(members), n, feature_dim(members[0], config))
     if out_file is not None:
@@ -649,7 +702,9 @@ def featurize_members(
     parts = math.ceil(effective_n_jobs(n_jobs) / len(members))
     step = max(1, math.ceil(n / parts / config.batch_size)) * config.batch_size  # whole batches
     ranges = [(start, min(start + step, n)) for start in range(0, n, step)]
-    probe, config = featurizing_setup(members, X, y, config)
+    if assignments is None:
+        assignments = assign_members(members, X, y, config)
+    config = featurizing_setup(members, config)
     # the threads are shared among the members alone, so each batch is computed
     # alike whether its row range runs alone or beside others
     jobs = delayed_tasks(
@@ -657,7 +712,7 @@ def featurize_members(
         [
             (
                 (m, take(X, slice(a, b)), y[a:b]),
-                dict(probe=probe, config=config, out_file=out_file, member_index=i, start=a),
+                dict(assignment=assignments[i], config=config, out_file=out_file, member_index=i, start=a),
             )
             for i, m in enumerate(members)
             for a, b in ranges
@@ -684,9 +739,8 @@ def featurize_members(
     return features
 
 
-def _featurize_rows(member, X, y, *, probe, config, out_file, member_index, start) -> Features:
-    probe = (to_torch(probe[0], config.device), to_torch(probe[1], config.device))
-    engine = make_engine(member, config, probe)
+def _featurize_rows(member, X, y, *, assignment, config, out_file, member_index, start) -> Features:
+    engine = make_engine(member, config, assignment=assignment)
     X, y = to_torch(X), to_torch(y)  # a dask array's rows read here, once
     n = n_samples(X)
     if out_file is None:

@@ -474,6 +474,12 @@ def frozen_nets(estimator) -> list | None:
     return nets
 
 
+def _token_loss(crit_cls: type) -> bool:
+    from .models import TokenCrossEntropy
+
+    return issubclass(crit_cls, TokenCrossEntropy)
+
+
 def _criterion_class(net) -> type:
     return net.criterion if isinstance(net.criterion, type) else type(net.criterion)
 
@@ -596,7 +602,9 @@ def frozen_net(module: torch.nn.Module, criterion=torch.nn.CrossEntropyLoss, *, 
         None chooses from the criterion: ``NeuralNetBinaryClassifier`` for binary
         cross-entropy, ``NeuralNetRegressor`` for the regression losses,
         ``NeuralNetClassifier`` for cross-entropy and NLL, ``NeuralNet`` for any
-        other loss (a language model's token loss).
+        other loss, :class:`~sktda.models.TokenCrossEntropy` included (a language
+        model's; pass ``net_class=skorch.NeuralNet`` for a language model trained
+        with another token loss).
     **params
         Further skorch parameters: the learning rate, optimizer and batch size
         that LoRA adapters are trained with (``ensemble="lora"``), and the
@@ -631,7 +639,7 @@ def frozen_net(module: torch.nn.Module, criterion=torch.nn.CrossEntropyLoss, *, 
             net_class = NeuralNetBinaryClassifier
         elif issubclass(crit_cls, _REGRESSION_LOSSES):
             net_class = NeuralNetRegressor
-        elif issubclass(crit_cls, torch.nn.CrossEntropyLoss | torch.nn.NLLLoss):
+        elif issubclass(crit_cls, torch.nn.CrossEntropyLoss | torch.nn.NLLLoss) and not _token_loss(crit_cls):
             net_class = NeuralNetClassifier
         else:
             net_class = NeuralNet

@@ -12,7 +12,7 @@ from skorch import NeuralNet, NeuralNetBinaryClassifier, NeuralNetClassifier, Ne
 from sktda import EnsembleAttributor, OutlierGradientDetector, frozen_net
 from sktda.metrics import linear_datamodeling_score
 from sktda.model_selection import removal_effect, subset_retraining
-from sktda.models import MLP
+from sktda.models import MLP, TokenCrossEntropy
 
 from .conftest import make_classifier_net
 
@@ -225,6 +225,7 @@ def test_frozen_net_wraps_a_module_trained_by_a_plain_loop(digits):
     )
     assert isinstance(frozen_net(torch.nn.Linear(3, 1), torch.nn.MSELoss).estimator, NeuralNetRegressor)
     assert isinstance(frozen_net(torch.nn.Linear(3, 2)).estimator, NeuralNetClassifier)
+    assert type(frozen_net(torch.nn.Linear(3, 2), TokenCrossEntropy).estimator) is NeuralNet
     with pytest.raises(ValueError, match="module__"):
         frozen_net(module, module__hidden=3)
     with pytest.raises(TypeError, match="nn.Module instance"):
