@@ -48,7 +48,7 @@ from ._layers import (
 from ._parallel import delayed_tasks, run
 from ._projection import KroneckerBlock, make_projector
 from ._task import NetTask
-from ._uses import NotPerSample, UseTracer, mark_batched, release, use_gradients
+from ._uses import NotPerSample, UseTracer, is_batched, mark_batched, release, use_gradients
 
 GRADIENT_PATHS = ("auto", "layers", "vmap")
 # samples on which every route is checked against plain autograd before featurizing
@@ -185,14 +185,25 @@ class LayerEngine(GradientEngine):
         modules = dict(self.member.module.named_modules())
         self._hooked = [(route, modules[route.name]) for route in self.routes]
 
-    def _pass(self, x, y):
+    def _pass(self, x, y, process=None):
         """One forward and backward pass over the chunk: the targets, the
         residuals, the routes' calls ``(route, context, gradient)``, the traced
-        uses ``(use, gradients)`` and the leaves the uses differentiate."""
+        uses ``(use, gradients)`` and the leaves the uses differentiate.
+
+        With ``process``, a routed call whose tensor is its module's output is
+        handed to ``process(route, context, gradient)`` as the backward pass
+        reaches it, and released: no call's context or output gradient outlives
+        its layer's step of the backward pass, so the pass holds about what a
+        training step holds. (Its output is tapped, ``out + sink`` with a zero
+        scalar leaf ``sink``: the gradient of ``sink`` is what is asked for, which
+        makes the backward pass go through every tapped output, and no
+        parameter's gradient is formed.) Other calls are returned as without it."""
         n = n_samples(x)
         calls = []
+        sink = torch.zeros((), device=self.device, requires_grad=True) if process is not None else None
+        tap = None if sink is None else partial(_tap, sink, process)
         hooks = [
-            module.register_forward_hook(partial(_record, route, calls, n), with_kwargs=True)
+            module.register_forward_hook(partial(_record, route, calls, n, tap), with_kwargs=True)
             for route, module in self._hooked
         ]
         params = {k: v.detach().requires_grad_() for k, v in self.member.params.items()}
@@ -204,9 +215,12 @@ class LayerEngine(GradientEngine):
                 f, r = self.task.target_and_residual(out, y)
                 uses = tracer.uses if tracer is not None else []
                 outputs = [t for _, _, t in calls] + [t for use in uses for t in use.outputs]
+                asked = ([] if sink is None else [sink]) + outputs
                 # samples are independent in eval mode, so d(sum f)/d out_i = df_i/d out_i
-                if f.requires_grad and outputs:
-                    deltas = list(torch.autograd.grad(f.sum(), outputs, allow_unused=True))
+                if f.requires_grad and asked:
+                    deltas = list(torch.autograd.grad(f.sum(), asked, allow_unused=True))[
+                        len(asked) - len(outputs) :
+                    ]
                 else:  # no differentiated parameter reaches the target
                     deltas = [None] * len(outputs)
         finally:
@@ -234,21 +248,25 @@ class LayerEngine(GradientEngine):
 
     def _chunk(self, x, y):
         n = n_samples(x)
-        f, r, routed, traced, params = self._pass(x, y)
         products, grads, left_sums, right_sums = {}, {}, {}, {}
-        with torch.no_grad():
-            for route, context, d in routed:
-                if d is None:
-                    continue
+
+        def process(route, context, d):
+            if d is None:
+                return
+            with torch.no_grad():
                 if not route.kronecker or self._exact:
                     _accumulate(grads, route.gradients(context, d))
-                    continue
+                    return
                 p_left, p_right = route.pair(context, d)
                 block = route.block_of(context)
                 _accumulate(products, {block: KroneckerBlock.combine(p_left, p_right)})
                 if self.factor_sums is not None:
                     _accumulate(left_sums, {block: _second_moment(p_left, n)})
                     _accumulate(right_sums, {block: _second_moment(p_right, n)})
+
+        f, r, routed, traced, params = self._pass(x, y, process)
+        for route, context, d in routed:  # the calls not taken as the backward pass went
+            process(route, context, d)
         if self.factor_sums is not None:
             self.factor_sums = {block: (left_sums[block], right_sums[block]) for block in left_sums}
         try:
@@ -279,14 +297,29 @@ class LayerEngine(GradientEngine):
             rows.append(_gradients_of(f[0], leaves))
         return _stack(rows)
 
-    def _reference_gradients(self, x, y):
-        """``({name: (n, *shape)}, targets)``: every parameter's gradient of each
-        sample's target, by plain autograd, one backward pass per sample through
-        one forward pass of the chunk (so that a kink, a tie in a max-pool, is
-        resolved as in the engine's own pass)."""
+    def _reference_gradients(self, x, y, kept: set, projected: list):
+        """Every parameter's gradient of each sample's target, by plain autograd,
+        one backward pass per sample through one forward pass of the chunk (so that
+        a kink, a tie in a max-pool, is resolved as in the engine's own pass), each
+        sample's gradient projected (``projected``: the parameter sets whose
+        projection is compared) and dropped at once, so that the check holds one
+        sample's full gradient at a time. Returns ``({name: (n, *shape)}`` of the
+        ``kept`` parameters, ``[projection (n rows)]`` of each projected set, the
+        norm of the whole gradients, the targets)."""
         f, leaves = self._targets(x, y, set(self.member.params))
-        rows = [_gradients_of(f[i], leaves, retain_graph=True) for i in range(len(f))]
-        return _stack(rows), f.detach()
+        rows, projections, squares = [], [[] for _ in projected], 0.0
+        for i in range(len(f)):
+            grads = _gradients_of(f[i], leaves, retain_graph=i < len(f) - 1)
+            squares += float(sum(g.norm() ** 2 for g in grads.values()))
+            rows.append({k: grads[k] for k in kept})
+            for names, out in zip(projected, projections):
+                out.append(self.projector.project_full({k: grads[k][None] for k in names})[0])
+            del grads
+        stacked = [
+            {w: torch.cat([row[w] for row in parts]) for w in parts[0]} if parts else {}
+            for parts in projections
+        ]
+        return _stack(rows) if kept else {}, stacked, squares**0.5, f.detach()
 
     def _row_targets(self, x, y) -> torch.Tensor:
         """Each sample's target from a forward pass of that sample alone."""
@@ -307,7 +340,14 @@ class LayerEngine(GradientEngine):
         a module without a route) and the traced parameters whose uses cannot be
         split per sample. Raises ``ValueError`` when a sample's target depends on
         the other samples of its chunk."""
-        reference, f_batch = self._reference_gradients(x, y)
+        components = _components(self.routes)
+        projected = [c[0].kronecker and not self._exact for c in components]
+        owns = [set().union(*(r.parameter_names for r in c)) for c in components]
+        kept = set(self.traced).union(*(own for own, p in zip(owns, projected) if not p))
+        reference, projections, scale, f_batch = self._reference_gradients(
+            x, y, kept, [own for own, p in zip(owns, projected) if p]
+        )
+        projections = iter(projections)
         _check_independent(f_batch, self._row_targets(x, y))
         f, _, routed, traced, params = self._pass(x, y)
         if not torch.allclose(f, f_batch, rtol=1e-4, atol=1e-6 * (1 + float(f_batch.abs().max()))):
@@ -315,7 +355,6 @@ class LayerEngine(GradientEngine):
                 "sktda's gradient hooks changed the module's outputs; please report this with the "
                 "module. gradient_path='vmap' avoids the hooks."
             )
-        scale = float(sum(g.norm() ** 2 for g in reference.values())) ** 0.5
 
         def differs(got, expected) -> bool:
             # a broken route is off by its whole size; float32 cancellation (a
@@ -325,15 +364,14 @@ class LayerEngine(GradientEngine):
 
         failed_routes = []
         with torch.no_grad():
-            for component in _components(self.routes):
-                own = set().union(*(r.parameter_names for r in component))
+            for component, own, is_projected in zip(components, owns, projected):
                 calls = [(rt, c, d) for rt, c, d in routed if rt in component and d is not None]
                 parts = [self._route_part(rt, c, d) for rt, c, d in calls]
-                if component[0].kronecker and not self._exact:
+                if is_projected:
                     got = {}
                     for (rt, c, _), part in zip(calls, parts):
                         _accumulate(got, {rt.block_of(c): part})
-                    expected = self.projector.project_full({k: reference[k] for k in own})[0]
+                    expected = next(projections)
                     n = len(f_batch)
                     # a call whose output has no sample dimension gives a product of another batch
                     bad = any(t.shape[0] not in (1, n) for t in got.values()) or differs(
@@ -361,18 +399,39 @@ class LayerEngine(GradientEngine):
         return failed_routes, failed_traced
 
 
-def _record(route, calls, n, module, args, kwargs, output):
+def _record(route, calls, n, tap, module, args, kwargs, output):
     """Forward hook: the route's record of one call. A call made once for a whole
     chunk (every input and the output of batch 1, as a positional embedding of
     ``arange(T)[None]`` broadcast over the samples) has its output expanded to one
-    row per sample, so that each sample's output gradient is its own."""
+    row per sample, so that each sample's output gradient is its own. With
+    ``tap`` (see :meth:`LayerEngine._pass`), the contexts of the module's output
+    are handed over by its gradient's hook, not kept in ``calls``."""
     recorded, out = route.record(module, args, kwargs, output)
     if n > 1 and _called_once(args, kwargs, out):
         expanded = mark_batched(out.expand(n, *out.shape[1:]).contiguous())
         recorded = [(c, expanded if t is out else t) for c, t in recorded]
         out = expanded
+    if tap is not None and isinstance(out, torch.Tensor) and any(t is out for _, t in recorded):
+        contexts = [c for c, t in recorded if t is out]
+        recorded = [(c, t) for c, t in recorded if t is not out]
+        out = tap(route, contexts, out)
     calls.extend((route, c, t) for c, t in recorded)
     return None if out is output else out
+
+
+def _tap(sink, process, route, contexts, out):
+    """``out + sink``, equal to ``out``, whose gradient hook hands every context of
+    the call to ``process`` with that gradient, then lets go of them."""
+    tapped = out + sink.to(out.dtype)
+    if is_batched(out):
+        mark_batched(tapped)
+
+    def hand_over(d):
+        while contexts:
+            process(route, contexts.pop(0), d)
+
+    tapped.register_hook(hand_over)
+    return tapped
 
 
 def _called_once(args, kwargs, out) -> bool:

@@ -197,6 +197,11 @@ def mark_batched(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def is_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is marked as one row block per sample (:func:`mark_batched`)."""
+    return getattr(t, _BATCHED, False)
+
+
 def _batched_clone(t: torch.Tensor) -> torch.Tensor:
     return mark_batched(t.clone())
 
