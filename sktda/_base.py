@@ -246,6 +246,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         task, module, X, y, strategy = self._prepare(X, y)
         device = resolve_device(self.device)
         self._check_resources(X, task, module, strategy, device)
+        del module  # a copy, for the checks: not held while the members train and featurize
 
         start = time.perf_counter()
         nets = self._frozen_nets()
@@ -333,7 +334,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             proj_dim=self.proj_dim,
             projection=self.projection,
             path=self.gradient_path,
-            batch_size=self.batch_size,
+            batch_size=vars(self).get("_chunk_rows") or self.batch_size,  # as the memory plan set it
             device=device,
             dtype=dtype,
             per_layer=self._per_layer(),

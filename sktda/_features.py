@@ -75,6 +75,11 @@ class MemoryPlan(NamedTuple):
     needs at its peak: training a model on the whole training set, or featurizing,
     beside its share of the features and a few shards' float64 working copies (0
     without a cluster).
+
+    ``chunk_rows`` is not bytes: the rows featurized at once, ``batch_size`` or
+    fewer where that many rows would not fit in the memory available (the
+    featurizing stage is then sized at those rows; the results are the same, to
+    float rounding).
     """
 
     models: int
@@ -88,6 +93,7 @@ class MemoryPlan(NamedTuple):
     working: int
     scores: int
     worker: int = 0
+    chunk_rows: int = 0
 
     @property
     def fit_peak(self) -> int:
@@ -103,9 +109,24 @@ class MemoryPlan(NamedTuple):
         """The fit's peak, or scoring's when larger."""
         return max(self.fit_peak, self.models + self.features + self.inputs + max(self.working, self.scores))
 
+    def with_chunk_that_fits(self, members: int, copy_bytes: int, row_bytes: int) -> MemoryPlan:
+        """This plan, its featurization chunk shrunk where the fit's peak would
+        exceed the memory available: ``members`` featurized at once, each holding
+        ``copy_bytes`` (its working copy) and ``row_bytes`` per row of its chunk."""
+        available = available_memory()
+        if not members or not row_bytes or available is None or self.fit_peak <= available:
+            return self
+        room = available - self.inputs - self.models - self.features
+        rows = int((room // members - copy_bytes) // row_bytes)
+        if not 1 <= rows < self.chunk_rows:
+            return self
+        return self._replace(featurizing=members * (copy_bytes + row_bytes * rows), chunk_rows=rows)
+
     def __str__(self) -> str:
-        rows = [*self._asdict().items(), ("fit peak", self.fit_peak), ("peak", self.peak)]
-        return "\n".join(f"{name.replace('_', ' '):>18}: {size / 2**20:12,.1f} MiB" for name, size in rows)
+        stages = {k: v for k, v in self._asdict().items() if k != "chunk_rows"}
+        rows = [*stages.items(), ("fit peak", self.fit_peak), ("peak", self.peak)]
+        lines = [f"{name.replace('_', ' '):>18}: {size / 2**20:12,.1f} MiB" for name, size in rows]
+        return "\n".join([*lines, f"{'chunk rows':>18}: {self.chunk_rows:12,d}"])
 
 
 def dense_fits(n_test: int, n_train: int) -> bool:
@@ -156,6 +177,25 @@ def check_memory(stages: dict[str, int]) -> None:
         f"({listed}), and {available / 2**20:,.0f} MiB of memory is available. Lower proj_dim or "
         "n_models, store features on disk (features_dir), lower scikit-learn's working_memory, or "
         "use a machine with more memory; plan_memory(X, y) shows every stage."
+    )
+
+
+def check_plan(plan: MemoryPlan) -> None:
+    """Refuse, before any training, a fit whose planned peak exceeds the memory
+    available even at the smallest chunk, naming its stages."""
+    available = available_memory()
+    if available is None or plan.fit_peak <= available:
+        return
+    stages = ", ".join(
+        f"{name} {size / 2**20:,.0f} MiB"
+        for name, size in plan._asdict().items()
+        if name not in ("chunk_rows", "scores", "worker") and size
+    )
+    raise ValueError(
+        f"This fit would need about {plan.fit_peak / 2**20:,.0f} MiB at its peak ({stages}; featurizing "
+        f"{plan.chunk_rows} row(s) at once), and {available / 2**20:,.0f} MiB of memory is available. "
+        "Train fewer models at once (n_jobs), a smaller net batch_size, fewer members, features on disk "
+        "(features_dir), or use a machine with more memory; plan_memory(X, y) shows every stage."
     )
 
 

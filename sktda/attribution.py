@@ -35,6 +35,7 @@ from ._features import (
     check_dense_fits,
     check_free_space,
     check_memory,
+    check_plan,
     check_writable_directory,
     dense_fits,
     features_directory,
@@ -462,7 +463,10 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         else:
             stages["features"] = features
         check_memory(stages)
-        self._features_at = directory  # the same decision when the features are written
+        plan = self._memory_plan(X, task, module, strategy, device)
+        check_plan(plan)
+        self._features_at = directory  # the same decisions when the features are written
+        self._chunk_rows = plan.chunk_rows
 
     def _feature_sizes(self, X, task, module, strategy, device):
         """``(n_members, Kronecker blocks, dense width, bytes)`` of the features this
@@ -510,7 +514,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
 
     def _memory_plan(self, X, task, module, strategy, device, n_test: int = 0) -> MemoryPlan:
         """What this fit will hold, sized from the untrained ``module`` and the
-        validated inputs ``X`` (see :class:`~sktda.MemoryPlan`)."""
+        validated inputs ``X`` (see :class:`~sktda.MemoryPlan`), with the
+        featurization chunk shrunk where ``batch_size`` rows would not fit in the
+        memory available."""
         from joblib import effective_n_jobs
 
         features, stages = self._resident(X, task, module, strategy, device)
@@ -520,40 +526,43 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             and features_directory(features, self.features_dir, sum(stages.values())) is not None
         )
         try:
-            activations = _activation_bytes(module, to_torch(take(X, slice(0, 1))))  # per sample
+            per_row = _row_bytes(module, to_torch(take(X, slice(0, 1))))
         except Exception as exc:
             raise ValueError(
                 "plan_memory sizes training by one forward pass of the untrained module on a training "
                 f"sample, and it failed ({type(exc).__name__}: {exc}). A module that a callback sizes "
                 "when training begins cannot be planned: build it at its final size."
             ) from exc
+        n = n_samples(X)
         params = stages["models"] // self._n_models()
         nets = self._frozen_nets()
-        # weights, gradients and two optimizer moments; a batch's activations, kept for the
-        # backward pass, and their gradients (twice them, as measured on an MLP and a CNN)
-        training = 4 * params + 2 * activations * (self.estimator if nets is None else nets[0]).batch_size
+        # weights, gradients and two optimizer moments, and a batch's rows
+        training = 4 * params + per_row * min((self.estimator if nets is None else nets[0]).batch_size, n)
         if nets is not None and self.ensemble != "lora":
             training = 0  # nothing is trained
-        featurizing = 2 * activations * self.batch_size
         here = 0 if on_workers else min(self._n_models(), effective_n_jobs(self.n_jobs))
+        rows = min(self.batch_size, n)
         worker = 0
         if on_workers:
             n_workers = max(1, len(self._client().scheduler_info()["workers"]))
             whole_inputs = _input_bytes(X)  # read by the worker that trains
+            featurizing = params + per_row * rows
             worker = max(training + whole_inputs, featurizing) + features // n_workers + 3 * SHARD_BYTES
-        return MemoryPlan(
+        plan = MemoryPlan(
             models=stages["models"],
             training=here * training,
-            featurizing=here * featurizing,
+            featurizing=here * (params + per_row * rows),  # each member's working copy, and a chunk
             inputs=stages["inputs"],
             features=(0 if on_disk or on_workers else features) + stages["residuals"],
             features_on_disk=features if on_disk else 0,
             features_on_workers=features if on_workers else 0,
             curvature=stages["curvature"],
             working=0 if on_workers else stages["working"],
-            scores=16 * n_test * n_samples(X),
+            scores=16 * n_test * n,
             worker=worker,
+            chunk_rows=rows,
         )
+        return plan.with_chunk_that_fits(here, params, per_row)
 
     def plan_memory(self, X, y=None, n_test: int = 0) -> MemoryPlan:
         """The memory a fit on ``(X, y)`` would need, stage by stage, before any
@@ -960,22 +969,36 @@ def _input_bytes(X) -> int:
     )
 
 
-def _activation_bytes(module: torch.nn.Module, batch) -> int:
-    """Bytes of every leaf module's output on one training batch."""
-    total = 0
+def _row_bytes(module: torch.nn.Module, sample) -> int:
+    """Bytes that one more row of a batch adds to a forward and backward pass:
+    the larger of twice every leaf module's output (what a pass of a small net
+    holds, as measured on an MLP and a CNN) and 1.75 times what autograd saves
+    for the backward pass, the target's log-probabilities included (as measured
+    on GPT-2- and Llama-size language models, whose attention and vocabulary
+    save more than their layers output)."""
+    outputs, saved = 0, {}
 
     def count(_module, _inputs, output):
-        nonlocal total
+        nonlocal outputs
         for t in output if isinstance(output, (tuple, list)) else (output,):
             if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
+                outputs += t.numel() * t.element_size()
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
 
     leaves = [m for m in module.modules() if not list(m.children())]
     handles = [m.register_forward_hook(count) for m in leaves]
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            call(module, batch)
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = call(module, sample)
     finally:
         for handle in handles:
             handle.remove()
-    return total
+    out_bytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
+    backward = sum(size for ptr, size in saved.items() if ptr not in weights) + out_bytes
+    return max(2 * outputs, 7 * backward // 4)

@@ -237,3 +237,21 @@ def test_non_finite_features_are_refused():
     X, y = _data()
     with pytest.raises(ValueError, match=r"samples 0\.\.4 are not finite"):
         featurize(make_engine(member, _config(None)), X, y, batch_size=5)
+
+
+def test_routes_are_checked_once_per_structure_and_never_by_a_query(digits, monkeypatch):
+    from sktda import EnsembleAttributor
+
+    from .conftest import make_classifier_net
+
+    X_train, X_test, y_train, y_test = digits
+    checks = []
+    original = LayerEngine.check
+    monkeypatch.setattr(LayerEngine, "check", lambda self, *a: checks.append(1) or original(self, *a))
+    attr = EnsembleAttributor(
+        make_classifier_net(), ensemble="dropout", n_models=2, n_masks=3, proj_dim=32, n_jobs=2
+    ).fit(X_train, y_train)
+    assert len(checks) == 1  # six members of one architecture, over two jobs
+    attr.most_influential(X_test, y_test, k=3)
+    attr.attribute(X_test, y_test)
+    assert len(checks) == 1

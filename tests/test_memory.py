@@ -101,3 +101,47 @@ def test_the_plan_counts_samples_of_a_dict_input():
     plan = attr.plan_memory(X, y)
     assert plan.features == attr.fit(X, y).costs_["feature_bytes"] == 30 * (32 * 4 + 4)
     assert plan.inputs == 2 * 30 * 6 * 8
+
+
+def _memory_of(monkeypatch, available):
+    import sktda._features as features_module
+
+    monkeypatch.setattr(features_module, "available_memory", lambda: available)
+
+
+def test_a_fit_that_would_not_fit_featurizes_fewer_rows_at_once(digits, monkeypatch):
+    X_train, X_test, y_train, y_test = digits
+    from sklearn.frozen import FrozenEstimator
+
+    # a trained net with wide activations: nothing to train, and featurizing dominates
+    net = make_classifier_net(module__hidden=(512, 512)).fit(X_train, y_train)
+    attr = EnsembleAttributor(FrozenEstimator(net), proj_dim=16, batch_size=128, random_state=0)
+    full = attr.plan_memory(X_train, y_train)
+    assert full.chunk_rows == 128 and "chunk rows" in str(full)
+    assert full.fit_peak == full.models + full.features + full.featurizing + full.inputs
+    # room for the rest of the fit and the model's copy and about 40 rows
+    row = (full.featurizing - full.models) // 128
+    available = full.fit_peak - full.featurizing + full.models + 40 * row
+    _memory_of(monkeypatch, available)
+    plan = attr.plan_memory(X_train, y_train)
+    assert 30 <= plan.chunk_rows <= 40 and plan.fit_peak <= available
+    shrunk = clone(attr).fit(X_train, y_train)
+    assert shrunk._chunk_rows == plan.chunk_rows
+    monkeypatch.undo()
+    expected = clone(attr).fit(X_train, y_train).attribute(X_test, y_test)
+    np.testing.assert_allclose(shrunk.attribute(X_test, y_test), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_fit_that_cannot_fit_is_refused_before_any_training(digits, monkeypatch):
+    from skorch import NeuralNet
+
+    X_train, _, y_train, _ = digits
+    attr = EnsembleAttributor(make_classifier_net(module__hidden=(512, 512)), proj_dim=64, random_state=0)
+    plan = attr.plan_memory(X_train, y_train)
+    # room for everything the fit keeps, features in memory included, but not to train the model
+    resident = plan.models + plan.inputs + plan.features + plan.curvature + plan.working
+    assert plan.fit_peak > resident + 1
+    _memory_of(monkeypatch, resident + 1)
+    monkeypatch.setattr(NeuralNet, "fit", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(ValueError, match=r"at its peak .*training .* plan_memory"):
+        attr.fit(X_train, y_train)
