@@ -463,10 +463,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         else:
             stages["features"] = features
         check_memory(stages)
-        plan = self._memory_plan(X, task, module, strategy, device)
-        check_plan(plan)
+        plan = self._memory_plan(X, task, module, strategy, device, strict=False)
+        if plan is not None:
+            check_plan(plan)
+            self._chunk_rows = plan.chunk_rows
         self._features_at = directory  # the same decisions when the features are written
-        self._chunk_rows = plan.chunk_rows
 
     def _feature_sizes(self, X, task, module, strategy, device):
         """``(n_members, Kronecker blocks, dense width, bytes)`` of the features this
@@ -512,11 +513,14 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             ),
         }
 
-    def _memory_plan(self, X, task, module, strategy, device, n_test: int = 0) -> MemoryPlan:
+    def _memory_plan(
+        self, X, task, module, strategy, device, n_test: int = 0, strict=True
+    ) -> MemoryPlan | None:
         """What this fit will hold, sized from the untrained ``module`` and the
         validated inputs ``X`` (see :class:`~sktda.MemoryPlan`), with the
         featurization chunk shrunk where ``batch_size`` rows would not fit in the
-        memory available."""
+        memory available. Not ``strict``: None where the module cannot take a
+        sample yet (the training guard then says why, with what the net needs)."""
         from joblib import effective_n_jobs
 
         features, stages = self._resident(X, task, module, strategy, device)
@@ -528,6 +532,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         try:
             per_row = _row_bytes(module, to_torch(take(X, slice(0, 1))))
         except Exception as exc:
+            if not strict:
+                return None
             raise ValueError(
                 "plan_memory sizes training by one forward pass of the untrained module on a training "
                 f"sample, and it failed ({type(exc).__name__}: {exc}). A module that a callback sizes "
