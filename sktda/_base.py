@@ -46,13 +46,14 @@ _PARAMETER_DOCS = {
     "estimator": """estimator : skorch net, FrozenEstimator or list of FrozenEstimator
         Unfitted skorch net (``NeuralNetClassifier``, ``NeuralNetRegressor``,
         ``NeuralNet``...), cloned for every trained model; a fitted net passed
-        as it is is cloned and trained again too, as in scikit-learn. A
-        ``sklearn.frozen.FrozenEstimator`` around a fitted net (or a list of
-        them, your own ensemble) is used as it is: its weights are attributed or
-        scored, nothing is trained (but LoRA adapters on top), and the net is
-        left unchanged; :func:`sktda.frozen_net` wraps a module trained
-        elsewhere. With weights the module already holds (frozen,
-        ``pretrained=True``, a peft model) class labels are its output indices. ``CrossEntropyLoss``
+        without ``FrozenEstimator`` is cloned and trained again, as
+        scikit-learn does. A ``sklearn.frozen.FrozenEstimator`` around a fitted
+        net (or a list of them, your own ensemble) is used as it is: its weights
+        are attributed or scored, nothing is trained (but LoRA adapters on top),
+        and the net is left unchanged; :func:`sktda.frozen_net` wraps a module
+        trained elsewhere. Where the module holds weights already (frozen,
+        ``pretrained=True``, a peft model) class labels are its output indices,
+        never re-encoded from the classes present in y. ``CrossEntropyLoss``
         (the module returns logits), ``NLLLoss`` (the module returns probabilities
         in a ``NeuralNetClassifier``, log-probabilities in a plain ``NeuralNet``)
         and ``MSELoss`` (one output per sample) have closed forms; any other

@@ -102,6 +102,13 @@ def _prepare(estimator, X, y, X_test, y_test, target, pretrained=False, classes=
     y, y_test = targets_of(X, y), targets_of(X_test, y_test)
     held = frozen_nets(estimator) is not None or pretrained
     estimator = retraining_net(estimator)
+    if getattr(estimator, "max_epochs", 1) < 1:
+        raise ValueError(
+            f"The net has max_epochs={estimator.max_epochs}: retraining it on subsets trains nothing, so "
+            "every subset model would be the same and the measure meaningless. For a model you trained "
+            "yourself, pass FrozenEstimator(net) to attribute it, and its training recipe (max_epochs >= 1) "
+            "as retrain_estimator to score it."
+        )
     check_pretrained(estimator, pretrained)
     task = check_net(estimator, target, as_array_like(y))
     module = initialized_module(estimator)

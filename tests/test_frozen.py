@@ -197,6 +197,8 @@ def test_retraining_uses_the_frozen_nets_recipe(digits, user_net):
     assert attr.score(X_test, y_test) == pytest.approx(lds)
     effect = removal_effect(attr, X_test[:3], y_test[:3], k=2, n_retrains=1, flip_sizes=None)
     assert np.isfinite(effect.attributed).all() and np.isfinite(effect.random).all()
+    with pytest.raises(ValueError, match="max_epochs=0: retraining it on subsets trains nothing"):
+        subset_retraining(clone(recipe).set_params(max_epochs=0), X_train, y_train, X_test, y_test, **kwargs)
     with pytest.raises(ValueError, match="Leave retrain_estimator=None"):
         EnsembleAttributor(make_classifier_net(), retrain_estimator=recipe).fit(X_train, y_train)
 
@@ -303,3 +305,18 @@ def test_a_saved_transformers_model_reaches_a_frozen_net(tmp_path):
     test = {k: v[:4] for k, v in X.items()}
     assert attr.attribute(test, y[:4]).shape == (4, 24) and list(attr.classes_) == [0, 1, 2]
     assert _same(before, _state(model))
+
+
+def test_a_peft_model_is_attributed_through_its_adapters(digits, user_net):
+    from peft import LoraConfig, get_peft_model
+
+    X, X_test, y, y_test = digits
+    base = clone(user_net).initialize().module_
+    base.load_state_dict(user_net.module_.state_dict())
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=2, target_modules=["layers.0"]))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    before = _state(model)
+    attr = EnsembleAttributor(frozen_net(model), method="grad_dot", proj_dim=None).fit(X[y < 8], y[y < 8])
+    assert attr.train_features_.shape == (1, int((y < 8).sum()), adapters)
+    np.testing.assert_array_equal(attr.classes_, np.arange(10))
+    assert np.isfinite(attr.attribute(X_test, y_test)).all() and _same(before, _state(model))
