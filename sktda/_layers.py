@@ -479,6 +479,42 @@ class NormRoute(Route, module_type=(nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.m
         }
 
 
+# transformers' own RMS normalisations (and T5's), ``weight * x / rms(x)`` computed in
+# float32; Gemma's ``(1 + weight)`` has the same gradient
+_TRANSFORMERS_RMS_NORMS = tuple(
+    f"transformers.models.{package}.modeling_{package}.{name}"
+    for package, name in (
+        ("llama", "LlamaRMSNorm"),
+        ("mistral", "MistralRMSNorm"),
+        ("mixtral", "MixtralRMSNorm"),
+        ("qwen2", "Qwen2RMSNorm"),
+        ("qwen3", "Qwen3RMSNorm"),
+        ("gemma", "GemmaRMSNorm"),
+        ("gemma2", "Gemma2RMSNorm"),
+        ("phi3", "Phi3RMSNorm"),
+        ("t5", "T5LayerNorm"),
+    )
+)
+
+
+class RMSNormRoute(NormRoute, module_type=_TRANSFORMERS_RMS_NORMS):
+    """The RMS normalisations that transformers models define for themselves (they
+    are not ``nn.RMSNorm``): ``y = x / sqrt(mean(x^2) + eps) * weight``, over the last
+    dimension. The route check against autograd demotes a variant that differs."""
+
+    @classmethod
+    def accepts(cls, module, params):
+        return set(params) == {"weight"} and module.weight.dim() == 1
+
+    def _normalized(self, x):
+        eps = getattr(self.module, "variance_epsilon", getattr(self.module, "eps", 1e-6))
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def _per_sample(self, t):
+        return t.reshape(t.shape[0], -1, t.shape[-1]).sum(1)
+
+
 def assign_routes(
     module: nn.Module, names, exclude=frozenset(), registry=None
 ) -> tuple[list[Route], set[str]]:

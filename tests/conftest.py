@@ -69,6 +69,22 @@ def make_regressor_net(n_features=5, **kwargs):
     return NeuralNetRegressor(MLP, **params)
 
 
+def bert_config(**kwargs):
+    """A tiny transformers BERT classifier's config (nothing downloaded)."""
+    import transformers
+
+    params = dict(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return transformers.BertConfig(**{**params, **kwargs})
+
+
 _cuda_is_available = torch.cuda.is_available
 
 

@@ -14,7 +14,7 @@ from sktda.metrics import linear_datamodeling_score
 from sktda.model_selection import removal_effect, subset_retraining
 from sktda.models import MLP, TokenCrossEntropy
 
-from .conftest import make_classifier_net
+from .conftest import bert_config, make_classifier_net
 
 
 def _state(module):
@@ -283,17 +283,8 @@ def test_pretrained_labels_map_to_the_module_outputs(digits, user_net):
 
 def test_a_saved_transformers_model_reaches_a_frozen_net(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
     torch.manual_seed(0)
-    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path)
+    transformers.BertForSequenceClassification(bert_config(num_hidden_layers=1)).save_pretrained(tmp_path)
     model = transformers.BertForSequenceClassification.from_pretrained(tmp_path)
     rng = np.random.default_rng(0)
     X = {"input_ids": rng.integers(1, 40, (24, 8)), "attention_mask": np.ones((24, 8), dtype=np.int64)}

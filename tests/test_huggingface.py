@@ -18,24 +18,13 @@ from sktda._ensembles import member_from_module
 from sktda._gradients import GradientConfig, VmapEngine, featurize, make_engine
 from sktda._task import NetTask
 
+from .conftest import bert_config
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 CLASSIFY = NetTask(is_classifier=True)
 GENERATE = NetTask(is_classifier=True, target="sequence_log_likelihood", is_sequence=True)
-
-
-def bert_config(**kwargs):
-    params = dict(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    return transformers.BertConfig(**{**params, **kwargs})
 
 
 def gpt2_config(**kwargs):
@@ -128,6 +117,32 @@ def test_tied_gpt2_takes_every_layer_on_a_route(padded):
     if not padded:  # and equal to the whole model under vmap, where vmap can run it
         slow = featurize(VmapEngine(member, GENERATE, torch.device("cpu"), engine.projector), x, y, 4).phi
         np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-5 * np.abs(fast).max())
+
+
+class Llama(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        config = transformers.LlamaConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
+        self.model = transformers.LlamaForCausalLM(config)
+
+    def forward(self, X):
+        return self.model(input_ids=X).logits
+
+
+def test_llama_rms_norms_take_a_route():
+    """transformers' own RMSNorm (not nn.RMSNorm) has a route, checked against
+    autograd: no parameter is left to the slower traced path."""
+    torch.manual_seed(0)
+    ids, _, _ = padded_tokens(9, T=13)
+    x, y = torch.from_numpy(ids[:, :-1]), torch.from_numpy(ids[:, 1:])
+    member = _frozen(Llama())
+    engine = make_engine(member, GradientConfig(task=GENERATE, proj_dim=48), (x[:3], y[:3]))
+    assert not engine.traced and not engine.rowwise
+    assert "model.model.layers.0.input_layernorm" in {r.name for r in engine.routes}
+    fast = featurize(engine, x, y, batch_size=4).phi
+    np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
 
 
 def test_conv1d_is_recognised_without_importing_transformers():
