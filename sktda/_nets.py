@@ -527,14 +527,7 @@ def given_checkpoints(checkpoints, nets: list) -> list[list[tuple]]:
     net. Each state holds every trained parameter of the net, with its shape."""
     if checkpoints is None:
         return [[] for _ in nets]
-    per_net = (
-        checkpoints if len(nets) > 1 or (checkpoints and _is_pair_list(checkpoints[0])) else [checkpoints]
-    )
-    if len(per_net) != len(nets) or not all(_is_pair_list(c) for c in per_net):
-        raise ValueError(
-            "checkpoints must be a list of (state dict or path, learning rate) pairs for one frozen net, "
-            f"or a list of {len(nets)} such lists, one per frozen net; got {_shape(checkpoints)}."
-        )
+    per_net = checkpoints_per_net(checkpoints, len(nets))
     out = []
     for i, (net, pairs) in enumerate(zip(nets, per_net)):
         if not pairs:
@@ -567,6 +560,19 @@ def given_checkpoints(checkpoints, nets: list) -> list[list[tuple]]:
             recorded.append((j + 1, float(lr), state))
         out.append(recorded)
     return out
+
+
+def checkpoints_per_net(checkpoints, n_nets: int) -> list:
+    """``checkpoints`` as one list of ``(state, learning rate)`` pairs per frozen net,
+    its form checked, nothing loaded."""
+    one = n_nets == 1 and not (checkpoints and _is_pair_list(checkpoints[0]))
+    per_net = [checkpoints] if one else checkpoints
+    if len(per_net) != n_nets or not all(_is_pair_list(c) for c in per_net):
+        raise ValueError(
+            "checkpoints must be a list of (state dict or path, learning rate) pairs for one frozen net, "
+            f"or a list of {n_nets} such lists, one per frozen net; got {_shape(checkpoints)}."
+        )
+    return per_net
 
 
 def _is_pair_list(value) -> bool:

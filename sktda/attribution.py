@@ -44,7 +44,7 @@ from ._features import (
 )
 from ._gradients import feature_blocks
 from ._methods import METHODS, SCORE_DTYPE
-from ._nets import checkpoint_epochs, given_checkpoints, resolve_device
+from ._nets import checkpoint_epochs, checkpoints_per_net, resolve_device
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score
 from .model_selection import subset_retraining
@@ -604,7 +604,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         nets = self._frozen_nets()
         if nets is None:
             return len(checkpoint_epochs(self.estimator.max_epochs, self.n_checkpoints))
-        return len(given_checkpoints(self.checkpoints, nets)[0])
+        return len(checkpoints_per_net(self.checkpoints, len(nets))[0])  # counted, not loaded
 
     def _n_checkpoints(self):
         return self.n_checkpoints if self._method().needs_checkpoints else None
