@@ -457,13 +457,16 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             check_memory(stages)
             self._features_at = None
             return
+        # sized once: the plan reads the same stages
+        plan = self._memory_plan(
+            X, task, module, strategy, device, strict=False, resident=(features, dict(stages))
+        )
         directory = features_directory(features, self.features_dir, sum(stages.values()))
         if directory is not None:
             check_free_space(directory, features)
         else:
             stages["features"] = features
         check_memory(stages)
-        plan = self._memory_plan(X, task, module, strategy, device, strict=False)
         if plan is not None:
             check_plan(plan)
             self._chunk_rows = plan.chunk_rows
@@ -514,16 +517,17 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         }
 
     def _memory_plan(
-        self, X, task, module, strategy, device, n_test: int = 0, strict=True
+        self, X, task, module, strategy, device, n_test: int = 0, strict=True, resident=None
     ) -> MemoryPlan | None:
         """What this fit will hold, sized from the untrained ``module`` and the
         validated inputs ``X`` (see :class:`~sktda.MemoryPlan`), with the
         featurization chunk shrunk where ``batch_size`` rows would not fit in the
         memory available. Not ``strict``: None where the module cannot take a
-        sample yet (the training guard then says why, with what the net needs)."""
+        sample yet (the training guard then says why, with what the net needs).
+        ``resident``: :meth:`_resident`'s sizes, when the caller has them."""
         from joblib import effective_n_jobs
 
-        features, stages = self._resident(X, task, module, strategy, device)
+        features, stages = resident or self._resident(X, task, module, strategy, device)
         on_workers = self._client() is not None
         on_disk = (
             not on_workers
@@ -548,16 +552,16 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             training = 0  # nothing is trained
         here = 0 if on_workers else min(self._n_models(), effective_n_jobs(self.n_jobs))
         rows = min(self.batch_size, n)
+        featurizing = params + per_row * rows  # a member's working copy, and a chunk
         worker = 0
         if on_workers:
             n_workers = max(1, len(self._client().scheduler_info()["workers"]))
             whole_inputs = _input_bytes(X)  # read by the worker that trains
-            featurizing = params + per_row * rows
             worker = max(training + whole_inputs, featurizing) + features // n_workers + 3 * SHARD_BYTES
         plan = MemoryPlan(
             models=stages["models"],
             training=here * training,
-            featurizing=here * (params + per_row * rows),  # each member's working copy, and a chunk
+            featurizing=here * featurizing,
             inputs=stages["inputs"],
             features=(0 if on_disk or on_workers else features) + stages["residuals"],
             features_on_disk=features if on_disk else 0,
