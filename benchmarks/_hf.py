@@ -57,3 +57,52 @@ class BertClassifier(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class LlamaClassifier(torch.nn.Module):
+    """A Llama-style sequence classifier (RMS norms, rotary positions, gated MLPs,
+    the last token's logits), on token ids."""
+
+    def __init__(self, vocab_size=128, n_labels=2, hidden=128, n_layer=4, n_head=4, max_len=64):
+        super().__init__()
+        transformers = _quiet()
+        config = transformers.LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            num_key_value_heads=n_head,
+            max_position_embeddings=max_len,
+            num_labels=n_labels,
+            pad_token_id=0,
+        )
+        self.model = transformers.LlamaForSequenceClassification(config)
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+
+class ViTClassifier(torch.nn.Module):
+    """A ViT image classifier: patch embeddings, a class token and position
+    embeddings broadcast to the batch, on ``(n, 3, 32, 32)`` images."""
+
+    def __init__(self, n_labels=10, hidden=64, n_layer=2, n_head=4, image_size=32, patch_size=4, dropout=0.0):
+        super().__init__()
+        transformers = _quiet()
+        config = transformers.ViTConfig(
+            image_size=image_size,
+            patch_size=patch_size,
+            num_channels=3,
+            hidden_size=hidden,
+            num_hidden_layers=n_layer,
+            num_attention_heads=n_head,
+            intermediate_size=2 * hidden,
+            num_labels=n_labels,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+        )
+        self.model = transformers.ViTForImageClassification(config)
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).logits

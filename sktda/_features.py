@@ -152,17 +152,30 @@ def check_dense_fits(n_test: int, n_train: int) -> None:
     warnings.warn(message, ResourceWarning, stacklevel=3)
 
 
-def features_directory(nbytes: int, features_dir, resident: int = 0) -> str | None:
-    """Where ``nbytes`` of training features go: ``features_dir`` when set, the
-    temporary directory when they would take over half the memory that the fit's
-    other ``resident`` bytes leave available, or None (in memory). Absolute, so
-    that the file is found (and removed) whatever the working directory later."""
-    if features_dir is not None:
-        return os.path.abspath(features_dir)
-    available = available_memory()
-    if available is None or nbytes <= (available - resident) // 2:
-        return None
-    return tempfile.gettempdir()
+class FeatureStorage(NamedTuple):
+    """Where a fit's training features go, and in what type."""
+
+    dtype: np.dtype
+    directory: str | None  # None: in memory (or on a cluster's workers)
+
+
+def feature_storage(values: int, feature_dtype: str, features_dir, resident: int = 0, on_workers=False):
+    """The :class:`FeatureStorage` of ``values`` training features: in
+    ``features_dir`` when set, in the temporary directory when they would take
+    over half the memory that the fit's other ``resident`` bytes leave available,
+    else in memory (``on_workers``: on a cluster's). ``feature_dtype="auto"`` is
+    float16 on disk and float32 elsewhere. The directory is absolute, so that the
+    file is found (and removed) whatever the working directory later."""
+    wide = np.dtype(np.float32 if feature_dtype == "auto" else feature_dtype)
+    directory, available = None, available_memory()
+    if on_workers:
+        pass
+    elif features_dir is not None:
+        directory = os.path.abspath(features_dir)
+    elif available is not None and values * wide.itemsize > (available - resident) // 2:
+        directory = tempfile.gettempdir()
+    dtype = np.dtype(np.float16) if feature_dtype == "auto" and directory is not None else wide
+    return FeatureStorage(dtype, directory)
 
 
 def check_memory(stages: dict[str, int]) -> None:
@@ -378,6 +391,14 @@ class MemberRows:
         device = self.device if self.shards.device_bound else torch.device("cpu")
         return self.shards.sum(_member_sum, self.member, rows, device, fn, args)
 
+    def gather(self, fn, *args) -> torch.Tensor:
+        """``fn(*args, phi, residual)`` of every row of the member's features, in
+        order, concatenated here: for a state built from all ``n`` rows at once
+        (when ``n`` is smaller than ``k``, no larger than a ``k x k`` Gram)."""
+        device = self.device if self.shards.device_bound else torch.device("cpu")
+        parts = self.shards.map(_member_rows, self.member, device, fn, args)
+        return torch.cat([part.to(self.device) for part in parts])
+
 
 def fresh_tensor(array: np.ndarray, device, dtype) -> torch.Tensor:
     """A copy of ``array`` in memory that torch allocates: MKL's products round
@@ -385,6 +406,14 @@ def fresh_tensor(array: np.ndarray, device, dtype) -> torch.Tensor:
     starts wherever its rows fall, so every block is copied alike, wherever it
     lives."""
     return torch.tensor(np.asarray(array), device=device, dtype=dtype)
+
+
+def _member_rows(block: FeatureBlock, member: int, device, fn, args):
+    return fn(
+        *args,
+        fresh_tensor(block.features[member], device, torch.float32),
+        fresh_tensor(block.residuals[member], device, torch.float32),
+    )
 
 
 def _member_sum(block: FeatureBlock, member: int, rows_per_block: int, device, fn, args):

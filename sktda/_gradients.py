@@ -706,11 +706,34 @@ def featurize(
                     f"The {name} of samples {rows.start}..{rows.stop - 1} are not finite: the "
                     "trained model overflows on them. Scale X, lower lr, or train fewer epochs."
                 )
-        phi[rows] = p.cpu().numpy()
+        phi[rows] = _stored(p, phi.dtype, rows).cpu().numpy()
         residual[rows] = r.cpu().numpy()
         if factors is not None:
             factors.add(first_chunk + index, engine.factor_sums)
     return Features(phi=phi, residual=residual, layout=engine.layout, factors=factors)
+
+
+HALF_TOLERANCE = 1e-2  # of a row's norm, lost to float16's range and rounding
+
+
+def _stored(p: torch.Tensor, dtype: np.dtype, rows: slice) -> torch.Tensor:
+    """``p`` in the storage type ``dtype``. In float16, each row is checked to
+    keep its norm to ``HALF_TOLERANCE`` (overflow past 65504, or features so small
+    that they fall under float16's normal range, are refused, naming float32)."""
+    if dtype != np.float16:
+        return p
+    half = p.to(torch.float16)
+    norm = torch.linalg.vector_norm(p, dim=1)
+    lost = torch.linalg.vector_norm(half.float() - p, dim=1)
+    if not bool(torch.isfinite(half).all()) or bool((lost > HALF_TOLERANCE * norm).any()):
+        big = float(p.abs().max())
+        raise ValueError(
+            f"The features of samples {rows.start}..{rows.stop - 1} do not fit float16 (largest "
+            f"{big:.3g}; float16 holds 6.1e-05 to 65504 at full precision) and would be stored "
+            f"with more than {HALF_TOLERANCE:.0%} error. Store them as feature_dtype='float32' "
+            "(feature_dtype='auto' chooses float16 for features on disk)."
+        )
+    return half
 
 
 def feature_blocks(member, config: GradientConfig) -> tuple[list[tuple[int, int]], int]:

@@ -52,15 +52,6 @@ def _symmetric_gram(g: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _lower_product(phi: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """``phi @ lower`` for a lower-triangular ``lower``, the zero blocks above its
-    diagonal skipped."""
-    out = torch.empty(phi.shape[0], lower.shape[1], dtype=phi.dtype, device=phi.device)
-    for cols in _column_blocks(lower.shape[1]):
-        out[:, cols] = phi[:, cols.start :] @ lower[cols.start :, cols]
-    return out
-
-
 def _block_gram(scale_by_residual: bool, g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``G^T G`` of one row block in float64, with ``G = residual * g`` or ``g``."""
     if scale_by_residual:
@@ -68,21 +59,90 @@ def _block_gram(scale_by_residual: bool, g: torch.Tensor, residual: torch.Tensor
     return _symmetric_gram(g).double()
 
 
-def _damped_inverse(gram: torch.Tensor, damping: float, n_rows: int) -> torch.Tensor:
-    """``(gram + lambda I)^-1`` in float64 for stability, with ``lambda = damping *``
-    the mean of the nonzero eigenvalues, ``trace / min(n_rows, k)``: a gram of
-    ``n_rows`` gradients has at most that many, so lambda is blind both to the
-    gradients' scale and to how far ``k`` exceeds the training set."""
-    gram = gram.double()
-    k = gram.shape[0]
-    lam = damping * float(torch.diagonal(gram).sum()) / min(n_rows, k)
-    if lam <= 0:
-        lam = _EPS
-    gram = gram + lam * torch.eye(k, dtype=gram.dtype, device=gram.device)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0:
-        return torch.cholesky_inverse(chol)
-    return torch.linalg.pinv(gram, hermitian=True)
+def _damping_of(trace: float, damping: float, n_rows: int, k: int) -> float:
+    """``lambda = damping *`` the mean of the nonzero eigenvalues of a Gram of
+    ``n_rows`` gradients of width ``k``, ``trace / min(n_rows, k)``: blind both to
+    the gradients' scale and to how far ``k`` exceeds the training set."""
+    lam = damping * trace / min(n_rows, k)
+    return lam if lam > 0 else _EPS
+
+
+class DampedInverse:
+    """``(G^T G + lambda I)^-1`` of a member's ``n x k`` (weighted) gradients
+    ``G``, applied without forming it: ``phi -> phi H^-1`` (:meth:`apply`) and
+    ``phi -> phi H^-1 phi`` (:meth:`quadratic`), in float64.
+
+    - ``k <= n``: the Cholesky factor ``C`` of ``G^T G + lambda I``, applied by
+      triangular solves (``|C^-1 phi|^2`` for the quadratic form).
+    - ``n < k`` (a training set narrower than the features): the kernel form
+      (Woodbury), ``H^-1 = (I - W^T W) / lambda`` with ``W = L^-1 G`` and ``L`` the
+      Cholesky factor of the ``n x n`` kernel ``G G^T + lambda I``; nothing ``k x
+      k`` is formed, and applying it costs ``2 n k`` a row instead of ``k^2``.
+    - A factorization that fails numerically: the pseudo-inverse, as a matrix.
+    """
+
+    def __init__(self, lower=None, low_rank=None, lam: float = 0.0, matrix=None):
+        self.lower, self.low_rank, self.lam, self.matrix = lower, low_rank, lam, matrix
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, lam: float) -> DampedInverse:
+        gram = gram.double()
+        damped = gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            return cls(lower=lower)
+        return cls(matrix=torch.linalg.pinv(damped, hermitian=True))
+
+    @classmethod
+    def from_rows(cls, g: torch.Tensor, lam: float) -> DampedInverse:
+        g = g.double()
+        kernel = g @ g.T
+        kernel.diagonal().add_(lam)
+        lower, info = torch.linalg.cholesky_ex(kernel)
+        if int(info) != 0:
+            return cls.from_gram(g.T @ g, lam)
+        return cls(low_rank=torch.linalg.solve_triangular(lower, g, upper=False), lam=lam)
+
+    def to(self, device, dtype) -> DampedInverse:
+        def moved(t):
+            return None if t is None else t.to(device, dtype)
+
+        return DampedInverse(moved(self.lower), moved(self.low_rank), self.lam, moved(self.matrix))
+
+    def apply(self, phi: torch.Tensor) -> torch.Tensor:
+        if self.lower is not None:
+            return torch.cholesky_solve(phi.T, self.lower).T
+        if self.low_rank is not None:
+            w = self.low_rank
+            return (phi - (phi @ w.T) @ w) / self.lam
+        return phi @ self.matrix
+
+    def quadratic(self, phi: torch.Tensor) -> torch.Tensor:
+        if self.lower is not None:
+            return torch.linalg.solve_triangular(self.lower, phi.T, upper=False).square_().sum(0)
+        if self.low_rank is not None:
+            return (phi.square().sum(1) - (phi @ self.low_rank.T).square_().sum(1)) / self.lam
+        return ((phi @ self.matrix) * phi).sum(1)
+
+
+def _rows_of(scale_by_residual: bool, g: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """One row block of ``G`` in float64: ``residual * g`` or ``g``."""
+    g = g.double()
+    return g * residual.double()[:, None] if scale_by_residual else g
+
+
+def _damped_inverse(rows, damping: float, scale_by_residual: bool, scale: float = 1.0) -> DampedInverse:
+    """The :class:`DampedInverse` of a member's Gauss-Newton matrix ``scale * G^T
+    G``, ``G`` its training features (times their residuals when
+    ``scale_by_residual``), damped by :func:`_damping_of`; in the kernel form when
+    the member has fewer training rows than feature columns."""
+    if rows.n < rows.k:
+        g = rows.gather(_rows_of, scale_by_residual).to(rows.device) * scale**0.5
+        trace = float(g.square().sum())
+        return DampedInverse.from_rows(g, _damping_of(trace, damping, rows.n, rows.k))
+    gram = rows.sum(_block_gram, scale_by_residual).to(rows.device) * scale
+    trace = float(torch.diagonal(gram).sum())
+    return DampedInverse.from_gram(gram, _damping_of(trace, damping, rows.n, rows.k))
 
 
 class AttributionMethod:
@@ -149,23 +209,17 @@ class TracIn(GradDot):
 
 
 class _DenseInverse(AttributionMethod):
-    """A method whose state is one damped inverse ``H^-1``, symmetric positive
-    definite: a training sample's self-attribution is the quadratic form
-    ``phi H^-1 phi = |phi L|^2`` with ``H^-1 = L L^T`` (Cholesky), and ``phi L`` with
-    ``L`` lower-triangular takes about half the work of ``phi H^-1``."""
+    """A method whose state is one :class:`DampedInverse` ``H^-1``: the test side is
+    ``phi H^-1``, a training sample's self-attribution the quadratic form ``phi
+    H^-1 phi``."""
 
     inverts = True
 
     def test_side(self, state, phi):
-        return phi @ state
+        return state.apply(phi)
 
     def self_factor(self, state):
-        """``phi -> phi H^-1 phi``, through the Cholesky factor when it exists."""
-        factor, info = torch.linalg.cholesky_ex(state.double())
-        if int(info) != 0:  # not numerically positive definite: the plain product
-            return lambda phi: ((phi @ state) * phi).sum(1)
-        factor = factor.to(state.dtype)
-        return lambda phi: _lower_product(phi, factor).square_().sum(1)
+        return state.quadratic
 
 
 class InfluenceFunction(_DenseInverse):
@@ -175,8 +229,7 @@ class InfluenceFunction(_DenseInverse):
     name = "if"
 
     def fit(self, rows, damping, layout=None, factors=None):
-        gram = rows.sum(_block_gram, True).to(rows.device)
-        return _damped_inverse(gram / rows.n, damping, rows.n)
+        return _damped_inverse(rows, damping, True, 1.0 / rows.n)
 
     def self_scores(self, factor, phi, residual):
         return residual * factor(phi)
@@ -192,7 +245,7 @@ class TRAK(_DenseInverse):
     scales_by_residual = True
 
     def fit(self, rows, damping, layout=None, factors=None):
-        return _damped_inverse(rows.sum(_block_gram, False).to(rows.device), damping, rows.n)
+        return _damped_inverse(rows, damping, False)
 
     def train_side(self, state, phi, residual):
         return phi
@@ -225,7 +278,7 @@ class LayerInverse:
             g = q_out @ ((q_out.T @ g @ q_in) * inverse) @ q_in.T
             out[:, start:stop] = g.reshape(len(phi), -1)
         if self.dense_inverse is not None:
-            out[:, self.dense_columns] = phi[:, self.dense_columns] @ self.dense_inverse
+            out[:, self.dense_columns] = self.dense_inverse.apply(phi[:, self.dense_columns])
         return out
 
 
@@ -302,7 +355,10 @@ def _layer_inverse(rows, layout, damping: float, corrected: bool, factors=None) 
         lam = damping * trace / min(n, b - a)
         layers.append((a, b, q_out, q_in, 1.0 / (eig + (lam if lam > 0 else _EPS))))
     dense_columns = None if dense is None else dense.to(device)
-    dense_inverse = None if gram is None else _damped_inverse(gram.to(device), damping, n)
+    dense_inverse = None
+    if gram is not None:
+        trace = float(torch.diagonal(gram).sum())
+        dense_inverse = DampedInverse.from_gram(gram.to(device), _damping_of(trace, damping, n, len(gram)))
     return LayerInverse(layers, dense_columns, dense_inverse)
 
 

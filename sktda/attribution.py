@@ -30,6 +30,7 @@ from ._data import (
 from ._features import (
     SHARD_BYTES,
     FeatureFile,
+    FeatureStorage,
     FeatureStore,
     MemoryPlan,
     check_dense_fits,
@@ -38,7 +39,7 @@ from ._features import (
     check_plan,
     check_writable_directory,
     dense_fits,
-    features_directory,
+    feature_storage,
     merge_topk,
     relatif_scale,
 )
@@ -194,9 +195,15 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         adapters, so with ``ensemble="lora"`` it must be None (choose the adapted
         modules with ``lora_target_modules``).
     %(batch_size)s
-    feature_dtype : {"float32", "float16"}, default="float32"
-        Storage type of the cached training features (float16 halves their
-        memory; scores are still computed in float64).
+    feature_dtype : {"auto", "float32", "float16"}, default="auto"
+        Storage type of the cached training features. float16 halves their
+        memory or disk; the scores are still computed in float64. "auto" keeps
+        them in float32 in memory (and on a Dask cluster's workers) and in
+        float16 when they go to disk (``features_dir``, or a lack of memory).
+        float16 features are checked as they are written: a chunk whose
+        features overflow float16 or lose more than 1% of their norm to its
+        rounding (gradients too large or too small for it) is refused with a
+        ``ValueError`` naming float32.
     features_dir : str or None, default=None
         Directory where the training features are written as a memory-mapped
         ``.npy`` file. None keeps them in memory unless they would take over half
@@ -308,7 +315,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         "damping": [Interval(numbers.Real, 0, None, closed="left"), StrOptions({"auto"})],
         "target": [StrOptions(set(TARGETS)), callable],
         "normalize": [StrOptions({"auto", "relatif"}), None],
-        "feature_dtype": [StrOptions({"float32", "float16"})],
+        "feature_dtype": [StrOptions({"auto", "float32", "float16"})],
         "features_dir": [str, os.PathLike, None],
         "cluster_features": ["boolean", StrOptions({"auto"})],
         "score_n_subsets": [Interval(numbers.Integral, 3, None, closed="left")],
@@ -341,7 +348,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         normalize="auto",
         layers=None,
         batch_size=256,
-        feature_dtype="float32",
+        feature_dtype="auto",
         features_dir=None,
         cluster_features="auto",
         device="auto",
@@ -452,48 +459,48 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         return client
 
     def _check_resources(self, X, task, module, strategy, device):
-        features, stages = self._resident(X, task, module, strategy, device)
+        features, stages, storage = self._resident(X, task, module, strategy, device)
         if self._client() is not None:  # the features stay on the workers
             check_memory(stages)
-            self._features_at = None
+            self._storage = storage
             return
         # sized once: the plan reads the same stages
         plan = self._memory_plan(
-            X, task, module, strategy, device, strict=False, resident=(features, dict(stages))
+            X, task, module, strategy, device, strict=False, resident=(features, dict(stages), storage)
         )
-        directory = features_directory(features, self.features_dir, sum(stages.values()))
-        if directory is not None:
-            check_free_space(directory, features)
+        if storage.directory is not None:
+            check_free_space(storage.directory, features)
         else:
             stages["features"] = features
         check_memory(stages)
         if plan is not None:
             check_plan(plan)
             self._chunk_rows = plan.chunk_rows
-        self._features_at = directory  # the same decisions when the features are written
+        self._storage = storage  # the same decisions when the features are written
 
     def _feature_sizes(self, X, task, module, strategy, device):
-        """``(n_members, Kronecker blocks, dense width, bytes)`` of the features this
-        fit will store (residuals aside), sized from the untrained ``module``."""
+        """``(n_members, Kronecker blocks, dense width, number of values)`` of the
+        features this fit will store (residuals aside), sized from the untrained
+        ``module``."""
         method = self._method(task)
-        dtype = np.dtype(self.feature_dtype)
         n_members = self._n_models() * strategy.members_per_model
         if method.needs_checkpoints:
             n_members *= self._checkpoints_per_model()
         member = strategy.sizing_member(module)
-        blocks, dense = feature_blocks(member, self._gradient_config(task, device, dtype))
+        blocks, dense = feature_blocks(member, self._gradient_config(task, device))
         width = sum(a * b for a, b in blocks) + dense
-        return n_members, blocks, dense, n_members * n_samples(X) * width * dtype.itemsize
+        return n_members, blocks, dense, n_members * n_samples(X) * width
 
-    def _resident(self, X, task, module, strategy, device) -> tuple[int, dict[str, int]]:
-        """The features' bytes, and the bytes of everything else a fit holds at once
-        that can be sized exactly before training: the models, sktda's copy of the
-        inputs, the residuals, the curvature and the streamed row blocks."""
+    def _resident(self, X, task, module, strategy, device) -> tuple[int, dict[str, int], FeatureStorage]:
+        """The features' bytes, the bytes of everything else a fit holds at once
+        that can be sized exactly before training (the models, sktda's copy of
+        the inputs, the residuals, the curvature and the streamed row blocks), and
+        where the features go and in what type."""
         from sklearn import get_config
 
         method = self._method(task)
         n = n_samples(X)
-        n_members, blocks, dense, features = self._feature_sizes(X, task, module, strategy, device)
+        n_members, blocks, dense, values = self._feature_sizes(X, task, module, strategy, device)
         width = sum(a * b for a, b in blocks) + dense
         if not method.inverts:
             curvature = 0
@@ -502,19 +509,28 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         else:  # the Gram, then its inverse and Cholesky factor
             curvature = 2 * width * width
         params = sum(p.numel() * p.element_size() for p in module.parameters())
-        return features, {
+
+        def working(dtype) -> int:
+            # the blocks streamed within one shard at a time: at most a member's rows of a
+            # shard in float64 and their train side, within scikit-learn's working_memory
+            return min(
+                get_config()["working_memory"] * 2**20,
+                n * n_members * 3 * width * 4,
+                2 * (8 // dtype.itemsize) * SHARD_BYTES // n_members,
+            )
+
+        stages = {
             "models": self._n_models() * params,
             "inputs": _copied_bytes(X),
             "residuals": n_members * n * 4,  # float32, in memory
             "curvature": n_members * 8 * curvature,
-            # the blocks streamed within one shard at a time: at most a member's rows of a
-            # shard in float64 and their train side, within scikit-learn's working_memory
-            "working": min(
-                get_config()["working_memory"] * 2**20,
-                n * n_members * 3 * width * 4,
-                2 * (8 // np.dtype(self.feature_dtype).itemsize) * SHARD_BYTES // n_members,
-            ),
+            "working": working(np.dtype("float32" if self.feature_dtype == "auto" else self.feature_dtype)),
         }
+        storage = feature_storage(
+            values, self.feature_dtype, self.features_dir, sum(stages.values()), self._client() is not None
+        )
+        stages["working"] = working(storage.dtype)
+        return values * storage.dtype.itemsize, stages, storage
 
     def _memory_plan(
         self, X, task, module, strategy, device, n_test: int = 0, strict=True, resident=None
@@ -527,12 +543,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         ``resident``: :meth:`_resident`'s sizes, when the caller has them."""
         from joblib import effective_n_jobs
 
-        features, stages = resident or self._resident(X, task, module, strategy, device)
+        features, stages, storage = resident or self._resident(X, task, module, strategy, device)
         on_workers = self._client() is not None
-        on_disk = (
-            not on_workers
-            and features_directory(features, self.features_dir, sum(stages.values())) is not None
-        )
+        on_disk = storage.directory is not None
         try:
             per_row = _row_bytes(module, to_torch(take(X, slice(0, 1))))
         except Exception as exc:
@@ -620,10 +633,10 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         start = time.perf_counter()
         method = self._method()()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
-        dtype = np.dtype(self.feature_dtype)
+        dtype = self._storage.dtype
         file = None
-        if self._features_at is not None:  # held by the fit from here, so that a failure removes it
-            file = self._file = FeatureFile(self._features_at, own_directory=self.features_dir is None)
+        if self._storage.directory is not None:  # held by the fit from here, so that a failure removes it
+            file = self._file = FeatureFile(self._storage.directory, own_directory=self.features_dir is None)
         shards, residuals, layouts, factors = self._training_features(
             members, X, y, task=task, device=device, dtype=dtype, out_file=None if file is None else file.path
         )

@@ -339,9 +339,14 @@ def test_float16_and_memory_mapped_features(digits, tmp_path):
     half = clone(base).set_params(feature_dtype="float16").fit(X_train, y_train)
     assert half.train_features_.dtype == np.float16
     np.testing.assert_allclose(half.attribute(X_test, y_test), A, rtol=1e-2, atol=1e-2 * np.abs(A).max())
-    mapped = clone(base).set_params(features_dir=str(tmp_path), n_jobs=2).fit(X_train, y_train)
+    assert clone(base).fit(X_train, y_train).train_features_.dtype == np.float32  # "auto", in memory
+    mapped = clone(base).set_params(features_dir=str(tmp_path), n_jobs=2, feature_dtype="float32")
+    mapped.fit(X_train, y_train)
     assert isinstance(mapped.train_features_, np.memmap)
     assert len(list(tmp_path.glob("train_features_*.npy"))) == 1
+    auto = clone(base).set_params(features_dir=str(tmp_path / "auto")).fit(X_train, y_train)
+    assert auto.train_features_.dtype == np.float16  # "auto", on disk
+    np.testing.assert_allclose(auto.attribute(X_test, y_test), A, rtol=1e-2, atol=1e-2 * np.abs(A).max())
     np.testing.assert_allclose(mapped.attribute(X_test, y_test), A, rtol=1e-4, atol=1e-5 * np.abs(A).max())
     np.testing.assert_allclose(
         mapped.self_attribute(), clone(base).fit(X_train, y_train).self_attribute(), rtol=1e-4

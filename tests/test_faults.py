@@ -52,8 +52,8 @@ def test_a_disk_without_room_is_refused_before_training(digits, tmp_path, monkey
         monkeypatch.setattr(features_module, "available_memory", lambda: 1000)
         monkeypatch.setattr(features_module.tempfile, "tempdir", str(tmp_path))
         attr = _attributor()
-    # 150 samples x 16 float32 features, one member
-    needed = 150 * 16 * 4
+    # 150 samples x 16 features, one member: float16 on disk ("auto")
+    needed = 150 * 16 * 2
     with pytest.raises(
         ValueError, match=rf"need 0 MiB \({needed} bytes\) in '{tmp_path}', and its disk has 0 MiB"
     ):
@@ -86,7 +86,7 @@ def test_features_are_written_where_the_file_system_has_no_fallocate(digits, tmp
         raise OSError(errno.EOPNOTSUPP, "not supported")
 
     monkeypatch.setattr(features_module.os, "posix_fallocate", unsupported)
-    attr = _attributor(features_dir=str(tmp_path)).fit(X_train, y_train)
+    attr = _attributor(features_dir=str(tmp_path), feature_dtype="float32").fit(X_train, y_train)
     (stored,) = tmp_path.iterdir()
     assert os.path.getsize(stored) >= attr.train_features_.nbytes
     np.testing.assert_allclose(attr.attribute(X_test, y_test), expected, rtol=1e-5)

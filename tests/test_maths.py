@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.frozen import FrozenEstimator
 from skorch import NeuralNetClassifier
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -165,6 +166,26 @@ def test_float16_features_are_stored_as_float16_on_disk(digits, tmp_path):
     assert attr.train_features_.dtype == np.float16
 
 
+def test_float16_features_that_would_overflow_or_underflow_are_refused(digits):
+    from sktda._gradients import _stored
+
+    X_train, _, y_train, _ = digits
+    rows = slice(0, 2)
+    fine = torch.tensor([[1.0, -2.5, 3e-3], [0.0, 0.0, 0.0]])
+    assert _stored(fine, np.dtype(np.float16), rows).dtype == torch.float16
+    assert _stored(fine, np.dtype(np.float32), rows) is fine
+    for bad in ([[7e4, 1.0, 0.0]], [[3e-7, -2e-7, 1e-7]]):  # past float16's range, under its normal range
+        with pytest.raises(ValueError, match="feature_dtype='float32'"):
+            _stored(torch.tensor(bad), np.dtype(np.float16), rows)
+    # a trained model on inputs 1e5 times its own: gradients far past 65504
+    net = FrozenEstimator(make_classifier_net(max_epochs=1).fit(X_train, y_train))
+    huge = EnsembleAttributor(net, proj_dim=32, feature_dtype="float16")
+    with pytest.raises(ValueError, match="do not fit float16"):
+        huge.fit(X_train * 1e5, y_train)
+    assert not hasattr(huge, "train_features_")
+    assert huge.set_params(feature_dtype="float32").fit(X_train * 1e5, y_train).train_features_.max() > 7e4
+
+
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_the_same_parameter_gets_the_same_projection_on_every_path(per_layer):
     """What the independence above must not break: one parameter's projection is
@@ -181,29 +202,44 @@ def test_the_same_parameter_gets_the_same_projection_on_every_path(per_layer):
     assert not torch.allclose(first, other)
 
 
-def test_the_blocked_gram_and_triangular_products_equal_the_plain_ones():
-    """The Gram and the self-attribution skip the blocks that symmetry or a
-    triangle make redundant (4 uneven blocks of 1100 columns here)."""
-    from sktda._methods import TRAK, InfluenceFunction, _column_blocks, _lower_product, _symmetric_gram
+def test_the_blocked_gram_equals_the_plain_one():
+    """The Gram skips the blocks that symmetry makes redundant (4 uneven blocks of
+    1100 columns here)."""
+    from sktda._methods import _column_blocks, _symmetric_gram
 
-    gen = torch.Generator().manual_seed(0)
-    g = torch.randn(300, 1100, generator=gen, dtype=torch.float64)
+    g = torch.randn(300, 1100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert len(_column_blocks(1100)) == 4
     torch.testing.assert_close(_symmetric_gram(g), g.T @ g)
-    lower = torch.randn(1100, 1100, generator=gen, dtype=torch.float64).tril()
-    torch.testing.assert_close(_lower_product(g, lower), g @ lower)
-    inverse = torch.linalg.inv(g.T @ g + 300 * torch.eye(1100, dtype=torch.float64))
-    residual = torch.rand(300, generator=gen, dtype=torch.float64)
-    quadratic = ((g @ inverse) * g).sum(1)
-    torch.testing.assert_close(TRAK().self_scores(TRAK().self_factor(inverse), g, residual), quadratic)
-    method = InfluenceFunction()
+
+
+@pytest.mark.parametrize("n", [300, 1500])  # fewer rows than columns (the kernel form), and more
+def test_the_damped_inverse_equals_the_explicit_inverse(n):
+    """TRAK's and IF's ``(G^T G + lambda I)^-1``, applied by triangular solves or in
+    the kernel form, equals the explicit inverse that they used to form, on the
+    test side and in the self-attribution's quadratic form; so does the
+    pseudo-inverse taken where the factorization fails."""
+    from sktda._methods import DampedInverse
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(n, 1100, generator=gen, dtype=torch.float64)
+    phi = torch.randn(7, 1100, generator=gen, dtype=torch.float64)
+    lam = 0.1 * float(g.square().sum()) / min(n, 1100)
+    inverse = torch.linalg.inv(g.T @ g + lam * torch.eye(1100, dtype=torch.float64))
+    fitted = {
+        "rows": DampedInverse.from_rows(g, lam),
+        "gram": DampedInverse.from_gram(g.T @ g, lam),
+        "matrix": DampedInverse(matrix=inverse),
+    }
+    assert (fitted["rows"].low_rank is not None) and fitted["gram"].lower is not None
+    for state in fitted.values():
+        torch.testing.assert_close(state.apply(phi), phi @ inverse)
+        torch.testing.assert_close(state.quadratic(g[:9]), ((g[:9] @ inverse) * g[:9]).sum(1))
+        torch.testing.assert_close(state.quadratic(phi), ((phi @ inverse) * phi).sum(1))
+    # a damped Gram that is not numerically positive definite takes the pseudo-inverse
+    singular = DampedInverse.from_gram(-torch.eye(4, dtype=torch.float64), 0.5)
+    assert singular.matrix is not None
     torch.testing.assert_close(
-        method.self_scores(method.self_factor(inverse), g, residual), residual * quadratic
-    )
-    # an inverse that is not numerically positive definite takes the plain product
-    indefinite = inverse - 2 * torch.eye(1100, dtype=torch.float64) * inverse.diagonal().max()
-    torch.testing.assert_close(
-        TRAK().self_scores(TRAK().self_factor(indefinite), g, residual), ((g @ indefinite) * g).sum(1)
+        singular.apply(torch.ones(1, 4, dtype=torch.float64)), -2 * torch.ones(1, 4, dtype=torch.float64)
     )
 
 

@@ -28,7 +28,10 @@ def test_the_plan_sizes_what_the_fit_holds(digits, tmp_path):
     assert "features on disk" in str(plan) and "MiB" in str(plan)
 
     on_disk = clone(attr).set_params(features_dir=str(tmp_path)).plan_memory(X_train, y_train)
-    assert (on_disk.features, on_disk.features_on_disk) == (2 * n * 4, 2 * n * 64 * 4)  # residuals stay
+    # residuals stay in memory; "auto" stores features on disk in float16
+    assert (on_disk.features, on_disk.features_on_disk) == (2 * n * 4, 2 * n * 64 * 2)
+    wide = clone(attr).set_params(features_dir=str(tmp_path), feature_dtype="float32")
+    assert wide.plan_memory(X_train, y_train).features_on_disk == 2 * n * 64 * 4
     assert list(tmp_path.iterdir()) == []
     half = clone(attr).set_params(feature_dtype="float16").plan_memory(X_train, y_train)
     assert half.features == 2 * n * (64 * 2 + 4)
