@@ -207,7 +207,7 @@ class LayerEngine(GradientEngine):
             for route, module in self._hooked
         ]
         params = {k: v.detach().requires_grad_() for k, v in self.member.params.items()}
-        tracer = UseTracer({k: params[k] for k in self.traced}, x) if self.traced else None
+        tracer = UseTracer({k: params[k] for k in self.traced}, x, n) if self.traced else None
         try:
             with torch.enable_grad():
                 with tracer or nullcontext():

@@ -13,6 +13,12 @@ operation, row block by row block, under ``vmap``. Only that operation is
 vmapped, never the model, so data-dependent control flow elsewhere (padding-mask
 checks in transformers) does not matter.
 
+A derived tensor expanded to the chunk's samples (``cls_token.expand(n, -1, -1)``,
+as ViT's class token, distillation and register tokens, or a prompt-tuning soft
+prompt are before they are concatenated with the inputs) is a use too: each row
+of the expanded tensor is the same, and a sample's gradient of the parameter is
+the sum over its broadcast positions of that sample's row's gradient.
+
 An operation that does not act row by row (its batched operands' leading size is
 not a multiple of the chunk's) cannot be split this way: :class:`NotPerSample` is
 raised, and the engine differentiates those parameters row by row instead.
@@ -99,13 +105,41 @@ def _is_inplace(func) -> bool:
     return name.startswith("__i") or (name.endswith("_") and not name.endswith("__"))
 
 
+# the operations that broadcast a tensor to a new leading size, every row the same
+_EXPANDS = frozenset((torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to))
+
+
+@dataclass(frozen=True)
+class _FirstRow:
+    """``func``'s output's first row block: one sample's share of an expansion."""
+
+    func: object
+
+    def __call__(self, *args, **kwargs):
+        return self.func(*args, **kwargs)[:1]
+
+    @property
+    def __name__(self):
+        return getattr(self.func, "__name__", "expand")
+
+
+def _expands_to(func, leaves, out, n: int) -> bool:
+    """Whether ``out`` is a derived tensor broadcast by ``func`` to ``n`` identical
+    rows (a new leading dimension of size ``n``, or a leading 1 expanded to it)."""
+    if func not in _EXPANDS or n <= 1 or not isinstance(out, torch.Tensor) or out.dim() == 0:
+        return False
+    source = leaves[0]
+    return out.shape[0] == n and (source.dim() < out.dim() or source.shape[0] == 1)
+
+
 class UseTracer(TorchFunctionMode):
     """Watches ``params`` (``{name: leaf tensor}``) through one forward pass whose
-    batched inputs are ``inputs``, and collects their :class:`Use` operations."""
+    batched inputs are ``inputs`` (``n`` samples), and collects their :class:`Use`
+    operations."""
 
-    def __init__(self, params: dict[str, torch.Tensor], inputs):
+    def __init__(self, params: dict[str, torch.Tensor], inputs, n: int):
         super().__init__()
-        self.params = params
+        self.params, self.n = params, n
         self.uses: list[Use] = []
         for name, p in params.items():
             setattr(p, _DERIVED, _Root(name))
@@ -141,6 +175,9 @@ class UseTracer(TorchFunctionMode):
                     )
                 )
                 _mark(outputs, _BATCHED, True)
+            elif _expands_to(func, leaves, out, self.n):
+                self.uses.append(Use(_FirstRow(func), _captured(leaves), spec, [], [out], names))
+                _mark([out], _BATCHED, True)
             else:
                 several = len(outputs) > 1
                 rebuild_leaves = _captured(leaves)

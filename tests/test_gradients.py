@@ -255,3 +255,32 @@ def test_routes_are_checked_once_per_structure_and_never_by_a_query(digits, monk
     attr.most_influential(X_test, y_test, k=3)
     attr.attribute(X_test, y_test)
     assert len(checks) == 1
+
+
+class SoftPrompt(nn.Module):
+    """Prompt tuning written by hand: a learned prompt of 3 vectors, expanded to
+    the batch (from a new leading dimension, or from a leading 1) and prepended
+    to the embedded inputs."""
+
+    def __init__(self, leading_one=False):
+        super().__init__()
+        self.leading_one = leading_one
+        self.embed = nn.Embedding(10, 4)
+        self.prompt = nn.Parameter(torch.randn(1, 3, 4) if leading_one else torch.randn(3, 4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x)
+        if self.leading_one:
+            prompt = self.prompt.expand(len(x), -1, -1)
+        else:
+            prompt = torch.broadcast_to(self.prompt, (len(x), 3, 4))
+        return self.head(torch.tanh(torch.cat([prompt, tokens], 1)).mean(1))
+
+
+@pytest.mark.parametrize("leading_one", [False, True])
+def test_a_soft_prompt_expanded_to_the_batch_is_a_use_not_a_row_by_row_parameter(leading_one):
+    torch.manual_seed(0)
+    X, y = torch.randint(0, 10, (11, 5)), torch.randint(0, 3, (11,))
+    fast = _same_features(_member(SoftPrompt(leading_one)), X, y, proj_dim=16, traced=("prompt",))
+    assert np.abs(fast.phi).max() > 0

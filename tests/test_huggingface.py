@@ -145,6 +145,40 @@ def test_llama_rms_norms_take_a_route():
     np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
 
 
+class ViT(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        config = transformers.ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+        self.model = transformers.ViTForImageClassification(config)
+
+    def forward(self, X):
+        return self.model(pixel_values=X).logits
+
+
+def test_vit_class_token_broadcast_to_the_batch_is_not_taken_row_by_row():
+    """ViT expands its class token to the batch and concatenates it with the patch
+    embeddings: a use of the parameter, each sample's gradient the sum over its
+    positions, exact against autograd and never differentiated row by row."""
+    torch.manual_seed(0)
+    x, y = torch.randn(7, 3, 8, 8), torch.randint(0, 3, (7,))
+    member = _frozen(ViT())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "one sample at a time" warning
+        engine = make_engine(member, GradientConfig(task=CLASSIFY, proj_dim=40), (x[:3], y[:3]))
+    assert not engine.rowwise and "model.vit.embeddings.cls_token" in engine.traced
+    fast = featurize(engine, x, y, batch_size=4).phi
+    np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
+
+
 def test_conv1d_is_recognised_without_importing_transformers():
     # sktda's own dependencies first: where one of them imports transformers, sktda cannot be told apart
     code = (
