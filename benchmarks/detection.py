@@ -28,15 +28,16 @@ from sktda import OutlierGradientDetector
 from sktda.datasets import flip_labels, load_digits_split
 
 EPOCHS = 80
-LAST = dict(layers="last", proj_dim=None)  # the output layer, exact
+LAST = dict(layers="last", proj_dim=None, n_checkpoints=8)  # the output layer, exact
 CONFIGS = [
-    ("paper: output layer, iforest, final model", dict(**LAST, n_checkpoints=None)),
-    ("output layer, l2, final model", dict(**LAST, detector="l2", n_checkpoints=None)),
-    ("output layer, iforest per class, 8 checkpoints", dict(**LAST, per_class=True)),
-    ("output layer, iforest, 8 checkpoints", dict(**LAST)),
-    ("output layer, l2, 8 checkpoints", dict(**LAST, detector="l2")),
-    ("all layers (proj 1024), l2, 8 checkpoints", dict(detector="l2")),
-    ("default: all layers (proj 1024), iforest, 8 checkpoints", dict()),
+    ("paper: output layer, iforest, final model", LAST | dict(n_checkpoints=None)),
+    ("output layer, l2, final model", LAST | dict(detector="l2", n_checkpoints=None)),
+    ("output layer, iforest per class, 8 checkpoints", LAST | dict(per_class=True)),
+    ("output layer, iforest, 8 checkpoints", LAST),
+    ("output layer, l2, 8 checkpoints", LAST | dict(detector="l2")),
+    ("all layers (proj 1024), l2, 8 checkpoints", dict(detector="l2", n_checkpoints=8)),
+    ("all layers (proj 1024), iforest, 8 checkpoints", dict(n_checkpoints=8)),
+    ("default: all layers (proj 1024), iforest, 4 checkpoints", dict()),
     ("default, 2 models", dict(n_models=2)),
 ]
 

@@ -40,10 +40,11 @@ from sktda.models import TokenTransformer
 torch.backends.mha.set_fastpath_enabled(False)
 
 CONFIGS = [
-    ("default: adapters + head (proj 1024), iforest, 8 checkpoints", dict()),
+    ("default: adapters + head (proj 1024), iforest, 4 checkpoints", dict()),
+    ("adapters + head (proj 1024), iforest, 8 checkpoints", dict(n_checkpoints=8)),
     ("paper: head, iforest, final model", dict(layers="last", proj_dim=None, n_checkpoints=None)),
-    ("head, l2, 8 checkpoints", dict(layers="last", proj_dim=None, detector="l2")),
-    ("adapters + head (proj 1024), l2, 8 checkpoints", dict(detector="l2")),
+    ("head, l2, 8 checkpoints", dict(layers="last", proj_dim=None, detector="l2", n_checkpoints=8)),
+    ("adapters + head (proj 1024), l2, 8 checkpoints", dict(detector="l2", n_checkpoints=8)),
 ]
 
 

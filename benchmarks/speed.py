@@ -2,6 +2,7 @@
 and scaling with the training-set size.
 
     python benchmarks/speed.py --readme
+    python benchmarks/speed.py --small --readme   # the small fits' table alone
 
 Three models on synthetic data, 10 classes, proj_dim 2048, batch 256 for training
 and featurizing alike:
@@ -20,6 +21,11 @@ and featurizing alike:
 The per-layer routes' row projects every layer into one feature vector (TRAK's
 features); the EK-FAC row keeps every layer's block side by side, accumulates its
 Kronecker factors and fits EK-FAC's per-layer inverses (``method="ekfac"``).
+The small fits' table (``--small``; also made by a full run) is where fixed costs
+show: the README's quickstart (5 MLPs on 1000 digits, TRAK), TRAK on a BERT and a
+Llama-style classifier of 300 rows, and a transformers ViT classifier (its class
+token expanded to the batch).
+
 Every measurement runs in its own process so its peak resident memory (ru_maxrss)
 is its own. The dense vmap path and dattri 0.3.0's TRAK cache (MLP only) run on a
 slice (they are slow). The scaling table fits TRAK (one training epoch, features,
@@ -58,7 +64,7 @@ def synthetic(model: str, n: int, seed: int = 0):
     if model == "mlp":
         X = rng.standard_normal((n, 256), dtype=np.float32)
         return X, _labels(X)
-    if model == "cnn":
+    if model in ("cnn", "vit"):
         X = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
         return X, _labels(X.reshape(n, 3, 4, 8, 4, 8).mean((3, 5)).reshape(n, -1))
     if model == "gpt2":
@@ -96,6 +102,14 @@ def net(model: str, max_epochs: int = 1, device: str = "cpu") -> NeuralNetClassi
         from _hf import BertClassifier
 
         return NeuralNetClassifier(BertClassifier, module__n_labels=10, module__dropout=0.0, **recipe)
+    if model == "llama":
+        from _hf import LlamaClassifier
+
+        return NeuralNetClassifier(LlamaClassifier, module__n_labels=10, **recipe)
+    if model == "vit":
+        from _hf import ViTClassifier
+
+        return NeuralNetClassifier(ViTClassifier, module__n_labels=10, **recipe)
     params = dict(module__vocab_size=128, module__n_outputs=10, module__d_model=64, module__max_len=64)
     return NeuralNetClassifier(TokenTransformer, **params, module__dropout=0.0, **recipe)
 
@@ -150,6 +164,24 @@ def measure(
         module = net(model).fit(X, y).module_.eval()
         _, seconds = dattri_trak([module], X, y, X[:1], y[:1], 2048, 0.01)
         return {"seconds": seconds, "peak_mib": peak_mib(), "gpu_mib": peak_gpu_mib()}
+    if kind == "quickstart":  # the README's demo: 5 MLPs on 1000 digits, TRAK at proj_dim 2048
+        from _common import digits_data
+
+        X, _, y, _ = digits_data()
+        recipe = dict(module__n_features=64, module__n_outputs=10, criterion=torch.nn.CrossEntropyLoss)
+        recipe.update(optimizer=torch.optim.SGD, optimizer__momentum=0.9, lr=0.05, batch_size=64)
+        quick = NeuralNetClassifier(MLP, **recipe, max_epochs=30, train_split=None, verbose=0)
+        attr = EnsembleAttributor(quick, method=method, n_models=5, proj_dim=2048, random_state=0)
+        clone(attr).set_params(n_models=1).fit(X[:BATCH], y[:BATCH])  # warm-up
+        start = time.perf_counter()
+        attr.fit(X[:n], y[:n])
+        seconds = time.perf_counter() - start
+        return {
+            "train_seconds": attr.costs_["train_seconds"],
+            "seconds": seconds - attr.costs_["train_seconds"],  # everything after training
+            "peak_mib": peak_mib(),
+            "gpu_mib": peak_gpu_mib(),
+        }
     if kind == "scaling":
         X_test, y_test = synthetic(model, 100, seed=1)
         attr = EnsembleAttributor(net(model), method="trak", batch_size=1024, device=device, random_state=0)
@@ -201,10 +233,14 @@ def main():
         help="torch device of training and featurization; 'cuda' writes *_cuda tables",
     )
     p.add_argument("--name", default="speed", help="name of the featurization table in results/")
+    p.add_argument("--small", action="store_true", help="only the small fits' table (results/speed_small.md)")
     args = p.parse_args()
     device = args.device
     suffix = "" if device == "cpu" else f"_{torch.device(device).type}"
 
+    small_fits(args.readme)
+    if args.small:
+        return
     rows = []
     for model in args.models:
         epoch = run("epoch", model, args.n, device=device)
@@ -297,6 +333,33 @@ def main():
     )
     if scaling:
         emit(f"scaling{suffix}", f"Scaling with the training-set size ({device})", table, args.readme)
+
+
+def small_fits(readme: bool) -> None:
+    """Small fits, where a fixed cost shows: the quickstart, TRAK on transformers
+    classifiers with a few hundred rows, and a ViT."""
+    rows = []
+    quick = run("quickstart", "mlp", 1000, method="trak")
+    rows.append(["quickstart: 5 MLPs, 1000 digits", "trak", 1000, quick["train_seconds"], quick["seconds"]])
+    for model, n, method in (("bert", 300, "trak"), ("llama", 300, "trak"), ("vit", 1000, "trak")):
+        epoch = run("epoch", model, n)
+        res = run("featurize", model, n, "layers", method=method)
+        rows.append([f"{model} classifier", method, n, epoch["seconds"], res["seconds"]])
+    for row in rows:
+        row.append(row[4] / row[3])
+        print(row, flush=True)
+    table = markdown_table(
+        ["fit", "method", "training samples", "training s", "featurization s", "featurization / training"],
+        rows,
+    ) + (
+        "\n\nThe quickstart's 'training s' is its five members' 30 epochs and its 'featurization s' "
+        "everything its fit does after training (features, the damped Gram's factor); the classifiers' "
+        f"'training s' is one epoch at batch {BATCH}, their featurization that of the training set and "
+        "the method's fit. bert, llama: transformers' BERT and a Llama-style classifier (4 layers, hidden "
+        "size 128) on 64 token ids; vit: transformers' ViTForImageClassification (2 layers, hidden size "
+        "64, 4x4 patches, a class token) on 3x32x32 images."
+    )
+    emit("speed_small", "Fixed costs: small fits (cpu)", table, readme)
 
 
 if __name__ == "__main__":

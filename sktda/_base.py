@@ -138,7 +138,7 @@ def fill_doc(cls):
 class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
     """Base of the estimators that train an ensemble of a skorch net and work on
     its per-sample gradients. Subclasses provide ``_fit_features`` and may extend
-    ``_check_fit``, ``_check_resources``, ``_n_checkpoints`` and ``_discard``."""
+    ``_check_fit``, ``_check_targets``, ``_check_resources``, ``_n_checkpoints`` and ``_discard``."""
 
     _parameter_constraints: dict = {
         "estimator": "no_validation",  # check_net gives a clearer error than a constraint
@@ -237,6 +237,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         X, y = validate_fit_data(
             self, X, y, task, takes_token_ids(module), module=module if holds_weights else None
         )
+        self._check_targets(task, y)
         self._task = task
         # the strategy's parameters are the estimator's of the same names
         strategy = ENSEMBLES[self.ensemble].from_params(self.get_params(deep=False))
@@ -296,6 +297,9 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
 
     def _check_fit(self, task: NetTask) -> None:
         """Refuse parameter combinations that cannot work, before any training."""
+
+    def _check_targets(self, task: NetTask, y) -> None:
+        """Refuse, before any training, what the validated targets ``y`` show cannot work."""
 
     def _check_resources(self, X, task: NetTask, module: torch.nn.Module, strategy, device) -> None:
         """Refuse a fit whose results cannot be stored, before any training

@@ -111,7 +111,53 @@ def collate_inputs(dataset):
     or a dict of them) by torch's ``default_collate``."""
     from torch.utils.data import default_collate
 
-    return default_collate([x for x, _ in _items(dataset)])
+    inputs = [x for x, _ in _items(dataset)]
+    try:
+        return default_collate(inputs)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(_not_stackable(inputs, exc)) from exc
+
+
+def _shape_of(x):
+    if is_dict(x):
+        return tuple(sorted((k, _shape_of(v)) for k, v in x.items()))
+    return tuple(np.shape(as_array_like(x)))
+
+
+def _not_stackable(inputs, reason) -> str:
+    shapes = sorted({str(_shape_of(x)) for x in inputs})
+    seen = f" (input shapes {', '.join(shapes[:4])})" if len(shapes) > 1 else ""
+    return (
+        f"The Dataset's inputs cannot be stacked into one batch{seen}: {reason}. sktda batches its "
+        "samples as skorch does, so every item's input must have the same shape: pad them to one "
+        "length (with an attention mask, in a dict of tensors), or crop them."
+    )
+
+
+_CHECKED_ITEMS = 8  # the first items, which the driver reads anyway (a cluster's workers read the rest)
+
+
+def check_items(dataset, task: NetTask) -> None:
+    """Refuse, before training, a ``Dataset`` whose first items' inputs differ in
+    shape (featurizing stacks them all; a later item that differs is named when
+    they are stacked), or, for a classifier that takes class indices, whose items'
+    targets are not integers (skorch hands them to the loss as they are)."""
+    first = None
+    takes_indices = task.is_classifier and not task.is_sequence and task.output not in BINARY
+    head = torch.utils.data.Subset(dataset, range(min(len(dataset), _CHECKED_ITEMS)))
+    for i, (x, y) in enumerate(_items(head)):
+        shape = _shape_of(x)
+        if first is None:
+            first = shape
+        elif shape != first:
+            raise ValueError(_not_stackable([dataset[0][0], x], f"item 0 and item {i} differ"))
+        kind = np.asarray(as_array_like(y)).dtype
+        if takes_indices and kind.kind not in "iub":
+            raise ValueError(
+                f"Item {i} of the Dataset has a {kind} target ({as_array_like(y)!r}), and skorch passes "
+                "the items' targets to the classifier's loss as they are, which needs integer class "
+                "indices: make __getitem__ return int64 targets (torch.long)."
+            )
 
 
 def dataset_targets(dataset) -> np.ndarray:
@@ -129,8 +175,27 @@ def dataset_targets(dataset) -> np.ndarray:
 
 def targets_of(X, y):
     """``y``, or a ``Dataset``'s own targets when ``y`` is None (given, ``y`` must be
-    them: skorch trains on the Dataset's items)."""
+    them: skorch trains on the Dataset's items); the kinds of ``X`` and ``y`` that
+    sktda cannot read by rows are refused first (:func:`check_rows_readable`)."""
+    check_rows_readable(X, "X")
+    check_rows_readable(y, "y")
     return dataset_targets(X) if y is None and is_dataset(X) else y
+
+
+def check_rows_readable(data, name: str) -> None:
+    """Refuse inputs whose rows cannot be counted and read in any order: an
+    ``IterableDataset`` (a stream), or a dask array with unknown chunk sizes."""
+    if isinstance(data, torch.utils.data.IterableDataset):
+        raise TypeError(
+            f"{name} is an IterableDataset, a stream: sktda reads training samples by index (for every "
+            "member, checkpoint and retraining), as a map-style Dataset allows. Pass a Dataset with "
+            "__getitem__ and __len__ (for example a TensorDataset of the streamed samples)."
+        )
+    if is_dask(data) and any(np.isnan(size) for size in data.shape):
+        raise ValueError(
+            f"{name} is a dask array with unknown chunk sizes (shape {data.shape}, as a boolean filter "
+            f"leaves it), so its samples cannot be counted. Call {name}.compute_chunk_sizes() first."
+        )
 
 
 def is_dask(X) -> bool:
@@ -328,6 +393,8 @@ def validate_fit_data(estimator, X, y, task: NetTask, keep_integers: bool = True
         raise ValueError(f"{type(estimator).__name__} requires y to be passed, but the target y is None.")
     y = check_y(as_array_like(y), task)
     X = as_array_like(X)
+    if is_dataset(X):
+        check_items(X, task)
     first = as_array_like(next(iter(X.values()))) if is_dict(X) and X else X
     check_consistent_length(first, y)  # before X's bookkeeping: a failed fit leaves nothing fitted
     X = _validate_X(estimator, X, reset=True, keep_integers=keep_integers)
@@ -449,6 +516,27 @@ def encode_labels(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.searchsorted(classes, y).astype(np.int64)
 
 
+def _missing(values: np.ndarray) -> np.ndarray:
+    """Where ``values`` holds a missing label: NaN, NaT, None or pandas' NA (a
+    column cast to object keeps them as objects)."""
+    if values.dtype.kind in "fc":
+        return np.isnan(values)
+    if values.dtype.kind in "mM":
+        return np.isnat(values)
+    if values.dtype.kind != "O":
+        return np.zeros(values.shape, dtype=bool)
+
+    def missing(v) -> bool:
+        if v is None:
+            return True
+        try:
+            return bool(v != v)  # NaN, NaT
+        except (TypeError, ValueError):  # pandas' NA: its comparisons are NA
+            return True
+
+    return np.fromiter((missing(v) for v in values), dtype=bool, count=len(values))
+
+
 def group_codes(groups, n: int, what: str = "training sample") -> tuple[np.ndarray, int]:
     """Each sample's index into ``np.unique(groups)`` (``groups``: one label per
     each of the ``n`` samples), and the number of groups."""
@@ -458,8 +546,13 @@ def group_codes(groups, n: int, what: str = "training sample") -> tuple[np.ndarr
             f"groups must hold one label per {what}, shape ({n},); got shape {groups.shape}. "
             f"Pass the group of each {what}, in order."
         )
-    if groups.dtype.kind == "f" and np.isnan(groups).any():
-        raise ValueError(f"groups contains NaN: give every {what} a group label.")
+    missing = np.flatnonzero(_missing(groups))
+    if missing.size:
+        raise ValueError(
+            f"groups has no label (NaN or None) for {missing.size} {what}(s), the first at index "
+            f"{missing[0]}: give every {what} a group label (for example fillna('unknown') on a "
+            "pandas column)."
+        )
     try:
         labels, codes = np.unique(groups, return_inverse=True)
     except TypeError as exc:

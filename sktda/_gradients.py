@@ -42,6 +42,7 @@ from ._layers import (
     LayerProjector,
     assign_routes,
     layer_widths,
+    own_forward,
     registered_routes,
     routes_for,
 )
@@ -333,6 +334,14 @@ class LayerEngine(GradientEngine):
                 ]
             )
 
+    def _failing(self, exc: Exception) -> list:
+        """The routes to demote when the engine's pass fails with ``exc``: those
+        on subclasses with a ``forward`` of their own (see :func:`own_forward`),
+        else every route; ``exc`` itself when the pass has no routes to blame."""
+        if not self.routes:
+            raise exc
+        return [r for r in self.routes if own_forward(r.module)] or list(self.routes)
+
     def check(self, x, y):
         """Compare every route and traced parameter, on the samples ``(x, y)``, with
         plain autograd under the same projection. Returns the routes that disagree
@@ -348,8 +357,12 @@ class LayerEngine(GradientEngine):
             x, y, kept, [own for own, p in zip(owns, projected) if p]
         )
         projections = iter(projections)
+        _check_finite(f_batch)
         _check_independent(f_batch, self._row_targets(x, y))
-        f, _, routed, traced, params = self._pass(x, y)
+        try:
+            f, _, routed, traced, params = self._pass(x, y)
+        except Exception as exc:  # a route that cannot read its module's calls: demoted
+            return self._failing(exc), set()
         if not torch.allclose(f, f_batch, rtol=1e-4, atol=1e-6 * (1 + float(f_batch.abs().max()))):
             raise RuntimeError(
                 "sktda's gradient hooks changed the module's outputs; please report this with the "
@@ -366,12 +379,16 @@ class LayerEngine(GradientEngine):
         with torch.no_grad():
             for component, own, is_projected in zip(components, owns, projected):
                 calls = [(rt, c, d) for rt, c, d in routed if rt in component and d is not None]
-                parts = [self._route_part(rt, c, d) for rt, c, d in calls]
+                expected = next(projections) if is_projected else None
+                try:
+                    parts = [self._route_part(rt, c, d) for rt, c, d in calls]
+                except Exception:  # any failure of a route demotes it
+                    failed_routes.extend(component)
+                    continue
                 if is_projected:
                     got = {}
                     for (rt, c, _), part in zip(calls, parts):
                         _accumulate(got, {rt.block_of(c): part})
-                    expected = next(projections)
                     n = len(f_batch)
                     # a call whose output has no sample dimension gives a product of another batch
                     bad = any(t.shape[0] not in (1, n) for t in got.values()) or differs(
@@ -439,6 +456,18 @@ def _called_once(args, kwargs, out) -> bool:
         return False
     tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
     return all(t.dim() > 0 and t.shape[0] == 1 for t in tensors)
+
+
+def _check_finite(f: torch.Tensor) -> None:
+    """Refuse targets that are not finite: no gradient of them means anything."""
+    bad = torch.nonzero(~torch.isfinite(f.reshape(-1))).reshape(-1)
+    if len(bad):
+        raise ValueError(
+            f"The module's outputs are not finite (NaN or inf) in eval mode for {len(bad)} of the "
+            f"{len(f)} samples checked (the first: row {int(bad[0])}), so their gradients are not "
+            "defined. Check the module on these inputs in eval mode (a division by zero, an overflow, "
+            "a layer whose eval-mode statistics were never set), scale X, or lower lr."
+        )
 
 
 def _check_independent(f_batch, f_rows) -> None:

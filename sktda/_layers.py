@@ -84,6 +84,19 @@ def route_class(module: nn.Module, registry=None) -> type | None:
     return None
 
 
+def own_forward(module: nn.Module, registry=None) -> bool:
+    """Whether ``module`` is a subclass, with a ``forward`` of its own, of the type
+    its route is registered for (transformers' ``BartLearnedPositionalEmbedding``,
+    an ``nn.Embedding`` that embeds positions computed from its input): the
+    route's reading of the call may not hold, so only the route check trusts it."""
+    for module_type, _ in _REGISTRY if registry is None else registry:
+        for base in type(module).__mro__:
+            name = f"{base.__module__}.{base.__qualname__}"
+            if (name == module_type) if isinstance(module_type, str) else (base is module_type):
+                return type(module).forward is not base.forward
+    return False
+
+
 class Route:
     """One module's share of the per-sample gradients.
 

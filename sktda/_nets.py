@@ -319,25 +319,25 @@ def _interrupts_propagate():
     """Let Ctrl+C stop a fit. skorch's ``fit`` swallows ``KeyboardInterrupt``
     (``EarlyStopping`` ends training by raising one), so an interrupted model would
     come back half-trained and the fit go on. A SIGINT that arrives meanwhile is
-    noted, and raised again once skorch returns. Only the main thread receives
-    signals, and a handler of the caller's own is left alone."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield
+    noted, handed to the handler that was installed (Python's, or one of the
+    caller's, a cluster's or a framework's), and raised again once skorch returns;
+    the handler is restored afterwards. Only the main thread receives signals, and
+    a SIGINT the caller ignores stays ignored."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield  # another thread, or SIG_IGN / SIG_DFL / a handler installed outside Python
         return
     received = []
 
     def note(signum, frame):
         received.append(signum)
-        signal.default_int_handler(signum, frame)
+        previous(signum, frame)
 
     signal.signal(signal.SIGINT, note)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
     if received:
         raise KeyboardInterrupt(
             "training was interrupted; the fit is abandoned (a previous fit stays intact)"

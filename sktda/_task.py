@@ -309,9 +309,13 @@ def check_per_sample(criterion, out, y) -> None:
             f"{tuple(loss.shape)} for {out.shape[0]} samples (or non-finite ones); it must return one "
             "scalar per sample when called on one sample."
         )
-    own, joint = own.reshape(len(own), -1), joint.reshape(len(joint), -1)
-    cosine = (own * joint).sum(1) / (own.norm(dim=1) * joint.norm(dim=1)).clamp_min(1e-30)
-    moving = (own.norm(dim=1) > 0) | (joint.norm(dim=1) > 0)
+    # each sample's pair scaled to its largest entry, in float64: the cosine of the
+    # smallest gradients (a Huber loss of a tiny delta) is as well defined as of any
+    own, joint = own.reshape(len(own), -1).double(), joint.reshape(len(joint), -1).double()
+    largest = torch.maximum(own.abs().amax(1), joint.abs().amax(1))
+    moving = largest > 0
+    own, joint = own / largest.where(moving, 1.0)[:, None], joint / largest.where(moving, 1.0)[:, None]
+    cosine = (own * joint).sum(1) / (own.norm(dim=1) * joint.norm(dim=1)).clamp_min(1e-300)
     if bool((moving & (cosine < 0.999)).any()):
         raise ValueError(
             f"The criterion {name} couples the samples of a batch: its gradient with "

@@ -13,10 +13,11 @@ operation, row block by row block, under ``vmap``. Only that operation is
 vmapped, never the model, so data-dependent control flow elsewhere (padding-mask
 checks in transformers) does not matter.
 
-A derived tensor expanded to the chunk's samples (``cls_token.expand(n, -1, -1)``,
-as ViT's class token, distillation and register tokens, or a prompt-tuning soft
-prompt are before they are concatenated with the inputs) is a use too: each row
-of the expanded tensor is the same, and a sample's gradient of the parameter is
+A tensor expanded to the chunk's samples has the same row for each. A constant
+expanded so (BART's positions, ``arange(T).expand(n, -1)``) is batched from there
+on. A derived one (``cls_token.expand(n, -1, -1)``: ViT's class token,
+distillation and register tokens, a prompt-tuning soft prompt, before they are
+concatenated with the inputs) is a use: a sample's gradient of the parameter is
 the sum over its broadcast positions of that sample's row's gradient.
 
 An operation that does not act row by row (its batched operands' leading size is
@@ -124,8 +125,8 @@ class _FirstRow:
 
 
 def _expands_to(func, leaves, out, n: int) -> bool:
-    """Whether ``out`` is a derived tensor broadcast by ``func`` to ``n`` identical
-    rows (a new leading dimension of size ``n``, or a leading 1 expanded to it)."""
+    """Whether ``out`` is a tensor broadcast by ``func`` to ``n`` identical rows (a
+    new leading dimension of size ``n``, or a leading 1 expanded to it)."""
     if func not in _EXPANDS or n <= 1 or not isinstance(out, torch.Tensor) or out.dim() == 0:
         return False
     source = leaves[0]
@@ -186,7 +187,7 @@ class UseTracer(TorchFunctionMode):
                         setattr(
                             o, _DERIVED, _Rebuild(func, rebuild_leaves, spec, i if several else None, names)
                         )
-        elif batched:
+        elif batched or _expands_to(func, leaves, out, self.n):  # a constant expanded to the samples
             _mark(new, _BATCHED, True)
         return out
 

@@ -609,6 +609,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             the caller's own inputs). ``print(plan)`` shows them in MiB.
         """
         self._validate_params()
+        check_scalar(n_test, "n_test", numbers.Integral, min_val=0)
         probe = self._unfitted()  # checks set attributes: not on this estimator
         task, module, X, _, strategy = probe._prepare(X, y)
         return probe._memory_plan(X, task, module, strategy, resolve_device(self.device), n_test)
@@ -941,7 +942,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         return self.classes_[y] if hasattr(self, "classes_") else y
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # scikit-learn's may be this estimator's own __dict__
         state.pop("_file", None)  # a copy does not own the file
         if "_store" in state:  # features kept on a cluster are gathered into the copy
             state["_store"] = state["_store"].gathered()
@@ -951,9 +952,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
 
 def _scaled(out, factor: float):
     """Scores (and their standard errors, when ``out`` is a pair) as float64 numpy
-    arrays, times ``factor``."""
+    arrays, times ``factor`` (the standard errors times its size: they stay
+    standard errors when a calibration's factor is negative)."""
     if isinstance(out, tuple):
-        return tuple(_scaled(t, factor) for t in out)
+        scores, std = out
+        return _scaled(scores, factor), _scaled(std, abs(factor))
     return out.cpu().numpy().astype(np.float64) * factor
 
 

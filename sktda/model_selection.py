@@ -13,7 +13,7 @@ import torch
 from sklearn.base import clone
 from sklearn.utils import Bunch, check_random_state
 from sklearn.utils.parallel import Parallel
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, check_scalar
 
 from ._compat import HasMethods, Interval, StrOptions, validate_params
 from ._data import (
@@ -391,6 +391,18 @@ def removal_effect(
         getattr(attributor, "classes_", None),
     )
     n_train, n_test = len(y_train), len(y_test)
+    if groups is None:  # the removal sizes checked before any scoring or retraining
+        units, n_units = np.arange(n_train), n_train
+    else:
+        units, n_units = attributor._group_codes(groups)
+    if k >= n_units:
+        raise ValueError(
+            f"k={k} would remove every one of the {n_units} training {'groups' if groups is not None else 'samples'}; "
+            "use a smaller k."
+        )
+    sizes = _flip_sizes(
+        flip_sizes if remove == "proponents" else None, k, n_units, grouped=groups is not None
+    )
     scores = attributor.attribute(X, y, groups=groups)
     if hasattr(attributor, "units_scale_"):
         scale = attributor.units_scale_
@@ -401,18 +413,6 @@ def removal_effect(
     rng = check_random_state(attributor._seed() if random_state is None else random_state)
     seeds = rng.randint(0, 2**31 - 1, size=n_retrains)
 
-    if groups is None:
-        units, n_units = np.arange(n_train), n_train
-    else:
-        units, n_units = attributor._group_codes(groups)
-    sizes = _flip_sizes(
-        flip_sizes if remove == "proponents" else None, k, n_units, grouped=groups is not None
-    )
-    if k >= n_units:
-        raise ValueError(
-            f"k={k} would remove every one of the {n_units} training {'groups' if groups is not None else 'samples'}; "
-            "use a smaller k."
-        )
     # each test sample's removal order: its proponents (or opponents), strongest first
     most = max([k, *sizes])
     order = np.argsort(scores if remove == "opponents" else -scores, axis=1, kind="stable")[:, :most]
@@ -485,13 +485,12 @@ def _flip_sizes(flip_sizes, k: int, n_units: int, grouped: bool) -> list[int]:
         if grouped:
             return list(range(1, n_units))
         return [s for s in (k, 2 * k, 4 * k, 8 * k, 16 * k) if s <= n_units // 2] or [k]
-    sizes = sorted({int(s) for s in np.asarray(flip_sizes).ravel()})
-    if not sizes or sizes[0] < 1 or sizes[-1] >= n_units:
-        raise ValueError(
-            f"flip_sizes must be removal sizes from 1 to {n_units - 1} (fewer than all the training "
-            f"{'groups' if grouped else 'samples'}); got {flip_sizes!r}."
-        )
-    return sizes
+    sizes = np.asarray(flip_sizes).ravel().tolist()
+    if not sizes:
+        raise ValueError("flip_sizes is empty: pass removal sizes, 'auto', or None to skip the brittleness.")
+    for size in sizes:  # whole numbers of samples (or groups), fewer than all of them
+        check_scalar(size, "each of flip_sizes", numbers.Integral, min_val=1, max_val=n_units - 1)
+    return sorted(set(sizes))
 
 
 def lds_scorer(estimator, X, y) -> float:

@@ -46,7 +46,7 @@ def test_outlier_contract(fitted, noisy_digits):
     np.testing.assert_array_equal(fitted.predict(X, y_noisy), fitted.labels_)
     assert set(np.unique(fitted.labels_)) == {-1, 1}
     assert set(fitted.costs_) == {"train_seconds", "featurize_seconds", "detect_seconds"}
-    assert len(fitted.detectors_) == 8  # one per checkpoint
+    assert len(fitted.detectors_) == 4  # one per checkpoint (the default 4)
 
 
 def test_finds_flipped_labels(fitted, noisy_digits):

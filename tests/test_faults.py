@@ -3,6 +3,7 @@ part-way. A fit is atomic: on any error or interrupt the previous fit stays whol
 and usable, its features file included, and nothing new is left on disk."""
 
 import collections
+import contextlib
 import errno
 import os
 import signal
@@ -96,17 +97,49 @@ def test_ctrl_c_during_training_stops_the_fit(digits, tmp_path):
     """skorch swallows KeyboardInterrupt; sktda raises it again, and the previous
     fit is kept."""
     X_train, X_test, y_train, y_test = digits
+    installed = signal.getsignal(signal.SIGINT)  # Python's, or what an earlier test left
     attr = _attributor(features_dir=str(tmp_path)).fit(X_train, y_train)
     before = attr.ensemble_, attr.attribute(X_test, y_test)
     attr.set_params(estimator=make_classifier_net(max_epochs=3, callbacks=[_CtrlC()]))
-    with pytest.raises(KeyboardInterrupt, match="training was interrupted"):
-        attr.fit(X_train, y_train)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with signal_handler(signal.default_int_handler):
+        with pytest.raises(KeyboardInterrupt, match="training was interrupted"):
+            attr.fit(X_train, y_train)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is installed
     _assert_intact(attr, before, X_test, y_test, lambda: [str(p) for p in tmp_path.iterdir()])
     detector = OutlierGradientDetector(make_classifier_net(max_epochs=3, callbacks=[_CtrlC()]))
-    with pytest.raises(KeyboardInterrupt):
+    with signal_handler(signal.default_int_handler), pytest.raises(KeyboardInterrupt):
         detector.fit(X_train, y_train)
     assert not hasattr(detector, "ensemble_")
+
+
+def test_ctrl_c_stops_the_fit_under_a_handler_of_the_caller_s_own(digits):
+    """A cluster, a framework or the caller may have installed its own SIGINT
+    handler (one that does not raise): it is called, Ctrl+C still stops the fit,
+    and the handler is back afterwards. Whatever an earlier test left installed,
+    the outcome is the same."""
+    X_train, _, y_train, _ = digits
+    calls = []
+
+    def own(signum, frame):
+        calls.append(signum)
+
+    attr = EnsembleAttributor(make_classifier_net(max_epochs=3, callbacks=[_CtrlC()]), proj_dim=16)
+    with signal_handler(own):
+        with pytest.raises(KeyboardInterrupt, match="training was interrupted"):
+            attr.fit(X_train, y_train)
+        assert signal.getsignal(signal.SIGINT) is own
+    assert calls == [signal.SIGINT] and not hasattr(attr, "ensemble_")
+
+
+@contextlib.contextmanager
+def signal_handler(handler):
+    """``handler`` as the SIGINT handler within, the one before restored after."""
+    before = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_early_stopping_still_ends_training_normally(digits):

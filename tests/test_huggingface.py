@@ -179,6 +179,51 @@ def test_vit_class_token_broadcast_to_the_batch_is_not_taken_row_by_row():
     np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
 
 
+class Bart(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        config = transformers.BartConfig(
+            vocab_size=40,
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=32,
+            num_labels=3,
+        )
+        self.model = transformers.BartForSequenceClassification(config)
+
+    def forward(self, X):
+        return self.model(input_ids=X).logits
+
+
+def test_bart_positional_embeddings_step_aside_from_the_embedding_route():
+    """BART's learned positional embedding subclasses nn.Embedding with a forward of
+    its own (it embeds positions computed from its input's shape): its route is
+    checked, fails, and is demoted; its positions, a constant expanded to the batch,
+    make it a traced use. Nothing crashes, nothing goes row by row, and the features
+    are autograd's."""
+    from sktda._layers import own_forward
+
+    torch.manual_seed(0)
+    x, y = torch.randint(3, 40, (7, 10)), torch.randint(0, 3, (7,))
+    x[:, -1] = 2  # the end-of-sequence token the classification head reads
+    module = Bart()
+    positions = module.model.model.encoder.embed_positions
+    assert own_forward(positions) and not own_forward(torch.nn.Embedding(3, 2))
+    member = _frozen(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "one sample at a time" warning
+        engine = make_engine(member, GradientConfig(task=CLASSIFY, proj_dim=40), (x[:3], y[:3]))
+    assert "model.model.encoder.embed_positions.weight" in engine.traced and not engine.rowwise
+    assert "model.model.encoder.layers.0.fc1" in {r.name for r in engine.routes}
+    fast = featurize(engine, x, y, batch_size=4).phi
+    np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
+
+
 def test_conv1d_is_recognised_without_importing_transformers():
     # sktda's own dependencies first: where one of them imports transformers, sktda cannot be told apart
     code = (
