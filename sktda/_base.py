@@ -24,7 +24,7 @@ from ._cluster import featurize_on_cluster
 from ._compat import Interval, StrOptions, fit_context
 from ._data import n_samples, take, targets_of, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
-from ._features import LocalShards, shard_ranges
+from ._features import LocalShards, empty_array, shard_ranges
 from ._gradients import GRADIENT_PATHS, GradientConfig, assign_members, feature_dim, featurize_members
 from ._nets import (
     check_net,
@@ -379,7 +379,9 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
         elif len(features) == 1:  # a single member's features are kept as they are: no copy
             phi = features[0].phi[None]
         else:
-            phi = np.stack([f.phi for f in features])
+            phi = np.stack(
+                [f.phi for f in features], out=empty_array((len(features), *features[0].phi.shape), dtype)
+            )
         residuals = np.stack([f.residual for f in features])
         ranges = shard_ranges(phi.shape[1], phi.shape[0] * phi.shape[2] * phi.itemsize, self.batch_size)
         return (

@@ -36,7 +36,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
 
 from ._data import map_tensors, materialize, n_samples, take, to_torch
-from ._features import allocate_npy
+from ._features import allocate_npy, empty_array
 from ._layers import (
     ExactProjector,
     LayerProjector,
@@ -250,6 +250,7 @@ class LayerEngine(GradientEngine):
     def _chunk(self, x, y):
         n = n_samples(x)
         products, grads, left_sums, right_sums = {}, {}, {}, {}
+        shared = self.factor_sums is None and not getattr(self.projector, "per_layer", True)
 
         def process(route, context, d):
             if d is None:
@@ -260,7 +261,14 @@ class LayerEngine(GradientEngine):
                     return
                 p_left, p_right = route.pair(context, d)
                 block = route.block_of(context)
-                _accumulate(products, {block: KroneckerBlock.combine(p_left, p_right)})
+                if shared:  # one factorisation for every block: their products summed as they come
+                    block = _SHARED
+                if block in products:
+                    KroneckerBlock.combine(p_left, p_right, into=products[block])
+                else:
+                    products[block] = KroneckerBlock.combine(p_left, p_right, into=None)
+                    if products[block].shape[0] != n:  # a product of batch 1 is each sample's
+                        products[block] = products[block].expand(n, -1, -1).clone()
                 if self.factor_sums is not None:
                     _accumulate(left_sums, {block: _second_moment(p_left, n)})
                     _accumulate(right_sums, {block: _second_moment(p_right, n)})
@@ -516,6 +524,9 @@ def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
 
 
+_SHARED = "(every block)"  # the key of the blocks' summed products, sharing one factorisation
+
+
 def _accumulate(total: dict, part: dict) -> None:
     for k, v in part.items():
         total[k] = total[k] + v if k in total else v
@@ -722,7 +733,7 @@ def featurize(
     order of the factor sums). Non-finite gradients, residuals or targets are
     refused, naming the rows."""
     n = n_samples(X)
-    phi = np.empty((n, engine.out_dim), dtype=np.float32) if out is None else out
+    phi = empty_array((n, engine.out_dim)) if out is None else out
     residual = np.empty(n, dtype=np.float32)
     factors = None
     if getattr(engine, "factor_sums", None) is not None:
@@ -730,7 +741,8 @@ def featurize(
     for index, rows in enumerate(gen_batches(n, batch_size)):
         p, f, r = engine.chunk(to_torch(take(X, rows), engine.device), y[rows].to(engine.device))
         for name, t in (("per-sample gradients", p), ("targets", f), ("residuals -dL/df", r)):
-            if not bool(torch.isfinite(t).all()):
+            # one reduction: a NaN or an infinity anywhere makes the sum so
+            if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
                 raise ValueError(
                     f"The {name} of samples {rows.start}..{rows.stop - 1} are not finite: the "
                     "trained model overflows on them. Scale X, lower lr, or train fewer epochs."
@@ -838,7 +850,7 @@ def featurize_members(
         if stored is not None:
             phi = stored[i]
         else:
-            phi = own[0].phi if len(own) == 1 else np.concatenate([f.phi for f in own])
+            phi = own[0].phi if len(own) == 1 else _joined([f.phi for f in own])
         features.append(
             Features(
                 phi=phi,
@@ -850,12 +862,18 @@ def featurize_members(
     return features
 
 
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """``np.concatenate(parts)``, into memory from :func:`empty_array`."""
+    out = empty_array((sum(len(p) for p in parts), *parts[0].shape[1:]), parts[0].dtype)
+    return np.concatenate(parts, out=out)
+
+
 def _featurize_rows(member, X, y, *, assignment, config, out_file, member_index, start) -> Features:
     engine = make_engine(member, config, assignment=assignment)
     X, y = to_torch(X), to_torch(y)  # a dask array's rows read here, once
     n = n_samples(X)
     if out_file is None:
-        out = np.empty((n, engine.out_dim), dtype=config.dtype)
+        out = empty_array((n, engine.out_dim), config.dtype)
         return featurize(engine, X, y, config.batch_size, out, start // config.batch_size)
     stored = np.load(out_file, mmap_mode="r+")
     features = featurize(

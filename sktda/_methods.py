@@ -187,6 +187,9 @@ class GradDot(AttributionMethod):
 
     name = "grad_dot"
 
+    def self_scores(self, factor, phi, residual):
+        return residual * phi.square().sum(1)  # <phi, r phi>, without a second copy of phi
+
 
 class GradCos(AttributionMethod):
     """Cosine similarity of the same two gradients: Grad-Dot without the norms."""

@@ -150,14 +150,20 @@ class KroneckerBlock:
         return out + self.bias_rows[bias] if bias is not None else out
 
     @staticmethod
-    def combine(p_left: torch.Tensor, p_right: torch.Tensor) -> torch.Tensor:
+    def combine(
+        p_left: torch.Tensor, p_right: torch.Tensor, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``sum_t p_left_t (x) p_right_t`` of ``(batch, ..., k_out)`` and
-        ``(batch, ..., k_in)`` projected factors: ``(batch, k_out, k_in)``. A
-        factor with batch 1 (a call made once for the whole batch) is broadcast."""
-        b = max(p_left.shape[0], p_right.shape[0])
+        ``(batch, ..., k_in)`` projected factors: ``(batch, k_out, k_in)``, added
+        to ``into`` when given (in place). A factor with batch 1 (a call made once
+        for the whole batch) is broadcast. One batched matrix product (an einsum
+        of the same takes up to 20 times longer for the one position of an MLP)."""
+        b = max(p_left.shape[0], p_right.shape[0], 0 if into is None else into.shape[0])
         p_left = p_left.reshape(p_left.shape[0], -1, p_left.shape[-1]).expand(b, -1, -1)
         p_right = p_right.reshape(p_right.shape[0], -1, p_right.shape[-1]).expand(b, -1, -1)
-        return torch.einsum("bto,bti->boi", p_left, p_right)
+        if into is None:
+            return torch.bmm(p_left.transpose(1, 2), p_right)
+        return into.baddbmm_(p_left.transpose(1, 2), p_right)
 
     def view(self, g: torch.Tensor) -> torch.Tensor:
         """Per-sample gradients ``(batch, *weight.shape)`` as ``(batch, n_left, n_right)``."""
