@@ -145,23 +145,29 @@ def test_llama_rms_norms_take_a_route():
     np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
 
 
-class ViT(torch.nn.Module):
-    def __init__(self):
+class Classifier(torch.nn.Module):
+    """A transformers ``...ForSequenceClassification``-like model from a config,
+    its input passed under ``input_name``."""
+
+    def __init__(self, model_class, config, input_name):
         super().__init__()
-        config = transformers.ViTConfig(
-            image_size=8,
-            patch_size=4,
-            num_channels=3,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            num_labels=3,
-        )
-        self.model = transformers.ViTForImageClassification(config)
+        self.model, self.input_name = model_class(config), input_name
 
     def forward(self, X):
-        return self.model(pixel_values=X).logits
+        return self.model(**{self.input_name: X}).logits
+
+
+def _exact_without_row_by_row(module, x, y, proj_dim=40):
+    """The route-checked engine of ``module`` (with no "one sample at a time"
+    warning), after its features are checked against autograd's."""
+    member = _frozen(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine = make_engine(member, GradientConfig(task=CLASSIFY, proj_dim=proj_dim), (x[:3], y[:3]))
+    assert not engine.rowwise
+    fast = featurize(engine, x, y, batch_size=4).phi
+    np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
+    return engine
 
 
 def test_vit_class_token_broadcast_to_the_batch_is_not_taken_row_by_row():
@@ -169,35 +175,13 @@ def test_vit_class_token_broadcast_to_the_batch_is_not_taken_row_by_row():
     embeddings: a use of the parameter, each sample's gradient the sum over its
     positions, exact against autograd and never differentiated row by row."""
     torch.manual_seed(0)
-    x, y = torch.randn(7, 3, 8, 8), torch.randint(0, 3, (7,))
-    member = _frozen(ViT())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "one sample at a time" warning
-        engine = make_engine(member, GradientConfig(task=CLASSIFY, proj_dim=40), (x[:3], y[:3]))
-    assert not engine.rowwise and "model.vit.embeddings.cls_token" in engine.traced
-    fast = featurize(engine, x, y, batch_size=4).phi
-    np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
-
-
-class Bart(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        config = transformers.BartConfig(
-            vocab_size=40,
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            max_position_embeddings=32,
-            num_labels=3,
-        )
-        self.model = transformers.BartForSequenceClassification(config)
-
-    def forward(self, X):
-        return self.model(input_ids=X).logits
+    config = transformers.ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    module = Classifier(transformers.ViTForImageClassification, config, "pixel_values")
+    engine = _exact_without_row_by_row(module, torch.randn(7, 3, 8, 8), torch.randint(0, 3, (7,)))
+    assert "model.vit.embeddings.cls_token" in engine.traced
 
 
 def test_bart_positional_embeddings_step_aside_from_the_embedding_route():
@@ -209,19 +193,19 @@ def test_bart_positional_embeddings_step_aside_from_the_embedding_route():
     from sktda._layers import own_forward
 
     torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        num_labels=3,
+    )  # fmt: skip
+    module = Classifier(transformers.BartForSequenceClassification, config, "input_ids")
+    assert own_forward(module.model.model.encoder.embed_positions)
+    assert not own_forward(torch.nn.Embedding(3, 2))
     x, y = torch.randint(3, 40, (7, 10)), torch.randint(0, 3, (7,))
     x[:, -1] = 2  # the end-of-sequence token the classification head reads
-    module = Bart()
-    positions = module.model.model.encoder.embed_positions
-    assert own_forward(positions) and not own_forward(torch.nn.Embedding(3, 2))
-    member = _frozen(module)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "one sample at a time" warning
-        engine = make_engine(member, GradientConfig(task=CLASSIFY, proj_dim=40), (x[:3], y[:3]))
-    assert "model.model.encoder.embed_positions.weight" in engine.traced and not engine.rowwise
+    engine = _exact_without_row_by_row(module, x, y)
+    assert "model.model.encoder.embed_positions.weight" in engine.traced
     assert "model.model.encoder.layers.0.fc1" in {r.name for r in engine.routes}
-    fast = featurize(engine, x, y, batch_size=4).phi
-    np.testing.assert_allclose(fast, _row_by_row(engine, x, y), rtol=1e-4, atol=1e-5 * np.abs(fast).max())
 
 
 def test_conv1d_is_recognised_without_importing_transformers():
