@@ -193,6 +193,12 @@ def test_cluster_features_is_refused_without_a_dask_backend_or_with_a_features_d
     assert not hasattr(attr, "ensemble_")
 
 
+def _both_workers(client) -> None:
+    """Wait for the cluster's two workers (a killed one is restarted by its nanny),
+    within a limit: a worker that never comes back fails the test, not the run."""
+    client.wait_for_workers(2, timeout=180)
+
+
 def _kill(client, worker) -> None:
     import os
     import signal
@@ -230,7 +236,7 @@ def test_a_worker_killed_while_featurizing_changes_nothing(client, digits, many_
     attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
     with parallel_config(backend="dask"):
         expected = clone(attr).fit(X_train, y_train).attribute(X_test, y_test)
-    client.wait_for_workers(2)
+    _both_workers(client)
     result = {}
 
     def fit():
@@ -258,7 +264,7 @@ def test_a_worker_lost_before_scoring_has_its_shards_recomputed(client, digits, 
 
     X_train, X_test, y_train, y_test = digits
     attr = EnsembleAttributor(make_classifier_net(), n_models=2, proj_dim=32, batch_size=16, random_state=0)
-    client.wait_for_workers(2)
+    _both_workers(client)
     with parallel_config(backend="dask"):
         expected = clone(attr).fit(X_train, y_train)
         top_expected, A_expected = (
@@ -266,7 +272,7 @@ def test_a_worker_lost_before_scoring_has_its_shards_recomputed(client, digits, 
             expected.attribute(X_test, y_test),
         )
         fitted = clone(attr).fit(X_train, y_train)
-    client.wait_for_workers(2)
+    _both_workers(client)
     holders = client.who_has(fitted._store.shards.blocks)
     _kill(client, next(iter(holders.values()))[0])  # a worker holding shards
     with parallel_config(backend="dask"):
