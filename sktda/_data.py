@@ -146,11 +146,10 @@ def check_items(dataset, task: NetTask) -> None:
     takes_indices = task.is_classifier and not task.is_sequence and task.output not in BINARY
     head = torch.utils.data.Subset(dataset, range(min(len(dataset), _CHECKED_ITEMS)))
     for i, (x, y) in enumerate(_items(head)):
-        shape = _shape_of(x)
         if first is None:
-            first = shape
-        elif shape != first:
-            raise ValueError(_not_stackable([dataset[0][0], x], f"item 0 and item {i} differ"))
+            first = x
+        elif _shape_of(x) != _shape_of(first):
+            raise ValueError(_not_stackable([first, x], f"item 0 and item {i} differ"))
         kind = np.asarray(as_array_like(y)).dtype
         if takes_indices and kind.kind not in "iub":
             raise ValueError(

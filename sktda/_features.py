@@ -166,16 +166,21 @@ def feature_storage(values: int, feature_dtype: str, features_dir, resident: int
     else in memory (``on_workers``: on a cluster's). ``feature_dtype="auto"`` is
     float16 on disk and float32 elsewhere. The directory is absolute, so that the
     file is found (and removed) whatever the working directory later."""
-    wide = np.dtype(np.float32 if feature_dtype == "auto" else feature_dtype)
-    directory, available = None, available_memory()
-    if on_workers:
-        pass
-    elif features_dir is not None:
+    wide = widest_dtype(feature_dtype)
+    directory = None
+    if features_dir is not None and not on_workers:
         directory = os.path.abspath(features_dir)
-    elif available is not None and values * wide.itemsize > (available - resident) // 2:
-        directory = tempfile.gettempdir()
+    elif not on_workers:
+        available = available_memory()
+        if available is not None and values * wide.itemsize > (available - resident) // 2:
+            directory = tempfile.gettempdir()
     dtype = np.dtype(np.float16) if feature_dtype == "auto" and directory is not None else wide
     return FeatureStorage(dtype, directory)
+
+
+def widest_dtype(feature_dtype: str) -> np.dtype:
+    """The storage type ``feature_dtype`` gives features in memory ("auto": float32)."""
+    return np.dtype(np.float32 if feature_dtype == "auto" else feature_dtype)
 
 
 def check_memory(stages: dict[str, int]) -> None:

@@ -42,6 +42,7 @@ from ._features import (
     feature_storage,
     merge_topk,
     relatif_scale,
+    widest_dtype,
 )
 from ._gradients import feature_blocks
 from ._methods import METHODS, SCORE_DTYPE
@@ -524,7 +525,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             "inputs": _copied_bytes(X),
             "residuals": n_members * n * 4,  # float32, in memory
             "curvature": n_members * 8 * curvature,
-            "working": working(np.dtype("float32" if self.feature_dtype == "auto" else self.feature_dtype)),
+            "working": working(widest_dtype(self.feature_dtype)),  # until the storage is decided
         }
         storage = feature_storage(
             values, self.feature_dtype, self.features_dir, sum(stages.values()), self._client() is not None
