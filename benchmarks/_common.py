@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import summaries
 import torch
+from _bergson import METHODS as BERGSON_METHODS
+from _bergson import bergson_python, bergson_scores
 from skorch import NeuralNetClassifier
 
 from sktda.datasets import load_digits_split
@@ -165,6 +167,7 @@ def compare(
     kind="margin",
     dattri_sizes=None,
     dattri_grid=DATTRI_GRID,
+    bergson_sizes=None,
 ):
     """LDS, identical-class rate and time of sktda's methods (default RelatIF
     normalisation and raw scores, from one fit) and of the installed peers on the
@@ -172,7 +175,8 @@ def compare(
     ``kind``: "margin" (classifiers) or "sequence" (language models, whose rows
     have no identical-class rate). dattri runs on ``dattri_sizes`` (default
     ``sizes``), its regularization the best of ``dattri_grid`` on the largest of
-    them. Returns the table's rows and the ground truth's seconds."""
+    them; bergson on ``bergson_sizes`` (default ``sizes``). Returns the table's rows
+    and the ground truth's seconds."""
     from sktda.metrics import linear_datamodeling_score
     from sktda.model_selection import subset_retraining
 
@@ -210,8 +214,9 @@ def compare(
         return linear_datamodeling_score(A, truth.subsets, truth.outputs)
 
     dattri_sizes = sizes if dattri_sizes is None else dattri_sizes
+    bergson_sizes = sizes if bergson_sizes is None else bergson_sizes
     for label, peer_sizes, attribute in _peers(
-        modules, data, kind, proj_dim, sizes, dattri_sizes, dattri_grid, lds
+        modules, data, kind, proj_dim, sizes, dattri_sizes, dattri_grid, bergson_sizes, lds
     ):
         for n in peer_sizes:
             A, seconds = attribute(n)
@@ -239,7 +244,7 @@ def _sktda_fit(net, data, n, proj_dim, kind, params):
     return attr, A, self_influence, seconds, predicted
 
 
-def _peers(modules, data, kind, proj_dim, sizes, dattri_sizes, dattri_grid, lds):
+def _peers(modules, data, kind, proj_dim, sizes, dattri_sizes, dattri_grid, bergson_sizes, lds):
     """``(label, sizes, n -> (A, seconds))`` of each installed peer, on the trained
     ``modules(n)``; dattri's regularization is the best of ``dattri_grid`` by
     ``lds`` on the largest of ``dattri_sizes``."""
@@ -257,11 +262,52 @@ def _peers(modules, data, kind, proj_dim, sizes, dattri_sizes, dattri_grid, lds)
     if _installed("kronfluence"):
         check_kronfluence_sign(modules(min(sizes))[0], X_train, y_train, kind)
 
-        def kronfluence_at(n):
-            return kronfluence_ekfac(modules(n), X_train, y_train, X_test, y_test, kind)
+        def kronfluence_at(damping):
+            return lambda n: kronfluence_ekfac(modules(n), X_train, y_train, X_test, y_test, kind, damping)
 
-        peers.append(("kronfluence 1.0.1 ek-fac", sizes, kronfluence_at))
+        peers.append(("kronfluence 1.0.1 ek-fac", sizes, kronfluence_at(1e-8)))
+        peers.append(("kronfluence 1.0.1 ek-fac, damping 0.1 x mean eigenvalue", sizes, kronfluence_at(None)))
+    if kind == "sequence" and bergson_python() and hasattr(modules(max(sizes))[0], "model"):
+        for method, name in BERGSON_METHODS.items():
+            peers.append((f"bergson 2.5.1 {name}", bergson_sizes, _bergson_at(modules, data, method)))
     return peers
+
+
+def _bergson_at(modules, data, method):
+    """``n -> (A, seconds)`` of bergson's ``method`` on the first ``n`` of the
+    largest ensemble's models (each model is scored once; ``n`` models' scores
+    are the sum of the first ``n``), its CPU seconds kept in ``BERGSON_CPU``."""
+    X_train, X_test, y_train, y_test = data
+    per_model = []
+
+    def at(n):
+        if len(per_model) < n:
+            hf = [m.model for m in modules(n)[len(per_model) :]]
+            vocab = hf[0].config.vocab_size
+            per_model.extend(zip(*bergson_scores(hf, vocab, X_train, y_train, X_test, y_test, method)))
+        BERGSON_CPU[method, n] = sum(cpu for _, _, cpu in per_model[:n])
+        return sum(A for A, _, _ in per_model[:n]), sum(s for _, s, _ in per_model[:n])
+
+    return at
+
+
+BERGSON_CPU: dict = {}
+
+
+def bergson_note(sizes) -> str:
+    """The table note on bergson's rows: what ran, and its CPU seconds."""
+    if not BERGSON_CPU:
+        return (
+            "bergson 2.5.1 did not run (set SKTDA_BERGSON_PYTHON to its own environment's "
+            "interpreter, see benchmarks/_bergson.py). "
+        )
+    cpu = ", ".join(f"{BERGSON_METHODS[m]} with {n} {s:.0f} s" for (m, n), s in BERGSON_CPU.items())
+    return (
+        f"bergson 2.5.1 runs with {list(sizes)} models, in its own environment, on each trained model "
+        "exported to a directory "
+        "(its defaults: EK-FAC on unprojected gradients with sampled labels, TrackStar at its "
+        f"projection_dim 16, gradient cosine unprojected); its CPU seconds: {cpu}. "
+    )
 
 
 def kronfluence_layers_variant(net):

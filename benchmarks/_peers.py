@@ -71,10 +71,12 @@ def dattri_trak(modules, X_train, y_train, X_test, y_test, proj_dim, regularizat
     return scores.T.numpy(), time.perf_counter() - start
 
 
-def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
+def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin", damping=1e-8):
     """kronfluence's EK-FAC influence of the training loss on the test target, averaged
     over the modules, on the layers it supports (``nn.Linear``, ``nn.Conv2d``);
-    (n_test, n_train) scores in sktda's sign convention, seconds.
+    (n_test, n_train) scores in sktda's sign convention, seconds. ``damping``: its
+    ``damping_factor``, 1e-8 by default; None is its heuristic, 0.1 x the mean
+    eigenvalue.
 
     kronfluence scores ``grad f(test)^T H^-1 grad L(train)``; up-weighting a
     training sample moves the parameters by ``-H^-1 grad L(train)``, so its effect
@@ -84,7 +86,7 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
     import copy
 
     from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments
+    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
 
     target = TARGETS[kind][0]
@@ -131,6 +133,7 @@ def kronfluence_ekfac(modules, X_train, y_train, X_test, y_test, kind="margin"):
                 train_dataset=train,
                 per_device_query_batch_size=len(test),
                 per_device_train_batch_size=256,
+                score_args=ScoreArguments(damping_factor=damping),
             )
             total = total + analyzer.load_pairwise_scores("scores")["all_modules"].double().numpy()
     return -total / len(modules), time.perf_counter() - start

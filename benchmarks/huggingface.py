@@ -28,6 +28,7 @@ import torch
 from _common import (
     HEADER,
     NOTES,
+    bergson_note,
     compare,
     compare_parser,
     emit,
@@ -108,6 +109,7 @@ def lds(args) -> None:
         kind="sequence",
         dattri_sizes=args.dattri_sizes,
         dattri_grid=args.dattri_grid,
+        bergson_sizes=args.bergson_sizes,
     )
     n_params = sum(p.numel() for p in net.initialize().module_.parameters())
     table = markdown_table(HEADER, rows) + (
@@ -115,7 +117,7 @@ def lds(args) -> None:
         f"GPT-2 of {n_params} parameters; ground truth: {args.n_subsets} models retrained on 50% subsets "
         f"({truth_seconds:.0f} s), measured by the held-out passages' log-likelihood. dattri ran with "
         f"{args.dattri_sizes} models and its regularization chosen among {args.dattri_grid} (its cache takes "
-        "minutes per model on this GPT-2). " + NOTES
+        "minutes per model on this GPT-2). " + bergson_note(args.bergson_sizes) + NOTES
     )
     emit("huggingface_gpt2", "A transformers GPT-2 language model on Python's docs", table, args.readme)
 
@@ -158,6 +160,7 @@ def main():
     p.add_argument("--parts", nargs="+", default=["lds", "detection"])
     p.add_argument("--dattri-sizes", type=int, nargs="+", default=[1, 5])
     p.add_argument("--dattri-grid", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    p.add_argument("--bergson-sizes", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--n-train", type=int, default=300)
     p.add_argument("--n-test", type=int, default=40)
     p.add_argument("--length", type=int, default=32, help="characters per language-model passage")

@@ -51,7 +51,8 @@ def main():
         f"transformer of {n_params} parameters; ground truth: {args.n_subsets} models retrained on 50% "
         f"subsets ({truth_seconds:.0f} s), measured by the held-out passages' log-likelihood. "
         + VARIANT_NOTE
-        + NOTES
+        + "bergson 2.5.1 loads its models with transformers' AutoModelForCausalLM, which this hand-written "
+        "transformer is not: its rows are in the GPT-2 table. " + NOTES
     )
     emit(
         "sequence",

@@ -47,7 +47,7 @@ def _seconds(value: str) -> str:
     return f"{float(value):.1f} s" if float(value) < 100 else f"{float(value):.0f} s"
 
 
-PEERS = ("dattri", "kronfluence", "cleanlab")
+PEERS = ("dattri", "kronfluence", "bergson", "cleanlab")
 
 # (result file, what is compared, row filters, sktda's default row) for the headline table:
 # method="auto" is TRAK on classifiers and EK-FAC on language models

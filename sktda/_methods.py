@@ -67,6 +67,15 @@ def _damping_of(trace: float, damping: float, n_rows: int, k: int) -> float:
     return lam if lam > 0 else _EPS
 
 
+def block_damping(damping: float, eigenvalues: torch.Tensor) -> float:
+    """``lambda = damping *`` the mean of all of a per-layer block's eigenvalues
+    (K-FAC's or EK-FAC's, which fill the whole block whatever the number of
+    training rows), so that a damping means the same for a block narrower or
+    wider than the training set."""
+    lam = damping * float(eigenvalues.sum()) / eigenvalues.numel()
+    return lam if lam > 0 else _EPS
+
+
 class DampedInverse:
     """``(G^T G + lambda I)^-1`` of a member's ``n x k`` (weighted) gradients
     ``G``, applied without forming it: ``phi -> phi H^-1`` (:meth:`apply`) and
@@ -257,11 +266,19 @@ class TRAK(_DenseInverse):
         return factor(phi)
 
 
+def _rotated(g: torch.Tensor, q_out: torch.Tensor, q_in: torch.Tensor) -> torch.Tensor:
+    """``Q_out^T G_j Q_in`` for every ``G_j`` of ``g`` (``rows x k_out x k_in``):
+    the input side as one matrix product over all rows and positions."""
+    n, k_out, k_in = g.shape
+    return torch.matmul(q_out.T, (g.reshape(n * k_out, k_in) @ q_in).reshape(n, k_out, k_in))
+
+
 class LayerInverse:
     """``phi -> phi H^-1`` for a block-diagonal ``H``, one block per layer of the
     features' layout: a Kronecker block is inverted in its eigenbasis, ``Q_out (
     (Q_out^T G Q_in) / (Lambda + lambda)) Q_in^T``; the dense blocks together are
-    one damped Gauss-Newton matrix, inverted."""
+    one damped Gauss-Newton matrix, inverted. :meth:`quadratic` is ``phi H^-1
+    phi``, which needs only the rotation into each eigenbasis."""
 
     def __init__(self, kron, dense_columns, dense_inverse):
         self.kron = kron  # [(start, stop, q_out, q_in, 1 / (Lambda + lambda))]
@@ -274,15 +291,26 @@ class LayerInverse:
             None if self.dense_inverse is None else self.dense_inverse.to(device, dtype),
         )
 
-    def __call__(self, phi: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(phi)
+    def _blocks(self, phi):
         for start, stop, q_out, q_in, inverse in self.kron:
             g = phi[:, start:stop].reshape(len(phi), q_out.shape[0], q_in.shape[0])
-            g = q_out @ ((q_out.T @ g @ q_in) * inverse) @ q_in.T
-            out[:, start:stop] = g.reshape(len(phi), -1)
+            yield slice(start, stop), _rotated(g, q_out, q_in), q_out, q_in, inverse
+
+    def __call__(self, phi: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(phi)
+        for columns, r, q_out, q_in, inverse in self._blocks(phi):
+            out[:, columns] = _rotated(r.mul_(inverse), q_out.T, q_in.T).reshape(len(phi), -1)
         if self.dense_inverse is not None:
             out[:, self.dense_columns] = self.dense_inverse.apply(phi[:, self.dense_columns])
         return out
+
+    def quadratic(self, phi: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(len(phi), dtype=phi.dtype, device=phi.device)
+        for _, r, _, _, inverse in self._blocks(phi):
+            total += (r.square_() * inverse).sum((1, 2))
+        if self.dense_inverse is not None:
+            total += self.dense_inverse.quadratic(phi[:, self.dense_columns])
+        return total
 
 
 def _layer_blocks(kron, g: torch.Tensor) -> list[torch.Tensor]:
@@ -295,7 +323,7 @@ def _layer_moments(kron, missing, dense, g: torch.Tensor, residual) -> tuple:
     the factors ``(S, A)`` of the blocks in ``missing``, and of the dense columns'
     Gram (all float64)."""
     gs = _layer_blocks(kron, g)
-    traces = [(G.double() ** 2).sum() for G in gs]
+    traces = [torch.linalg.vector_norm(G, dtype=torch.float64) ** 2 for G in gs]
     moments = [
         (
             torch.einsum("noi,npi->op", gs[i], gs[i]).double(),
@@ -310,7 +338,7 @@ def _layer_moments(kron, missing, dense, g: torch.Tensor, residual) -> tuple:
 def _corrected_eigenvalues(kron, bases, g: torch.Tensor, residual) -> list[torch.Tensor]:
     """One row block's share of EK-FAC's eigenvalues, ``sum_j (Q_S^T G_j Q_A)^2``."""
     return [
-        ((q_out.to(g).T @ G @ q_in.to(g)) ** 2).sum(0).double()
+        _rotated(G, q_out, q_in).square_().sum(0).double()
         for G, (q_out, q_in) in zip(_layer_blocks(kron, g), bases)
     ]
 
@@ -326,37 +354,43 @@ def _layer_inverse(rows, layout, damping: float, corrected: bool, factors=None) 
     ``A = sum_j G_j^T G_j``. K-FAC's eigenvalues are ``lambda_S (x) lambda_A``,
     scaled to the block's trace ``sum_j ||G_j||^2``; EK-FAC's (``corrected``) are
     the exact second moments of the projected gradients in the Kronecker
-    eigenbasis, ``sum_j (Q_S^T G_j Q_A)^2`` (George et al., 2018). Each block is
-    damped on its own, relative to its mean nonzero eigenvalue, ``trace / min(n,
-    width)``. The dense blocks together get one damped Gauss-Newton matrix."""
+    eigenbasis, ``sum_j (Q_S^T G_j Q_A)^2`` (George et al., 2018), whose sum is
+    the trace. Each block is damped on its own, relative to the mean of its
+    eigenvalues (:func:`block_damping`). The dense blocks together get one damped
+    Gauss-Newton matrix, damped as a Gram is (:func:`_damping_of`). EK-FAC on blocks whose factors the routes gave reads the
+    features once; otherwise a first read sums the traces and missing factors."""
     n, device = rows.n, rows.device
     kron = [(a, b, shape) for a, b, shape in layout if shape is not None]
     factors = factors or (None,) * len(kron)
     dense = [torch.arange(a, b) for a, b, shape in layout if shape is None and b > a]
     dense = torch.cat(dense) if dense else None
     missing = [i for i, given in enumerate(factors) if given is None]
-    traces, found, gram = rows.sum(_layer_moments, kron, missing, dense)
+    traces, found, gram = (
+        ([None] * len(kron), [], None)
+        if corrected and not missing and dense is None
+        else rows.sum(_layer_moments, kron, missing, dense)
+    )
     found = dict(zip(missing, found))
     moments = [
         tuple(torch.as_tensor(t, dtype=torch.float64) for t in given) if given is not None else found[i]
         for i, given in enumerate(factors)
     ]
     moments = [tuple(t.to(device) for t in pair) for pair in moments]
-    traces = [float(t) for t in traces]
     bases = []
-    for (s, a), trace in zip(moments, traces):
+    for s, a in moments:
         (l_out, q_out), (l_in, q_in) = torch.linalg.eigh(s), torch.linalg.eigh(a)
-        scale = float(torch.diagonal(s).sum()) * float(torch.diagonal(a).sum())
         eig = torch.outer(l_out.clamp(min=0), l_in.clamp(min=0))
-        bases.append([q_out, q_in, eig * (trace / scale) if scale > 0 else eig * 0])
+        bases.append((q_out, q_in, eig, float(torch.diagonal(s).sum()) * float(torch.diagonal(a).sum())))
     if corrected and bases:
-        shipped = [(q_out.float().cpu(), q_in.float().cpu()) for q_out, q_in, _ in bases]
-        for basis, eig in zip(bases, rows.sum(_corrected_eigenvalues, kron, shipped)):
-            basis[2] = eig.to(device)
+        shipped = [(q_out.float().cpu(), q_in.float().cpu()) for q_out, q_in, *_ in bases]
+        eigs = [eig.to(device) for eig in rows.sum(_corrected_eigenvalues, kron, shipped)]
+    else:  # K-FAC's, scaled to the block's trace
+        eigs = []
+        for trace, (_, _, eig, scale) in zip(traces, bases):
+            eigs.append(eig * (float(trace) / scale) if scale > 0 else eig * 0)
     layers = []
-    for (a, b, _), (q_out, q_in, eig), trace in zip(kron, bases, traces):
-        lam = damping * trace / min(n, b - a)
-        layers.append((a, b, q_out, q_in, 1.0 / (eig + (lam if lam > 0 else _EPS))))
+    for (a, b, _), (q_out, q_in, *_), eig in zip(kron, bases, eigs):
+        layers.append((a, b, q_out, q_in, 1.0 / (eig + block_damping(damping, eig))))
     dense_columns = None if dense is None else dense.to(device)
     dense_inverse = None
     if gram is not None:
@@ -373,10 +407,11 @@ class KFAC(TRAK):
     name = "kfac"
     per_layer = True
     corrected = False
-    default_damping = 0.1
-    # the layers' inverses: the generic diagonal, not a dense inverse's Cholesky form
+    default_damping = 0.01
     self_factor = AttributionMethod.self_factor
-    self_scores = AttributionMethod.self_scores
+
+    def self_scores(self, factor, phi, residual):
+        return factor.quadratic(phi)
 
     def fit(self, rows, damping, layout=None, factors=None):
         layout = ((0, rows.k, None),) if layout is None else layout

@@ -100,7 +100,7 @@ def _reference_scores(G, residual, S, A, corrected):
         eig = ((flat @ Q) ** 2).sum(0)
     else:
         eig = np.kron(np.clip(l_s, 0, None), np.clip(l_a, 0, None)) * trace / (np.trace(S) * np.trace(A))
-    lam = DAMPING * trace / min(n, flat.shape[1])
+    lam = DAMPING * trace / flat.shape[1]  # the mean of all the block's eigenvalues, which sum to the trace
     H = Q @ np.diag(eig + lam) @ Q.T
     return flat @ np.linalg.solve(H, flat.T) * residual[None, :]
 
@@ -142,8 +142,14 @@ def test_factors_and_features_are_the_projected_ones(kind):
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
 @pytest.mark.parametrize("method", [KFAC, EKFAC])
-def test_scores_match_numpy(kind, method):
-    _, _, _, _, _, features = _features(kind, proj_dim=6)
+@pytest.mark.parametrize("proj_dim", [6, 12])
+def test_scores_match_numpy(kind, method, proj_dim):
+    """On a block narrower (6 columns) and wider (12) than the 10 training rows:
+    the damping is relative to the mean of all the block's eigenvalues, whatever
+    the number of rows."""
+    _, _, _, _, _, features = _features(kind, proj_dim=proj_dim)
+    ((_, width, shape),) = features.layout
+    assert width == proj_dim
     store = _store(features)
     state = method().fit(store.member_rows(0, CPU), DAMPING, features.layout, features.factors)
     store.states = [state]
@@ -151,7 +157,7 @@ def test_scores_match_numpy(kind, method):
     A = store.columns(method(), [phi], CPU).numpy()
     S, Af = features.factors[0]
     expected = _reference_scores(
-        features.phi.reshape(10, 2, 3).astype(np.float64),
+        features.phi.reshape(10, *shape).astype(np.float64),
         features.residual.astype(np.float64),
         S,
         Af,
@@ -159,6 +165,11 @@ def test_scores_match_numpy(kind, method):
     )
     # EK-FAC's eigenvalues are summed in float32: rounding at float32's epsilon of the largest score
     np.testing.assert_allclose(A, expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
+    # the self-influence is the same quadratic form, without the rotation back
+    self_influence = store.self_attribution(method(), CPU, torch.float64).numpy()
+    np.testing.assert_allclose(
+        self_influence, np.diag(expected), rtol=1e-5, atol=1e-7 * np.abs(expected).max()
+    )
 
 
 def test_exact_gradients_use_the_per_sample_factors_and_a_dense_block_for_biases():
@@ -245,8 +256,8 @@ def test_auto_method_and_damping():
         make_classifier_net(module__n_features=20, module__n_outputs=2), proj_dim=32, random_state=0
     )
     assert clf.fit(X, y).method_ == "trak"
-    # damping="auto" is each method's own: 0.1 for EK-FAC, as an explicit 0.1 gives
-    explicit = clone(attr).set_params(method="ekfac", damping=0.1).fit(tokens[:30, :-1], tokens[:30, 1:])
+    # damping="auto" is each method's own: 0.01 for EK-FAC, as an explicit 0.01 gives
+    explicit = clone(attr).set_params(method="ekfac", damping=0.01).fit(tokens[:30, :-1], tokens[:30, 1:])
     np.testing.assert_array_equal(
         attr.attribute(tokens[30:, :-1], tokens[30:, 1:]),
         explicit.attribute(tokens[30:, :-1], tokens[30:, 1:]),
