@@ -209,13 +209,19 @@ def test_bart_positional_embeddings_step_aside_from_the_embedding_route():
 
 
 def test_conv1d_is_recognised_without_importing_transformers():
+    """sktda names transformers' Conv1D by its path, so importing sktda does not
+    import transformers, and a Conv1D made afterwards still gets its route."""
     # sktda's own dependencies first: where one of them imports transformers, sktda cannot be told apart
     code = (
         "import sys, numpy, sklearn, skorch, torch; before = 'transformers' in sys.modules; "
-        "import sktda, sktda.routes; print(before, 'transformers' in sys.modules)"
+        "import sktda, sktda.routes; after = 'transformers' in sys.modules; "
+        "from sktda._layers import Conv1DRoute, route_class; "
+        "from transformers.pytorch_utils import Conv1D; "
+        "print(before, after, route_class(Conv1D(4, 3)) is Conv1DRoute)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    before, after = out.stdout.split()
+    before, after, recognised = out.stdout.split()
+    assert recognised == "True"
     if before == "True":
         pytest.skip("a dependency of sktda imports transformers in this environment")
     assert after == "False"

@@ -58,7 +58,11 @@ def test_a_bad_plan_is_refused_as_a_fit_would_be(digits):
         EnsembleAttributor(make_classifier_net(), proj_dim=0).plan_memory(X_train, y_train)
     with pytest.raises(ValueError, match="inconsistent numbers of samples"):
         EnsembleAttributor(make_classifier_net()).plan_memory(X_train, y_train[:-1])
-    assert np.all(np.isfinite(list(EnsembleAttributor(make_classifier_net()).plan_memory(X_train, y_train))))
+    # a valid input gets a plan whose every stage is a whole, non-negative number of bytes
+    plan = EnsembleAttributor(make_classifier_net()).plan_memory(X_train, y_train)
+    assert all(isinstance(v, int) and v >= 0 for v in plan)
+    assert min(plan.models, plan.training, plan.featurizing, plan.features) > 0
+    assert plan.peak >= plan.fit_peak >= plan.training and plan.fit_peak >= plan.models + plan.features
 
 
 def test_available_memory_counts_the_reclaimable_page_cache():
