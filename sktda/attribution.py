@@ -162,8 +162,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         ``"auto"``: 1.0 for TRAK and the influence function (at or near the best
         LDS for both on an MLP and a CNN on images and a transformer language
         model, 0.25 to 8 tried), 0.01 for K-FAC and EK-FAC (within 0.01 of the
-        best LDS on four language models and a CNN, 0.003 to 1 tried; an MLP
-        prefers 0.1, and loses up to 0.022 at 0.01). 0 (no damping) warns: the
+        best LDS on three transformer language models and a CNN, with 1 and 5
+        models, 0.003 to 1 tried; an MLP prefers 0.1, and loses up to 0.022 at
+        0.01). 0 (no damping) warns: the
         matrix is then singular whenever ``proj_dim`` exceeds what the training
         gradients span.
     target : {"auto", "log_prob", "loss", "sequence_log_likelihood"} or callable, default="auto"
