@@ -48,7 +48,7 @@ from ._gradients import feature_blocks
 from ._methods import METHODS, SCORE_DTYPE
 from ._nets import checkpoint_epochs, checkpoints_per_net, resolve_device
 from ._task import TARGETS
-from .metrics import linear_datamodeling_score
+from .metrics import linear_datamodeling_score, units_calibration
 from .model_selection import subset_retraining
 
 __all__ = ["EnsembleAttributor", "Influence"]
@@ -964,26 +964,6 @@ def _scaled(out, factor: float):
         scores, std = out
         return _scaled(scores, factor), _scaled(std, abs(factor))
     return out.cpu().numpy().astype(np.float64) * factor
-
-
-def units_calibration(scores: np.ndarray, subsets: np.ndarray, outputs: np.ndarray) -> tuple[float, float]:
-    """``(scale, correlation)``: the least-squares factor from the linear datamodel's
-    predictions with ``scores`` ``(n_test, n_train)`` to the subset models'
-    ``outputs`` ``(n_subsets, n_test)`` on ``subsets`` ``(n_subsets, n_train)``,
-    both centred over the subsets per test sample, and their correlation."""
-    masks = np.asarray(subsets, dtype=np.float64)
-    predicted = (masks - masks.mean(0)) @ scores.T
-    observed = outputs - outputs.mean(0)
-    spread = float((predicted**2).sum())
-    if not spread > 0:
-        raise ValueError(
-            "The scores predict no difference between the subset models (all scores are 0), so "
-            "they cannot be calibrated to the target's units."
-        )
-    products = float((predicted * observed).sum())
-    observed_spread = float((observed**2).sum())
-    correlation = products / np.sqrt(spread * observed_spread) if observed_spread > 0 else 0.0
-    return products / spread, correlation
 
 
 def _copied_bytes(X) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["linear_datamodeling_score"]
+__all__ = ["linear_datamodeling_score", "units_calibration"]
 
 
 def _column_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -86,3 +86,67 @@ def linear_datamodeling_score(attributions, subsets, outputs, *, average: bool =
     if np.all(np.isnan(scores)):
         return float("nan")
     return float(np.nanmean(scores))
+
+
+def units_calibration(scores, subsets, outputs) -> tuple[float, float]:
+    """The factor from attribution scores to the target's units, and how well the
+    scores predict the retrained models in those units.
+
+    The scores are the linear datamodel's coefficients: a subset's predicted output
+    is the sum of its members' scores. The factor is the least-squares scale from
+    these predictions to the subset models' outputs, both centred over the subsets
+    for each test sample (an attributor's scale is arbitrary up to the damping and
+    normalisation; the factor turns a score into a predicted change of the target).
+
+    Parameters
+    ----------
+    scores : array-like of shape (n_test, n_train)
+        Attribution scores, for instance from ``EnsembleAttributor.attribute``.
+    subsets : array-like of shape (n_subsets, n_train)
+        Boolean (or 0/1) membership masks of the retraining subsets.
+    outputs : array-like of shape (n_subsets, n_test)
+        Output of the model retrained on each subset for each test sample.
+
+    Returns
+    -------
+    scale : float
+        Least-squares factor from the centred predictions to the centred outputs.
+    correlation : float
+        Pearson correlation of the two, over every subset and test sample (0 when
+        the outputs do not vary).
+
+    Raises
+    ------
+    ValueError
+        When the scores predict no difference between the subsets (all zero).
+
+    See Also
+    --------
+    sktda.EnsembleAttributor.calibrate_units : sets ``units_scale_`` this way.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sktda.metrics import units_calibration
+    >>> scores = np.array([[1.0, 0.0, -1.0]])
+    >>> subsets = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 1]], dtype=bool)
+    >>> outputs = 2 * (subsets @ scores.T)  # the retrained models move twice as far
+    >>> scale, correlation = units_calibration(scores, subsets, outputs)
+    >>> round(scale, 6), round(correlation, 6)
+    (2.0, 1.0)
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    outputs = np.asarray(outputs, dtype=np.float64)
+    masks = np.asarray(subsets, dtype=np.float64)
+    predicted = (masks - masks.mean(0)) @ scores.T
+    observed = outputs - outputs.mean(0)
+    spread = float((predicted**2).sum())
+    if not spread > 0:
+        raise ValueError(
+            "The scores predict no difference between the subset models (all scores are 0), so "
+            "they cannot be calibrated to the target's units."
+        )
+    products = float((predicted * observed).sum())
+    observed_spread = float((observed**2).sum())
+    correlation = float(products / np.sqrt(spread * observed_spread)) if observed_spread > 0 else 0.0
+    return products / spread, correlation

@@ -40,6 +40,7 @@ from ._nets import (
 )
 from ._parallel import delayed_tasks
 from ._task import TARGETS
+from .metrics import units_calibration
 
 __all__ = [
     "SubsetRetraining",
@@ -375,8 +376,6 @@ def removal_effect(
         - ``flip_sizes``: the removal sizes tried, a tuple;
         - ``units_scale``: the factor from scores to the target's units.
     """
-    from .attribution import units_calibration
-
     check_is_fitted(attributor)
     if y is None:
         raise ValueError("removal_effect needs the test targets y: it measures how y's prediction moves.")

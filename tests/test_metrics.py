@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from sktda.metrics import linear_datamodeling_score
+from sktda.metrics import linear_datamodeling_score, units_calibration
 
 
 def _linear_world(n_test=4, n_train=30, n_subsets=40, seed=0):
@@ -61,3 +61,19 @@ def test_non_finite_input():
     A[0, 0] = np.nan
     with pytest.raises(ValueError, match="finite"):
         linear_datamodeling_score(A, S, Y)
+
+
+def test_units_calibration_recovers_the_scale_and_refuses_zero_scores():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(4, 30))
+    subsets = rng.random((200, 30)) < 0.5
+    outputs = 3.0 * (subsets @ scores.T) + 7.0  # an offset per test sample is centred away
+    scale, correlation = units_calibration(scores, subsets, outputs)
+    assert scale == pytest.approx(3.0) and correlation == pytest.approx(1.0)
+    noisy = outputs + rng.normal(scale=5.0, size=outputs.shape)
+    scale, correlation = units_calibration(scores, subsets, noisy)
+    assert 2.5 < scale < 3.5 and 0.3 < correlation < 0.99
+    # scores of the opposite sign: a negative factor, a negative correlation
+    assert units_calibration(-scores, subsets, outputs)[0] == pytest.approx(-3.0)
+    with pytest.raises(ValueError, match="no difference"):
+        units_calibration(np.zeros_like(scores), subsets, outputs)
