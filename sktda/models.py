@@ -32,7 +32,6 @@ class MLP(nn.Module):
         n_outputs: int = 10,
         hidden: Sequence[int] = (128,),
         dropout: float = 0.1,
-        causal: bool | None = None,
     ):
         super().__init__()
         layers: list[nn.Module] = []
@@ -74,7 +73,6 @@ class ConvNet(nn.Module):
         channels: Sequence[int] = (16, 32),
         image_size: int = 8,
         dropout: float = 0.1,
-        causal: bool | None = None,
     ):
         super().__init__()
         layers: list[nn.Module] = []
