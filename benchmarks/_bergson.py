@@ -109,7 +109,7 @@ def _dataset(tokens: np.ndarray, directory: Path) -> str:
 
 
 def _run(model: str, work: Path, method: str, index: int) -> np.ndarray:
-    from bergson.cli.commands import Build, Ekfac, Score
+    from bergson.cli.commands import Build, Ekfac, Score, Trackstar
     from bergson.config.config import (
         DataConfig,
         HessianConfig,
@@ -140,8 +140,6 @@ def _run(model: str, work: Path, method: str, index: int) -> np.ndarray:
             hessian_pipeline_cfg=HessianPipelineConfig(query=query),
         ).execute()
     elif method == "trackstar":
-        from bergson.cli.commands import Trackstar
-
         Trackstar(
             index_cfg=TrackstarIndexConfig(str(run), **common), trackstar_cfg=TrackstarConfig(query=query)
         ).execute()

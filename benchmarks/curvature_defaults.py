@@ -117,8 +117,8 @@ class _Refits:
 
 def previous_rule(damping, eigenvalues, n_rows):
     """The rule before: relative to ``trace / min(n_train, width)``, a Gram's mean
-    nonzero eigenvalue."""
-    return damping * float(eigenvalues.sum()) / min(n_rows, eigenvalues.numel())
+    nonzero eigenvalue (the rule TRAK's Gram keeps)."""
+    return _methods._damping_of(float(eigenvalues.sum()), damping, n_rows, eigenvalues.numel())
 
 
 def lds_by_damping(net, data, truth, n_models, method, dampings, layers=None, rule=None):

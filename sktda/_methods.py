@@ -72,8 +72,8 @@ def block_damping(damping: float, eigenvalues: torch.Tensor) -> float:
     (K-FAC's or EK-FAC's, which fill the whole block whatever the number of
     training rows), so that a damping means the same for a block narrower or
     wider than the training set."""
-    lam = damping * float(eigenvalues.sum()) / eigenvalues.numel()
-    return lam if lam > 0 else _EPS
+    width = eigenvalues.numel()
+    return _damping_of(float(eigenvalues.sum()), damping, width, width)
 
 
 class DampedInverse:
@@ -338,7 +338,7 @@ def _layer_moments(kron, missing, dense, g: torch.Tensor, residual) -> tuple:
 def _corrected_eigenvalues(kron, bases, g: torch.Tensor, residual) -> list[torch.Tensor]:
     """One row block's share of EK-FAC's eigenvalues, ``sum_j (Q_S^T G_j Q_A)^2``."""
     return [
-        _rotated(G, q_out, q_in).square_().sum(0).double()
+        _rotated(G, q_out.to(g), q_in.to(g)).square_().sum(0).double()
         for G, (q_out, q_in) in zip(_layer_blocks(kron, g), bases)
     ]
 
@@ -357,8 +357,9 @@ def _layer_inverse(rows, layout, damping: float, corrected: bool, factors=None) 
     eigenbasis, ``sum_j (Q_S^T G_j Q_A)^2`` (George et al., 2018), whose sum is
     the trace. Each block is damped on its own, relative to the mean of its
     eigenvalues (:func:`block_damping`). The dense blocks together get one damped
-    Gauss-Newton matrix, damped as a Gram is (:func:`_damping_of`). EK-FAC on blocks whose factors the routes gave reads the
-    features once; otherwise a first read sums the traces and missing factors."""
+    Gauss-Newton matrix, damped as a Gram is (:func:`_damping_of`). EK-FAC on
+    blocks whose factors the routes gave reads the features once; otherwise a
+    first read sums the traces and the missing factors."""
     n, device = rows.n, rows.device
     kron = [(a, b, shape) for a, b, shape in layout if shape is not None]
     factors = factors or (None,) * len(kron)

@@ -164,9 +164,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         model, 0.25 to 8 tried), 0.01 for K-FAC and EK-FAC (within 0.01 of the
         best LDS on three transformer language models and a CNN, with 1 and 5
         models, 0.003 to 1 tried; an MLP prefers 0.1, and loses up to 0.022 at
-        0.01). 0 (no damping) warns: the
-        matrix is then singular whenever ``proj_dim`` exceeds what the training
-        gradients span.
+        0.01). 0 (no damping) warns: the matrix is then singular whenever
+        ``proj_dim`` exceeds what the training gradients span.
     target : {"auto", "log_prob", "loss", "sequence_log_likelihood"} or callable, default="auto"
         The scalar attributed per test sample. ``"auto"``: the correct-class
         margin (classifiers), the output (regressors), or the sequence
