@@ -1,8 +1,8 @@
 """sktda: scikit-learn-style training data attribution and detrimental-sample
 detection for PyTorch models wrapped by skorch."""
 
-from ._features import MemoryPlan
 from ._nets import frozen_net
+from ._resources import MemoryPlan
 from .attribution import EnsembleAttributor, Influence
 from .detection import FilteredEstimator, OutlierGradientDetector
 

@@ -38,6 +38,7 @@ from ._nets import (
     working_copy,
 )
 from ._parallel import active_client
+from ._resources import FitPlan
 from ._task import NetTask
 
 # One documentation fragment per shared parameter, substituted into both
@@ -247,7 +248,7 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
     def _fit(self, X, y):
         task, module, X, y, strategy = self._prepare(X, y)
         device = resolve_device(self.device)
-        self._check_resources(X, task, module, strategy, device)
+        self._fit_plan = self._check_resources(X, task, module, strategy, device)
         del module  # a copy, for the checks: not held while the members train and featurize
 
         start = time.perf_counter()
@@ -301,9 +302,11 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
     def _check_targets(self, task: NetTask, y) -> None:
         """Refuse, before any training, what the validated targets ``y`` show cannot work."""
 
-    def _check_resources(self, X, task: NetTask, module: torch.nn.Module, strategy, device) -> None:
+    def _check_resources(self, X, task: NetTask, module: torch.nn.Module, strategy, device) -> FitPlan:
         """Refuse a fit whose results cannot be stored, before any training
-        (``module``: the initialised, untrained module; ``strategy``: the ensemble's)."""
+        (``module``: the initialised, untrained module; ``strategy``: the
+        ensemble's), and return the decisions the fit acts on."""
+        return FitPlan()
 
     def _discard(self) -> None:
         """Release what this fit holds outside the estimator (files)."""
@@ -339,11 +342,17 @@ class GradientEstimator(BaseEstimator, metaclass=ABCMeta):
             proj_dim=self.proj_dim,
             projection=self.projection,
             path=self.gradient_path,
-            batch_size=vars(self).get("_chunk_rows") or self.batch_size,  # as the memory plan set it
+            batch_size=self._chunk_rows(),
             device=device,
             dtype=dtype,
             per_layer=self._per_layer(),
         )
+
+    def _chunk_rows(self) -> int:
+        """The rows featurized at once: as the fit's memory plan decided, else
+        ``batch_size``."""
+        plan = vars(self).get("_fit_plan")
+        return (plan.chunk_rows if plan is not None else None) or self.batch_size
 
     def _client(self):
         """The Dask client whose workers keep the training features: joblib's active

@@ -23,7 +23,6 @@ import os
 import shutil
 import tempfile
 import uuid
-import warnings
 import weakref
 from typing import NamedTuple
 
@@ -33,219 +32,9 @@ from sklearn.utils import gen_batches
 
 from ._compat import get_chunk_n_rows
 from ._methods import SCORE_DTYPE
+from ._resources import SHARD_BYTES, no_space_message
 
 # ---------------------------------------------------------------- storage
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now without swapping: Linux's ``MemAvailable``
-    (free pages and the page cache it can reclaim), else the free physical pages,
-    else None when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-class MemoryPlan(NamedTuple):
-    """Bytes that a fit, and then scoring, need in this process beyond what it
-    holds already (the interpreter, torch, the caller's own inputs).
-
-    ``models``: the trained models, kept; ``training``: the models trained at once,
-    with their gradients, optimizer state and a batch's activations;
-    ``featurizing``: a chunk's activations, output gradients and layer inputs as
-    the gradient routes read them; ``inputs``:
-    sktda's copy of the training inputs (for ``score``); ``features``: the
-    training features and residuals held in memory, ``features_on_disk`` those
-    memory-mapped from a file instead, and ``features_on_workers`` those kept on a
-    Dask cluster's workers; ``curvature``: the Gram matrices and
-    inverses; ``working``: the row blocks that the curvature, the self-attribution
-    and ``most_influential`` stream through (scikit-learn's ``working_memory``);
-    ``scores``: ``attribute``'s dense matrix of ``n_test`` test samples.
-
-    On a Dask cluster, training, featurizing and the streamed blocks run on the
-    workers, so those stages are 0 here, and ``worker`` estimates what each worker
-    needs at its peak: training a model on the whole training set, or featurizing,
-    beside its share of the features and a few shards' float64 working copies (0
-    without a cluster).
-
-    ``chunk_rows`` is not bytes: the rows featurized at once, ``batch_size`` or
-    fewer where that many rows would not fit in the memory available (the
-    featurizing stage is then sized at those rows; the results are the same, to
-    float rounding).
-    """
-
-    models: int
-    training: int
-    featurizing: int
-    inputs: int
-    features: int
-    features_on_disk: int
-    features_on_workers: int
-    curvature: int
-    working: int
-    scores: int
-    worker: int = 0
-    chunk_rows: int = 0
-
-    @property
-    def fit_peak(self) -> int:
-        """The largest of ``fit``'s stages: training, then features and curvature."""
-        after_training = self.models + self.features
-        return (
-            max(self.training, after_training + max(self.featurizing, self.curvature + self.working))
-            + self.inputs
-        )
-
-    @property
-    def peak(self) -> int:
-        """The fit's peak, or scoring's when larger."""
-        return max(self.fit_peak, self.models + self.features + self.inputs + max(self.working, self.scores))
-
-    def with_chunk_that_fits(self, members: int, copy_bytes: int, row_bytes: int) -> MemoryPlan:
-        """This plan, its featurization chunk shrunk where the fit's peak would
-        exceed the memory available: ``members`` featurized at once, each holding
-        ``copy_bytes`` (its working copy) and ``row_bytes`` per row of its chunk."""
-        available = available_memory()
-        if not members or not row_bytes or available is None or self.fit_peak <= available:
-            return self
-        room = available - self.inputs - self.models - self.features
-        rows = int((room // members - copy_bytes) // row_bytes)
-        if not 1 <= rows < self.chunk_rows:
-            return self
-        return self._replace(featurizing=members * (copy_bytes + row_bytes * rows), chunk_rows=rows)
-
-    def __str__(self) -> str:
-        stages = {k: v for k, v in self._asdict().items() if k != "chunk_rows"}
-        rows = [*stages.items(), ("fit peak", self.fit_peak), ("peak", self.peak)]
-        lines = [f"{name.replace('_', ' '):>18}: {size / 2**20:12,.1f} MiB" for name, size in rows]
-        return "\n".join([*lines, f"{'chunk rows':>18}: {self.chunk_rows:12,d}"])
-
-
-def dense_fits(n_test: int, n_train: int) -> bool:
-    """Whether a dense attribution matrix takes under a quarter of the memory
-    available (float64 scores, then the float64 result)."""
-    available = available_memory()
-    return available is None or 16 * n_test * n_train < available // 4
-
-
-def check_dense_fits(n_test: int, n_train: int) -> None:
-    """Refuse a dense attribution matrix that cannot fit in memory, and warn when it
-    would take a large share of it; ``most_influential`` streams instead."""
-    if dense_fits(n_test, n_train):
-        return
-    available, needed = available_memory(), 16 * n_test * n_train
-    message = (
-        f"attribute would build a dense ({n_test}, {n_train}) matrix, about {needed / 2**30:.1f} GiB, "
-        f"with {available / 2**30:.1f} GiB of memory available. Use most_influential(X, y, k), which "
-        "streams over the training set, or attribute fewer test samples at a time."
-    )
-    if needed >= available:
-        raise ValueError(message)
-    warnings.warn(message, ResourceWarning, stacklevel=3)
-
-
-class FeatureStorage(NamedTuple):
-    """Where a fit's training features go, and in what type."""
-
-    dtype: np.dtype
-    directory: str | None  # None: in memory (or on a cluster's workers)
-
-
-def feature_storage(values: int, feature_dtype: str, features_dir, resident: int = 0, on_workers=False):
-    """The :class:`FeatureStorage` of ``values`` training features: in
-    ``features_dir`` when set, in the temporary directory when they would take
-    over half the memory that the fit's other ``resident`` bytes leave available,
-    else in memory (``on_workers``: on a cluster's). ``feature_dtype="auto"`` is
-    float16 on disk and float32 elsewhere. The directory is absolute, so that the
-    file is found (and removed) whatever the working directory later."""
-    wide = widest_dtype(feature_dtype)
-    directory = None
-    if features_dir is not None and not on_workers:
-        directory = os.path.abspath(features_dir)
-    elif not on_workers:
-        available = available_memory()
-        if available is not None and values * wide.itemsize > (available - resident) // 2:
-            directory = tempfile.gettempdir()
-    dtype = np.dtype(np.float16) if feature_dtype == "auto" and directory is not None else wide
-    return FeatureStorage(dtype, directory)
-
-
-def widest_dtype(feature_dtype: str) -> np.dtype:
-    """The storage type ``feature_dtype`` gives features in memory ("auto": float32)."""
-    return np.dtype(np.float32 if feature_dtype == "auto" else feature_dtype)
-
-
-def check_memory(stages: dict[str, int]) -> None:
-    """Refuse, before any training, a fit whose resident ``stages`` (bytes) exceed
-    the memory available, naming each."""
-    available, needed = available_memory(), sum(stages.values())
-    if available is None or needed <= available:
-        return
-    listed = ", ".join(f"{name} {size / 2**20:,.0f} MiB" for name, size in stages.items())
-    raise ValueError(
-        f"This fit would hold about {needed / 2**20:,.0f} MiB beyond what the process holds now "
-        f"({listed}), and {available / 2**20:,.0f} MiB of memory is available. Lower proj_dim or "
-        "n_models, store features on disk (features_dir), lower scikit-learn's working_memory, or "
-        "use a machine with more memory; plan_memory(X, y) shows every stage."
-    )
-
-
-def check_plan(plan: MemoryPlan) -> None:
-    """Refuse, before any training, a fit whose planned peak exceeds the memory
-    available even at the smallest chunk, naming its stages."""
-    available = available_memory()
-    if available is None or plan.fit_peak <= available:
-        return
-    stages = ", ".join(
-        f"{name} {size / 2**20:,.0f} MiB"
-        for name, size in plan._asdict().items()
-        if name not in ("chunk_rows", "scores", "worker") and size
-    )
-    raise ValueError(
-        f"This fit would need about {plan.fit_peak / 2**20:,.0f} MiB at its peak ({stages}; featurizing "
-        f"{plan.chunk_rows} row(s) at once), and {available / 2**20:,.0f} MiB of memory is available. "
-        "Train fewer models at once (n_jobs), a smaller net batch_size, fewer members, features on disk "
-        "(features_dir), or use a machine with more memory; plan_memory(X, y) shows every stage."
-    )
-
-
-def check_writable_directory(directory) -> None:
-    """Refuse a ``features_dir`` that is a file or cannot be written, before any
-    training is spent."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as exc:
-        raise ValueError(
-            f"features_dir={os.fspath(directory)!r} cannot hold the training features: "
-            f"{exc.strerror or exc}. Pass a writable directory, or None to keep them in memory."
-        ) from exc
-
-
-def check_free_space(directory: str, nbytes: int) -> None:
-    """Refuse to store ``nbytes`` in ``directory`` when its disk has less free."""
-    free = shutil.disk_usage(directory).free
-    if nbytes > free:
-        raise ValueError(_no_space(directory, nbytes, free))
-
-
-def _no_space(directory: str, nbytes: int, free: int | None = None) -> str:
-    has = "" if free is None else f", and its disk has {free / 2**20:,.0f} MiB free"
-    return (
-        f"The training features need {nbytes / 2**20:,.0f} MiB ({nbytes} bytes) in {directory!r}{has}. "
-        "Free space there, set features_dir to a directory on a disk with room (None, and the "
-        "temporary directory, TMPDIR, is used only when the features would not fit in memory), or "
-        "store less: a smaller proj_dim, feature_dtype='float16', fewer members."
-    )
 
 
 def empty_array(shape: tuple, dtype=np.float32) -> np.ndarray:
@@ -278,7 +67,7 @@ def allocate_npy(path: str, shape: tuple, dtype) -> None:
                     f.write(block[: min(len(block), size - start)])
     except OSError as exc:
         os.remove(path)
-        raise ValueError(_no_space(os.path.dirname(path), size)) from exc
+        raise ValueError(no_space_message(os.path.dirname(path), size)) from exc
 
 
 class FeatureFile:
@@ -304,8 +93,6 @@ def _remove(path: str, temporary: str | None) -> None:
 
 
 # --------------------------------------------------------------- the store
-
-SHARD_BYTES = 64 * 2**20  # the training features of a shard, about
 
 
 def shard_ranges(n: int, row_bytes: int, batch_size: int = 1) -> list[tuple[int, int]]:

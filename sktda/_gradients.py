@@ -37,17 +37,16 @@ from torch.utils._pytree import tree_flatten
 
 from ._data import map_tensors, materialize, n_samples, take, to_torch
 from ._features import allocate_npy, empty_array
-from ._layers import (
-    ExactProjector,
-    LayerProjector,
-    assign_routes,
-    layer_widths,
-    own_forward,
-    registered_routes,
-    routes_for,
-)
+from ._layers import assign_routes, own_forward, registered_routes, routes_for
 from ._parallel import delayed_tasks, run
-from ._projection import KroneckerBlock, make_projector
+from ._projection import (
+    IdentityProjector,
+    KroneckerBlock,
+    LayerProjector,
+    accumulate,
+    layer_widths,
+    make_projector,
+)
 from ._task import NetTask
 from ._uses import NotPerSample, UseTracer, is_batched, mark_batched, release, use_gradients
 
@@ -170,7 +169,7 @@ class LayerEngine(GradientEngine):
     and output gradients; the ``traced`` parameters are differentiated from the
     operations that use them (``_uses``); the ``rowwise`` ones, which neither
     could take, row by row. ``projector`` is a :class:`LayerProjector` (projected
-    features) or an :class:`ExactProjector` (the gradients themselves)."""
+    features) or an :class:`IdentityProjector` (the gradients themselves)."""
 
     def __init__(self, member, task, device, projector, routes, traced=frozenset(), rowwise=frozenset()):
         super().__init__(member, task, device)
@@ -179,7 +178,7 @@ class LayerEngine(GradientEngine):
         self.routes = list(routes)
         self.traced = sorted(traced)
         self.rowwise = sorted(rowwise)
-        self._exact = isinstance(projector, ExactProjector)
+        self._exact = isinstance(projector, IdentityProjector)
         # per-layer curvature of training samples: the last chunk's sums of the routes'
         # projected factors over positions, {weight: (S, A)}
         self.factor_sums = {} if getattr(projector, "per_layer", False) and task.role == "train" else None
@@ -244,7 +243,7 @@ class LayerEngine(GradientEngine):
         grads = {}
         for use, ds in traced:
             if any(d is not None for d in ds):
-                _accumulate(grads, use_gradients(use, params, ds, n))
+                accumulate(grads, use_gradients(use, params, ds, n))
         return grads
 
     def _chunk(self, x, y):
@@ -257,7 +256,7 @@ class LayerEngine(GradientEngine):
                 return
             with torch.no_grad():
                 if not route.kronecker or self._exact:
-                    _accumulate(grads, route.gradients(context, d))
+                    accumulate(grads, route.gradients(context, d))
                     return
                 p_left, p_right = route.pair(context, d)
                 block = route.block_of(context)
@@ -270,8 +269,8 @@ class LayerEngine(GradientEngine):
                     if products[block].shape[0] != n:  # a product of batch 1 is each sample's
                         products[block] = products[block].expand(n, -1, -1).clone()
                 if self.factor_sums is not None:
-                    _accumulate(left_sums, {block: _second_moment(p_left, n)})
-                    _accumulate(right_sums, {block: _second_moment(p_right, n)})
+                    accumulate(left_sums, {block: _second_moment(p_left, n)})
+                    accumulate(right_sums, {block: _second_moment(p_right, n)})
 
         f, r, routed, traced, params = self._pass(x, y, process)
         for route, context, d in routed:  # the calls not taken as the backward pass went
@@ -279,11 +278,11 @@ class LayerEngine(GradientEngine):
         if self.factor_sums is not None:
             self.factor_sums = {block: (left_sums[block], right_sums[block]) for block in left_sums}
         try:
-            _accumulate(grads, self._traced_gradients(traced, params, n))
+            accumulate(grads, self._traced_gradients(traced, params, n))
         except NotPerSample:  # this chunk's shapes do not split by sample: row by row
-            _accumulate(grads, self._row_gradients(x, y, self.traced))
+            accumulate(grads, self._row_gradients(x, y, self.traced))
         if self.rowwise:
-            _accumulate(grads, self._row_gradients(x, y, self.rowwise))
+            accumulate(grads, self._row_gradients(x, y, self.rowwise))
         with torch.no_grad():
             phi = self.projector.finish(products, grads, n, self.device)
         return phi, f, r
@@ -396,7 +395,7 @@ class LayerEngine(GradientEngine):
                 if is_projected:
                     got = {}
                     for (rt, c, _), part in zip(calls, parts):
-                        _accumulate(got, {rt.block_of(c): part})
+                        accumulate(got, {rt.block_of(c): part})
                     n = len(f_batch)
                     # a call whose output has no sample dimension gives a product of another batch
                     bad = any(t.shape[0] not in (1, n) for t in got.values()) or differs(
@@ -406,7 +405,7 @@ class LayerEngine(GradientEngine):
                 else:
                     grads = {}
                     for part in parts:
-                        _accumulate(grads, part)
+                        accumulate(grads, part)
                     bad = any(
                         differs(grads.get(k, torch.zeros_like(reference[k])), reference[k]) for k in own
                     )
@@ -415,7 +414,7 @@ class LayerEngine(GradientEngine):
         failed_traced, grads = set(), {}
         for use, ds in traced:
             try:
-                _accumulate(grads, self._traced_gradients([(use, ds)], params, n_samples(x)))
+                accumulate(grads, self._traced_gradients([(use, ds)], params, n_samples(x)))
             except NotPerSample:
                 failed_traced |= use.names
         for k in set(self.traced) - failed_traced:
@@ -527,11 +526,6 @@ def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
 _SHARED = "(every block)"  # the key of the blocks' summed products, sharing one factorisation
 
 
-def _accumulate(total: dict, part: dict) -> None:
-    for k, v in part.items():
-        total[k] = total[k] + v if k in total else v
-
-
 @dataclass(frozen=True)
 class RouteAssignment:
     """How a member's parameters are differentiated, as its route check decided:
@@ -568,11 +562,9 @@ def make_engine(member, config: GradientConfig, probe=None, assignment=None) -> 
     member = member.to(config.device)
     routes, traced = assign_routes(member.module, member.params, registry=config.routes)
     if proj_dim is None or sum(numels.values()) <= proj_dim:
-        matrices = {}
-        if config.per_layer:
-            weights = {w for r in routes if r.kronecker for w in r.blocks()}
-            matrices = {w: (p.shape[0], p[0].numel()) for w, p in member.params.items() if w in weights}
-        projector = ExactProjector(numels, matrices)
+        projector = IdentityProjector(
+            numels, _routed_matrices(routes, member.params) if config.per_layer else {}
+        )
     else:
         projector = LayerProjector(
             routes, numels, proj_dim, member.seed, config.projection, config.device, config.per_layer
@@ -788,17 +780,28 @@ def feature_blocks(member, config: GradientConfig) -> tuple[list[tuple[int, int]
         return [], p if exact else int(proj_dim)
     routes, _ = assign_routes(member.module, member.params, registry=config.routes)
     if exact:  # each routed weight's gradient is its own block, as stored
-        weights = {w for r in routes if r.kronecker for w in r.blocks()}
-        blocks = [(t.shape[0], t[0].numel()) for w, t in member.params.items() if w in weights]
-        return blocks, p - sum(numels[w] for w in weights)
+        matrices = _routed_matrices(routes, member.params)
+        return list(matrices.values()), p - sum(numels[w] for w in matrices)
     blocks, dense = layer_widths(routes, numels, int(proj_dim))
     return list(blocks.values()), dense
 
 
+def _routed_matrices(routes, params: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{weight: (rows, columns)}`` of the weights that Kronecker routes cover, their
+    gradients viewed as matrices as stored, in the parameters' order."""
+    weights = {w for r in routes if r.kronecker for w in r.blocks()}
+    return {w: (p.shape[0], p[0].numel()) for w, p in params.items() if w in weights}
+
+
+def feature_width(blocks, dense: int) -> int:
+    """The width of features made of Kronecker ``blocks`` ``[(k_out, k_in), ...]``
+    and a ``dense`` block."""
+    return sum(a * b for a, b in blocks) + dense
+
+
 def feature_dim(member, config: GradientConfig) -> int:
     """Width of a member's features, without building its projector."""
-    blocks, dense = feature_blocks(member, config)
-    return sum(a * b for a, b in blocks) + dense
+    return feature_width(*feature_blocks(member, config))
 
 
 def featurizing_setup(members, config: GradientConfig) -> GradientConfig:

@@ -1,12 +1,20 @@
-"""Seeded random projections of per-sample gradients.
+"""The projectors: how a member's per-sample gradients become its features.
 
 A projector maps a batch of per-sample gradients, given as one tensor per parameter
-(``{name: (batch, *shape)}``), to ``(batch, proj_dim)`` features. A Kronecker block
-also projects a layer's gradient from its factors (see ``_layers``) without ever
-forming it. The matrix is
-generated on the CPU in fixed tiles of rows, each from its own seed, so it is the same
-on every device, whatever the batch size, and whether it is cached or regenerated:
-a ``p x k`` matrix too large to keep is never held whole.
+(``{name: (batch, *shape)}``), to ``(batch, out_dim)`` *features*:
+
+- :class:`IdentityProjector`: no projection, the gradients themselves;
+- :class:`DenseProjector`: one seeded random ``p x k`` matrix;
+- :class:`LayerProjector`: a :class:`KroneckerBlock` per routed weight (which
+  also projects a layer's gradient from its factors, as the routes of ``_layers``
+  give them, without ever forming it) and a dense block for the other
+  parameters, summed, or side by side for the per-layer curvature methods
+  (:func:`layer_widths`).
+
+Every random matrix is generated on the CPU in fixed tiles of rows, each from its
+own seed, so it is the same on every device, whatever the batch size, and whether
+it is cached or regenerated: a ``p x k`` matrix too large to keep is never held
+whole.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ _TILE_ROWS = 4096
 _KINDS = ("gaussian", "rademacher")
 
 
-def _tile_seed(seed: int, param_index: int, tile_index: int) -> int:
+def tile_seed(seed: int, param_index: int, tile_index: int) -> int:
     return int(np.random.SeedSequence([seed, param_index, tile_index]).generate_state(1)[0])
 
 
@@ -34,14 +42,30 @@ def _random_tile(kind: str, rows: int, k: int, seed: int) -> torch.Tensor:
 
 
 class IdentityProjector:
-    """No projection: the flattened gradient itself (used when ``p <= proj_dim``)."""
+    """No projection: the flattened per-sample gradients of ``numels``' parameters,
+    in order (zeros for those without a gradient). ``matrices``: ``{name: (rows,
+    cols)}`` of the parameters whose gradients ``layout`` marks as Kronecker blocks
+    (the routed weights, as stored), the others being dense."""
 
-    def __init__(self, numels: dict[str, int]):
+    def __init__(self, numels: dict[str, int], matrices=None):
         self.numels = dict(numels)
         self.out_dim = sum(self.numels.values())
+        matrices = matrices or {}
+        self.layout = _layout([(k, matrices.get(n)) for n, k in self.numels.items()])
+
+    def flatten(self, products, batch, device):
+        return torch.zeros(batch, 0, device=device)
+
+    def finish(self, products, grads, batch: int, device) -> torch.Tensor:
+        parts = [
+            grads[n].reshape(batch, -1) if n in grads else torch.zeros(batch, k, device=device)
+            for n, k in self.numels.items()
+        ]
+        return torch.cat(parts, 1)
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([grads[n].reshape(grads[n].shape[0], -1) for n in self.numels], 1)
+        first = next(iter(grads.values()))
+        return self.finish({}, grads, first.shape[0], first.device)
 
 
 class DenseProjector:
@@ -79,7 +103,7 @@ class DenseProjector:
     def _tiles(self, param_index: int, numel: int):
         for b, start in enumerate(range(0, numel, _TILE_ROWS)):
             rows = min(_TILE_ROWS, numel - start)
-            yield _random_tile(self.kind, rows, self.out_dim, _tile_seed(self.seed, param_index, b))
+            yield _random_tile(self.kind, rows, self.out_dim, tile_seed(self.seed, param_index, b))
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         first = next(iter(grads.values()))
@@ -135,13 +159,13 @@ class KroneckerBlock:
         self.weight, self.n_left, self.n_right, self.transposed = weight, n_left, n_right, transposed
         self.factors, self._seed, self._kind, self._device = tuple(factors), seed, kind, device
         k_out, k_in = factors
-        self.p_left = _random_tile(kind, n_left, k_out, _tile_seed(seed, 0, 0)).to(device)
-        self.p_right = _random_tile(kind, n_right, k_in, _tile_seed(seed, 0, 1)).to(device)
+        self.p_left = _random_tile(kind, n_left, k_out, tile_seed(seed, 0, 0)).to(device)
+        self.p_right = _random_tile(kind, n_right, k_in, tile_seed(seed, 0, 1)).to(device)
         self.bias_rows: dict[str, torch.Tensor] = {}
 
     def add_bias(self, name: str) -> None:
         if name not in self.bias_rows:
-            seed = _tile_seed(self._seed, 1 + len(self.bias_rows), 1)
+            seed = tile_seed(self._seed, 1 + len(self.bias_rows), 1)
             self.bias_rows[name] = _random_tile(self._kind, 1, self.factors[1], seed)[0].to(self._device)
 
     def right(self, a: torch.Tensor, bias: str | None = None) -> torch.Tensor:
@@ -169,12 +193,12 @@ class KroneckerBlock:
         """Per-sample gradients ``(batch, *weight.shape)`` as ``(batch, n_left, n_right)``."""
         return g.transpose(1, 2) if self.transposed else g.reshape(g.shape[0], self.n_left, self.n_right)
 
-    def full(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The same projection of full per-sample gradients ``{name: (batch, ...)}``."""
-        out = torch.einsum("blr,lo,ri->boi", self.view(grads[self.weight]), self.p_left, self.p_right)
-        for bias, row in self.bias_rows.items():
-            out = out + torch.einsum("bl,lo,i->boi", grads[bias], self.p_left, row)
-        return out
+    def project(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        """The projection ``(batch, k_out, k_in)`` of the full per-sample gradients
+        ``g`` of ``name``, the block's weight or one of its biases."""
+        if name == self.weight:
+            return torch.einsum("blr,lo,ri->boi", self.view(g), self.p_left, self.p_right)
+        return torch.einsum("bl,lo,i->boi", g, self.p_left, self.bias_rows[name])
 
 
 def make_projector(
@@ -190,3 +214,146 @@ def make_projector(
     if proj_dim is None or sum(numels.values()) <= proj_dim:
         return IdentityProjector(numels)
     return DenseProjector(numels, proj_dim, seed, kind=kind, device=device)
+
+
+def layer_widths(routes, numels: dict[str, int], proj_dim: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Per-layer features: ``({weight: (k_out, k_in)}, k_dense)``, one Kronecker
+    block per routed weight and one dense block for every other parameter.
+
+    Every weight's block has the ``k_out x k_in`` shape that the single projection
+    of ``proj_dim`` gives each weight (:func:`~sktda._projection.kronecker_factors`),
+    capped by the layer's own sizes so that no layer is projected onto more dimensions than it has (a
+    ``10``-output layer gets at most ``10 x k_in``), and the dense block gets
+    ``min(proj_dim, its parameters)``. The features are these blocks side by side,
+    so they are about ``n_layers x proj_dim`` wide."""
+    k_out, k_in = kronecker_factors(proj_dim)
+    shapes = {}
+    for route in routes:
+        if route.kronecker:
+            biased = len(route.parameter_names) > len(route.blocks())  # a bias adds a column
+            for weight, (n_left, n_right, _) in route.blocks().items():
+                cols = max(shapes.get(weight, (0, 0))[1], n_right + biased)
+                shapes[weight] = (n_left, cols)
+    kron = set().union(*(r.parameter_names for r in routes if r.kronecker)) if routes else set()
+    n_dense = sum(k for name, k in numels.items() if name not in kron)
+    blocks = {w: (min(n_left, k_out), min(n_right, k_in)) for w, (n_left, n_right) in shapes.items()}
+    return blocks, min(n_dense, proj_dim)
+
+
+class LayerProjector:
+    """The projection of a member's gradient from per-parameter blocks (see the
+    module docstring): a Kronecker block per routed weight (and its biases), and a
+    dense block for every other parameter of ``numels``.
+
+    ``per_layer=False``: the blocks share one ``k_out x k_in`` factorisation of
+    ``proj_dim`` and are summed (the first ``proj_dim`` products are kept,
+    rescaled to stay unbiased, when it is not exact). ``per_layer=True``: each
+    block has its own size (:func:`layer_widths`) and the features are the blocks
+    side by side, ``layout`` says where, so that a method can treat each layer's
+    curvature on its own. The projection of a parameter is the same whichever way
+    its gradient is computed."""
+
+    def __init__(
+        self, routes, numels: dict[str, int], proj_dim, seed, kind="gaussian", device="cpu", per_layer=False
+    ):
+        proj_dim = int(proj_dim)
+        self.per_layer = per_layer
+        self.factors = kronecker_factors(proj_dim)
+        self._scale = math.sqrt(self.factors[0] * self.factors[1] / proj_dim)
+        self._widths, dense_dim = layer_widths(routes, numels, proj_dim) if per_layer else ({}, proj_dim)
+        self._seed, self._kind, self._device = seed, kind, device
+        self.blocks: dict[str, KroneckerBlock] = {}
+        for route in routes:
+            route.build(self)
+        self._bias_blocks = {b: block for block in self.blocks.values() for b in block.bias_rows}
+        dense = {n: k for n, k in numels.items() if n not in self.blocks and n not in self._bias_blocks}
+        self.dense = (
+            DenseProjector(dense, dense_dim, tile_seed(seed, len(self.blocks), 1), kind, device)
+            if dense and dense_dim
+            else None
+        )
+        if per_layer:
+            sizes = [(math.prod(b.factors), b.factors) for b in self.blocks.values()]
+            sizes += [(self.dense.out_dim, None)] if self.dense is not None else []
+            self.layout = _layout(sizes)
+            self.out_dim = self.layout[-1][1] if self.layout else 0
+        else:
+            self.out_dim = proj_dim
+            self.layout = ((0, self.out_dim, None),)
+
+    def block(self, weight: str, n_left: int, n_right: int, transposed: bool = False) -> KroneckerBlock:
+        """The Kronecker block of the weight ``weight`` (one per parameter, shared by
+        the routes of every module that holds it)."""
+        if weight not in self.blocks:
+            seed = tile_seed(self._seed, len(self.blocks), 0)
+            factors = self._widths[weight] if self.per_layer else self.factors
+            self.blocks[weight] = KroneckerBlock(
+                weight, n_left, n_right, factors, seed, self._kind, self._device, transposed
+            )
+        return self.blocks[weight]
+
+    def project_full(self, grads: dict[str, torch.Tensor]):
+        """``(products, dense)``: the projection of full per-sample gradients of any of
+        the parameters, as Kronecker products ``{weight: (batch, k_out, k_in)}`` and
+        dense features ``(batch, k)`` (0 when there are none)."""
+        products = {}
+        for name, g in grads.items():
+            block = self.blocks.get(name) or self._bias_blocks.get(name)
+            if block is not None:
+                accumulate(products, {block.weight: block.project(name, g)})
+        rest = {n: g for n, g in grads.items() if n not in self.blocks and n not in self._bias_blocks}
+        dense = self.dense(rest) if rest and self.dense is not None else 0
+        return products, dense
+
+    def flatten(self, products: dict, batch: int, device) -> torch.Tensor:
+        """The Kronecker part of the features, ``(batch, width)``, from the products
+        ``{weight: (batch, k_out, k_in)}`` (absent blocks are zero)."""
+        if self.per_layer:
+            parts = [
+                products[w].expand(batch, -1, -1).reshape(batch, -1)  # a product of batch 1 is shared
+                if w in products
+                else torch.zeros(batch, math.prod(b.factors), device=device)
+                for w, b in self.blocks.items()
+            ]
+            return torch.cat(parts, 1) if parts else torch.zeros(batch, 0, device=device)
+        if not products:
+            return torch.zeros(batch, self.out_dim, device=device)
+        flat = sum(products.values()).expand(batch, -1, -1).reshape(batch, -1)
+        return flat[:, : self.out_dim] * self._scale if flat.shape[1] != self.out_dim else flat
+
+    def finish(self, products: dict, grads: dict[str, torch.Tensor], batch: int, device) -> torch.Tensor:
+        """Features ``(batch, out_dim)`` from the routes' Kronecker products
+        ``{weight: (batch, k_out, k_in)}`` and the full per-sample gradients of the
+        other parameters."""
+        more, dense = self.project_full(grads)
+        accumulate(products, more)
+        kron = self.flatten(products, batch, device)
+        if not self.per_layer:
+            return kron + dense
+        if self.dense is None:
+            return kron
+        if not isinstance(dense, torch.Tensor):
+            dense = torch.zeros(batch, self.dense.out_dim, device=device)
+        return torch.cat([kron, dense], 1)
+
+    def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The projection of full per-sample gradients ``{name: (batch, ...)}``."""
+        first = next(iter(grads.values()))
+        return self.finish({}, grads, first.shape[0], first.device)
+
+
+def _layout(sizes) -> tuple:
+    """``((start, stop, shape), ...)`` of blocks of ``(width, shape)``, consecutive;
+    ``shape`` is ``(k_out, k_in)`` for a Kronecker block, None for a dense one."""
+    layout, start = [], 0
+    for width, shape in sizes:
+        layout.append((start, start + width, shape))
+        start += width
+    return tuple(layout)
+
+
+def accumulate(total: dict, part: dict) -> None:
+    """Add the tensors of ``part`` into ``total``, key by key (a new key is taken as
+    it is)."""
+    for k, v in part.items():
+        total[k] = total[k] + v if k in total else v

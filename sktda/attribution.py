@@ -16,37 +16,31 @@ from sklearn.utils.validation import check_is_fitted, check_scalar
 from ._base import GradientEstimator, fill_doc
 from ._compat import Interval, StrOptions
 from ._data import (
-    by_reference,
-    call,
     copy_inputs,
     group_codes,
-    is_dask,
-    is_dataset,
     n_samples,
     take,
     to_torch,
     validate_predict_data,
 )
-from ._features import (
-    SHARD_BYTES,
-    FeatureFile,
-    FeatureStorage,
-    FeatureStore,
-    MemoryPlan,
-    check_dense_fits,
-    check_free_space,
-    check_memory,
-    check_plan,
-    check_writable_directory,
-    dense_fits,
-    feature_storage,
-    merge_topk,
-    relatif_scale,
-    widest_dtype,
-)
+from ._features import FeatureFile, FeatureStore, merge_topk, relatif_scale
 from ._gradients import feature_blocks
 from ._methods import METHODS, SCORE_DTYPE
 from ._nets import checkpoint_epochs, checkpoints_per_net, resolve_device
+from ._resources import (
+    FitPlan,
+    FitSizes,
+    MemoryPlan,
+    check_dense_fits,
+    check_fit_resources,
+    check_writable_directory,
+    copied_bytes,
+    dense_fits,
+    input_bytes,
+    memory_plan,
+    resident_sizes,
+    row_bytes,
+)
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score, units_calibration
 from .model_selection import subset_retraining
@@ -463,96 +457,46 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
             )
         return client
 
-    def _check_resources(self, X, task, module, strategy, device):
-        features, stages, storage = self._resident(X, task, module, strategy, device)
-        if self._client() is not None:  # the features stay on the workers
-            check_memory(stages)
-            self._storage = storage
-            return
+    def _check_resources(self, X, task, module, strategy, device) -> FitPlan:
+        sizes = self._fit_sizes(X, task, module, strategy, device)
+        on_workers = self._client() is not None
+        resident = resident_sizes(sizes, self.feature_dtype, self.features_dir, on_workers)
         # sized once: the plan reads the same stages
-        plan = self._memory_plan(
-            X, task, module, strategy, device, strict=False, resident=(features, dict(stages), storage)
-        )
-        if storage.directory is not None:
-            check_free_space(storage.directory, features)
-        else:
-            stages["features"] = features
-        check_memory(stages)
-        if plan is not None:
-            check_plan(plan)
-            self._chunk_rows = plan.chunk_rows
-        self._storage = storage  # the same decisions when the features are written
+        plan = None if on_workers else self._memory_plan(X, module, sizes, resident, strict=False)
+        check_fit_resources(resident, plan, on_workers)
+        # the same decisions when the features are written
+        return FitPlan(resident.storage, None if plan is None else plan.chunk_rows)
 
-    def _feature_sizes(self, X, task, module, strategy, device):
-        """``(n_members, Kronecker blocks, dense width, number of values)`` of the
-        features this fit will store (residuals aside), sized from the untrained
-        ``module``."""
+    def _fit_sizes(self, X, task, module, strategy, device) -> FitSizes:
+        """The :class:`~sktda._resources.FitSizes` of this fit, sized from the
+        untrained ``module`` and the validated inputs ``X``."""
         method = self._method(task)
         n_members = self._n_models() * strategy.members_per_model
         if method.needs_checkpoints:
             n_members *= self._checkpoints_per_model()
         member = strategy.sizing_member(module)
         blocks, dense = feature_blocks(member, self._gradient_config(task, device))
-        width = sum(a * b for a, b in blocks) + dense
-        return n_members, blocks, dense, n_members * n_samples(X) * width
-
-    def _resident(self, X, task, module, strategy, device) -> tuple[int, dict[str, int], FeatureStorage]:
-        """The features' bytes, the bytes of everything else a fit holds at once
-        that can be sized exactly before training (the models, sktda's copy of
-        the inputs, the residuals, the curvature and the streamed row blocks), and
-        where the features go and in what type."""
-        from sklearn import get_config
-
-        method = self._method(task)
-        n = n_samples(X)
-        n_members, blocks, dense, values = self._feature_sizes(X, task, module, strategy, device)
-        width = sum(a * b for a, b in blocks) + dense
-        if not method.inverts:
-            curvature = 0
-        elif method.per_layer:  # each block's two eigenbases and its inverse eigenvalues
-            curvature = sum(a * a + b * b + a * b for a, b in blocks) + 2 * dense * dense
-        else:  # the Gram, then its inverse and Cholesky factor
-            curvature = 2 * width * width
-        params = sum(p.numel() * p.element_size() for p in module.parameters())
-
-        def working(dtype) -> int:
-            # the blocks streamed within one shard at a time: at most a member's rows of a
-            # shard in float64 and their train side, within scikit-learn's working_memory
-            return min(
-                get_config()["working_memory"] * 2**20,
-                n * n_members * 3 * width * 4,
-                2 * (8 // dtype.itemsize) * SHARD_BYTES // n_members,
-            )
-
-        stages = {
-            "models": self._n_models() * params,
-            "inputs": _copied_bytes(X),
-            "residuals": n_members * n * 4,  # float32, in memory
-            "curvature": n_members * 8 * curvature,
-            "working": working(widest_dtype(self.feature_dtype)),  # until the storage is decided
-        }
-        storage = feature_storage(
-            values, self.feature_dtype, self.features_dir, sum(stages.values()), self._client() is not None
+        return FitSizes(
+            n=n_samples(X),
+            n_models=self._n_models(),
+            n_members=n_members,
+            blocks=blocks,
+            dense=dense,
+            curvature=("per_layer" if method.per_layer else "gram") if method.inverts else None,
+            param_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),
+            input_bytes=input_bytes(X),
+            copied_bytes=copied_bytes(X),
         )
-        stages["working"] = working(storage.dtype)
-        return values * storage.dtype.itemsize, stages, storage
 
-    def _memory_plan(
-        self, X, task, module, strategy, device, n_test: int = 0, strict=True, resident=None
-    ) -> MemoryPlan | None:
-        """What this fit will hold, sized from the untrained ``module`` and the
-        validated inputs ``X`` (see :class:`~sktda.MemoryPlan`), with the
+    def _memory_plan(self, X, module, sizes, resident, n_test: int = 0, strict=True) -> MemoryPlan | None:
+        """What this fit will hold (see :class:`~sktda.MemoryPlan`), with the
         featurization chunk shrunk where ``batch_size`` rows would not fit in the
         memory available. Not ``strict``: None where the module cannot take a
-        sample yet (the training guard then says why, with what the net needs).
-        ``resident``: :meth:`_resident`'s sizes, when the caller has them."""
+        sample yet (the training guard then says why, with what the net needs)."""
         from joblib import effective_n_jobs
 
-        features, stages, storage = resident or self._resident(X, task, module, strategy, device)
-        on_workers = self._client() is not None
-        on_disk = storage.directory is not None
         try:
-            per_row = _row_bytes(module, to_torch(take(X, slice(0, 1))))
+            per_row = row_bytes(module, to_torch(take(X, slice(0, 1))))
         except Exception as exc:
             if not strict:
                 return None
@@ -561,36 +505,19 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
                 f"sample, and it failed ({type(exc).__name__}: {exc}). A module that a callback sizes "
                 "when training begins cannot be planned: build it at its final size."
             ) from exc
-        n = n_samples(X)
-        params = stages["models"] // self._n_models()
         nets = self._frozen_nets()
-        # weights, gradients and two optimizer moments, and a batch's rows
-        training = 4 * params + per_row * min((self.estimator if nets is None else nets[0]).batch_size, n)
-        if nets is not None and self.ensemble != "lora":
-            training = 0  # nothing is trained
-        here = 0 if on_workers else min(self._n_models(), effective_n_jobs(self.n_jobs))
-        rows = min(self.batch_size, n)
-        featurizing = params + per_row * rows  # a member's working copy, and a chunk
-        worker = 0
-        if on_workers:
-            n_workers = max(1, len(self._client().scheduler_info()["workers"]))
-            whole_inputs = _input_bytes(X)  # read by the worker that trains
-            worker = max(training + whole_inputs, featurizing) + features // n_workers + 3 * SHARD_BYTES
-        plan = MemoryPlan(
-            models=stages["models"],
-            training=here * training,
-            featurizing=here * featurizing,
-            inputs=stages["inputs"],
-            features=(0 if on_disk or on_workers else features) + stages["residuals"],
-            features_on_disk=features if on_disk else 0,
-            features_on_workers=features if on_workers else 0,
-            curvature=stages["curvature"],
-            working=0 if on_workers else stages["working"],
-            scores=16 * n_test * n,
-            worker=worker,
-            chunk_rows=rows,
+        client = self._client()
+        return memory_plan(
+            sizes,
+            resident,
+            row_bytes=per_row,
+            training_rows=min((self.estimator if nets is None else nets[0]).batch_size, sizes.n),
+            trains=nets is None or self.ensemble == "lora",  # a frozen net is not trained
+            at_once=min(self._n_models(), effective_n_jobs(self.n_jobs)),
+            chunk_rows=min(self.batch_size, sizes.n),
+            n_workers=0 if client is None else max(1, len(client.scheduler_info()["workers"])),
+            n_test=n_test,
         )
-        return plan.with_chunk_that_fits(here, params, per_row)
 
     def plan_memory(self, X, y=None, n_test: int = 0) -> MemoryPlan:
         """The memory a fit on ``(X, y)`` would need, stage by stage, before any
@@ -617,7 +544,9 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         check_scalar(n_test, "n_test", numbers.Integral, min_val=0)
         probe = self._unfitted()  # checks set attributes: not on this estimator
         task, module, X, _, strategy = probe._prepare(X, y)
-        return probe._memory_plan(X, task, module, strategy, resolve_device(self.device), n_test)
+        sizes = probe._fit_sizes(X, task, module, strategy, resolve_device(self.device))
+        resident = resident_sizes(sizes, self.feature_dtype, self.features_dir, probe._client() is not None)
+        return probe._memory_plan(X, module, sizes, resident, n_test)
 
     def _target(self):
         return self.target
@@ -639,10 +568,11 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         start = time.perf_counter()
         method = self._method()()
         members = self.ensemble_.members(checkpoints=method.needs_checkpoints)
-        dtype = self._storage.dtype
+        storage = self._fit_plan.storage
+        dtype = storage.dtype
         file = None
-        if self._storage.directory is not None:  # held by the fit from here, so that a failure removes it
-            file = self._file = FeatureFile(self._storage.directory, own_directory=self.features_dir is None)
+        if storage.directory is not None:  # held by the fit from here, so that a failure removes it
+            file = self._file = FeatureFile(storage.directory, own_directory=self.features_dir is None)
         shards, residuals, layouts, factors = self._training_features(
             members, X, y, task=task, device=device, dtype=dtype, out_file=None if file is None else file.path
         )
@@ -963,53 +893,3 @@ def _scaled(out, factor: float):
         scores, std = out
         return _scaled(scores, factor), _scaled(std, abs(factor))
     return out.cpu().numpy().astype(np.float64) * factor
-
-
-def _copied_bytes(X) -> int:
-    """Bytes of sktda's copy of the inputs (none of a dask array or a Dataset)."""
-    return 0 if by_reference(X) else _input_bytes(X)
-
-
-def _input_bytes(X) -> int:
-    """Bytes of the inputs (a dask array's as computed; 0 for a Dataset, unknown)."""
-    if is_dataset(X):
-        return 0
-    return sum(
-        int(v.nbytes if is_dask(v) else np.asarray(v).nbytes)
-        for v in (X.values() if isinstance(X, dict) else [X])
-    )
-
-
-def _row_bytes(module: torch.nn.Module, sample) -> int:
-    """Bytes that one more row of a batch adds to a forward and backward pass:
-    the larger of twice every leaf module's output (what a pass of a small net
-    holds, as measured on an MLP and a CNN) and 1.75 times what autograd saves
-    for the backward pass, the target's log-probabilities included (as measured
-    on GPT-2- and Llama-size language models, whose attention and vocabulary
-    save more than their layers output)."""
-    outputs, saved = 0, {}
-
-    def count(_module, _inputs, output):
-        nonlocal outputs
-        for t in output if isinstance(output, (tuple, list)) else (output,):
-            if isinstance(t, torch.Tensor):
-                outputs += t.numel() * t.element_size()
-
-    def pack(t):
-        storage = t.untyped_storage()
-        saved[storage.data_ptr()] = max(saved.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    leaves = [m for m in module.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    try:
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                out = call(module, sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-    out_bytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else 0
-    backward = sum(size for ptr, size in saved.items() if ptr not in weights) + out_bytes
-    return max(2 * outputs, 7 * backward // 4)

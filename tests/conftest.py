@@ -141,7 +141,7 @@ def fitted_trak(digits):
 def short_memory(monkeypatch, attributor, X, y):
     """Fake a machine whose memory holds what a fit of ``attributor`` needs beside
     its features, and not the features too: they go to disk."""
-    import sktda._features as features_module
+    import sktda._resources as features_module
 
     plan = attributor.plan_memory(X, y)
     available = plan.models + plan.inputs + plan.curvature + plan.working + plan.features

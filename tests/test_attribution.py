@@ -7,7 +7,7 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-import sktda._features as features_module
+import sktda._resources as features_module
 from sktda import EnsembleAttributor
 from sktda.models import MLP
 

@@ -14,8 +14,9 @@ from torch import nn
 from sktda import EnsembleAttributor
 from sktda._features import FeatureStore, LocalShards
 from sktda._gradients import FactorSums, GradientConfig, featurize, featurize_members, make_engine
-from sktda._layers import assign_routes, layer_widths
+from sktda._layers import assign_routes
 from sktda._methods import EKFAC, KFAC
+from sktda._projection import layer_widths
 from sktda.models import MLP, TokenTransformer
 
 from .conftest import make_classifier_net, make_language_model_net

@@ -13,8 +13,8 @@ import pytest
 from skorch.callbacks import Callback, EarlyStopping
 
 import sktda._ensembles as ensembles
-import sktda._features as features_module
 import sktda._gradients as gradients
+import sktda._resources as features_module
 from sktda import EnsembleAttributor, FilteredEstimator, OutlierGradientDetector
 
 from .conftest import make_classifier_net

@@ -13,9 +13,9 @@ from torch.func import functional_call, grad, vmap
 
 from sktda import EnsembleAttributor, OutlierGradientDetector
 from sktda._ensembles import IndependentEnsemble, TrainedEnsemble, TrainedModel
-from sktda._layers import LayerProjector, assign_routes
+from sktda._layers import assign_routes
 from sktda._nets import check_net
-from sktda._projection import DenseProjector
+from sktda._projection import DenseProjector, LayerProjector
 
 from .conftest import make_classifier_net, make_language_model_net
 from .test_gradients import TASK, _member, _same_features

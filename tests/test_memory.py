@@ -70,7 +70,7 @@ def test_available_memory_counts_the_reclaimable_page_cache():
     still has it to give."""
     import os
 
-    from sktda._features import available_memory
+    from sktda._resources import available_memory
 
     if not os.path.exists("/proc/meminfo"):
         pytest.skip("no /proc/meminfo: not Linux")
@@ -111,7 +111,7 @@ def test_the_plan_counts_samples_of_a_dict_input():
 
 
 def _memory_of(monkeypatch, available):
-    import sktda._features as features_module
+    import sktda._resources as features_module
 
     monkeypatch.setattr(features_module, "available_memory", lambda: available)
 
@@ -133,7 +133,7 @@ def test_a_fit_that_would_not_fit_featurizes_fewer_rows_at_once(digits, monkeypa
     plan = attr.plan_memory(X_train, y_train)
     assert 30 <= plan.chunk_rows <= 40 and plan.fit_peak <= available
     shrunk = clone(attr).fit(X_train, y_train)
-    assert shrunk._chunk_rows == plan.chunk_rows
+    assert shrunk._fit_plan.chunk_rows == plan.chunk_rows
     monkeypatch.undo()
     expected = clone(attr).fit(X_train, y_train).attribute(X_test, y_test)
     np.testing.assert_allclose(shrunk.attribute(X_test, y_test), expected, rtol=1e-4, atol=1e-6)
