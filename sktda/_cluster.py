@@ -61,9 +61,13 @@ class ClusterShards:
     """Shards of training features held by a Dask cluster's workers, one future
     per row range (see the module docstring). Scored on the workers' CPUs, each
     task with this process's torch threads, as the same work runs here (float32
-    products round differently with different thread counts)."""
+    products round differently with different thread counts). A
+    :class:`~sktda._features.Shards`."""
 
-    device_bound = False
+    remote = True
+
+    def scoring_device(self, device):
+        return torch.device("cpu")  # the workers'
 
     def __init__(self, client, ranges, blocks, dtype, shape, sources=()):
         self.client, self.ranges, self.blocks = client, ranges, blocks

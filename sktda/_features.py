@@ -2,9 +2,9 @@
 the operations the attribution methods need on them.
 
 The features are kept in *shards*, row ranges fixed by the data alone
-(:func:`shard_ranges`): in this process (:class:`LocalShards`, in memory or
-memory-mapped from a ``.npy`` file) or on a Dask cluster's workers
-(:class:`~sktda._cluster.ClusterShards`). :class:`FeatureStore` holds them with the
+(:func:`shard_ranges`), behind one interface (:class:`Shards`): in this process
+(:class:`LocalShards`, in memory or memory-mapped from a ``.npy`` file) or on a
+Dask cluster's workers (:class:`~sktda._cluster.ClusterShards`). :class:`FeatureStore` holds them with the
 members' coefficients and fitted method states, and runs every operation shard by
 shard, where the shards live: a member's sums for ``fit`` (:class:`MemberRows`),
 the scores of the training columns, the self-attribution, the streaming top-k.
@@ -12,7 +12,14 @@ Sums over shards are added in one fixed pairwise tree, so the results are the sa
 wherever the shards live. A file is the store's own (:class:`FeatureFile`): sized
 and checked before any training, its blocks reserved before it is written, removed
 when the fit is released or collected; a pickled copy holds the features in memory
-and owns no file.
+and owns no file. How much memory and disk they may take is ``_resources``'s
+question.
+
+Vocabulary: a *member* is one model of the ensemble as attribution sees it (a
+trained model, a dropout mask of one, a LoRA adapter); a *feature set* is one
+member's features at one set of weights (TracIn has one per checkpoint, every
+other method one per member: ``sets_per_member``); *features* are always the
+per-sample gradient features, never the inputs' columns.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import shutil
 import tempfile
 import uuid
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -114,14 +121,56 @@ class FeatureBlock(NamedTuple):
     meta: object = None
 
 
+class Shards(Protocol):
+    """Where the training features live, and how an operation reaches them: the
+    interface of :class:`LocalShards` and :class:`~sktda._cluster.ClusterShards`.
+
+    ``ranges``: the shards' row ranges (:func:`shard_ranges`); ``shape``: the
+    features' ``(n_members, n, k)``; ``remote``: the shards live outside this
+    process, so that a large result can stay where they are (:meth:`lazy`)."""
+
+    ranges: list
+    shape: tuple
+    remote: bool
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def scoring_device(self, device: torch.device) -> torch.device:
+        """The device the shards' blocks are computed on, for an estimator on ``device``."""
+
+    def map(self, fn, *args, per_shard=None) -> list:
+        """``fn(block, *args, *per_shard[i])`` of every shard ``i``, in order, here."""
+
+    def sum(self, fn, *args, per_shard=None):
+        """The sum of :meth:`map`'s results, added in :func:`tree_sum`'s order."""
+
+    def lazy(self, fn, *args, per_shard=None, rows: int):
+        """Remote shards: :meth:`map`'s ``(rows, shard size)`` results left where the
+        shards live, as one lazy ``(rows, n)`` dask array."""
+
+    def array(self):
+        """The features ``(n_members, n, k)``: an array, or a lazy dask array."""
+
+    def to_local(self) -> LocalShards:
+        """The shards in this process (themselves when they are)."""
+
+
 class LocalShards:
     """The shards of features held by this process, in memory or memory-mapped:
-    each shard's block is a view of one ``(n_members, n, k)`` array."""
+    each shard's block is a view of one ``(n_members, n, k)`` array. A
+    :class:`Shards`."""
 
-    device_bound = True  # its blocks are scored on the estimator's own device
+    remote = False
 
     def __init__(self, features, residuals, ranges):
         self.features, self.residuals, self.ranges = features, residuals, ranges
+
+    def scoring_device(self, device):
+        return device  # its blocks are scored on the estimator's own device
+
+    def to_local(self) -> LocalShards:
+        return self
 
     def _results(self, fn, args, per_shard):
         per_shard = per_shard or [()] * len(self.ranges)
@@ -189,14 +238,14 @@ class MemberRows:
         """``sum_j fn(*args, phi_j, residual_j)`` over row blocks of the member's
         features (float32 tensors), each block within ``working_memory``."""
         rows = max(1, get_chunk_n_rows(row_bytes=8 * self.k, max_n_rows=self.n))
-        device = self.device if self.shards.device_bound else torch.device("cpu")
+        device = self.shards.scoring_device(self.device)
         return self.shards.sum(_member_sum, self.member, rows, device, fn, args)
 
     def gather(self, fn, *args) -> torch.Tensor:
         """``fn(*args, phi, residual)`` of every row of the member's features, in
         order, concatenated here: for a state built from all ``n`` rows at once
         (when ``n`` is smaller than ``k``, no larger than a ``k x k`` Gram)."""
-        device = self.device if self.shards.device_bound else torch.device("cpu")
+        device = self.shards.scoring_device(self.device)
         parts = self.shards.map(_member_rows, self.member, device, fn, args)
         return torch.cat([part.to(self.device) for part in parts])
 
@@ -276,21 +325,18 @@ class FeatureStore:
     def gathered(self) -> FeatureStore:
         """This store with its features in this process: itself, or a copy of a
         cluster's (which a pickled copy, outliving the cluster, must hold)."""
-        if self.shards.device_bound:
+        local = self.shards.to_local()
+        if local is self.shards:
             return self
         copy = FeatureStore.__new__(FeatureStore)
-        copy.__dict__.update(self.__dict__, shards=self.shards.to_local())
+        copy.__dict__.update(self.__dict__, shards=local)
         return copy
 
     # ------------------------------------------------------------- scores
-    def _where(self, device):
-        """The device the shards are scored on: ``device``, or the workers' CPUs."""
-        return device if self.shards.device_bound else torch.device("cpu")
-
     def _test_sides(self, method, test_phis, device):
         """The scoring device, the members' states there, and their test sides
         (``phi H^-1`` for TRAK), computed once for every shard."""
-        where = self._where(device)
+        where = self.shards.scoring_device(device)
         states = _states(self.states, where, SCORE_DTYPE)
         return (
             where,
@@ -389,7 +435,7 @@ class FeatureStore:
         """The diagonal of the training set's attribution to itself, unscaled, in
         row blocks (``dtype`` float32 where speed matters more than the last
         digits)."""
-        where = self._where(device)
+        where = self.shards.scoring_device(device)
         factors = [method.self_factor(state) for state in _states(self.states, where, dtype)]
         rows = max(1, get_chunk_n_rows(row_bytes=torch.finfo(dtype).bits // 8 * 3 * self.k * len(factors)))
         parts = self.shards.map(_block_self, method, self.coefs, factors, rows, where, dtype)

@@ -47,6 +47,7 @@ from ._projection import (
     layer_widths,
     make_projector,
 )
+from ._resources import feature_width
 from ._task import NetTask
 from ._uses import NotPerSample, UseTracer, is_batched, mark_batched, release, use_gradients
 
@@ -791,12 +792,6 @@ def _routed_matrices(routes, params: dict[str, torch.Tensor]) -> dict[str, tuple
     gradients viewed as matrices as stored, in the parameters' order."""
     weights = {w for r in routes if r.kronecker for w in r.blocks()}
     return {w: (p.shape[0], p[0].numel()) for w, p in params.items() if w in weights}
-
-
-def feature_width(blocks, dense: int) -> int:
-    """The width of features made of Kronecker ``blocks`` ``[(k_out, k_in), ...]``
-    and a ``dense`` block."""
-    return sum(a * b for a, b in blocks) + dense
 
 
 def feature_dim(member, config: GradientConfig) -> int:

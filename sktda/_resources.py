@@ -243,6 +243,12 @@ def no_space_message(directory: str, nbytes: int, free: int | None = None) -> st
 # ------------------------------------------------------------ a fit's sizes
 
 
+def feature_width(blocks, dense: int) -> int:
+    """The width of features made of Kronecker ``blocks`` ``[(k_out, k_in), ...]``
+    and a ``dense`` block."""
+    return sum(a * b for a, b in blocks) + dense
+
+
 class FitSizes(NamedTuple):
     """What a fit will train and store, known before any training: ``n`` training
     rows; ``n_models`` models of ``param_bytes`` parameters each; ``n_members``
@@ -264,7 +270,7 @@ class FitSizes(NamedTuple):
     @property
     def width(self) -> int:
         """The width of a feature set: its Kronecker blocks and its dense block."""
-        return sum(a * b for a, b in self.blocks) + self.dense
+        return feature_width(self.blocks, self.dense)
 
     @property
     def values(self) -> int:

@@ -661,7 +661,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         method = self._method()()
         if groups is not None:
             return _scaled(self._group_scores(X, y, *self._group_codes(groups), return_std), factor)
-        lazy = not self._store.shards.device_bound and not dense_fits(n_samples(X), self._store.n)
+        lazy = self._store.shards.remote and not dense_fits(n_samples(X), self._store.n)
         if lazy and return_std:
             raise ValueError(
                 "return_std=True needs the dense (n_test, n_train) matrix in this process, and with the "
