@@ -25,7 +25,8 @@ from ._compat import Interval, StrOptions, fit_context
 from ._data import n_samples, take, targets_of, validate_fit_data, validate_predict_data
 from ._ensembles import ENSEMBLES, TrainedEnsemble
 from ._features import LocalShards, empty_array, shard_ranges
-from ._gradients import GRADIENT_PATHS, GradientConfig, assign_members, feature_dim, featurize_members
+from ._featurize import featurize_members
+from ._gradients import GRADIENT_PATHS, GradientConfig, assign_members, feature_dim
 from ._nets import (
     check_net,
     check_pretrained,

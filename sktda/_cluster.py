@@ -24,8 +24,9 @@ import torch
 
 from ._data import materialize, n_samples, take
 from ._features import FeatureBlock, LocalShards, add_tree
-from ._gradients import FactorSums, _featurize_rows, featurizing_setup
-from ._parallel import TASK_LOCK, _num_threads
+from ._featurize import FactorSums, featurize_rows
+from ._gradients import featurizing_setup
+from ._parallel import TASK_LOCK, num_threads
 
 
 def _on_cpu(result):
@@ -53,7 +54,7 @@ def _float64(t: torch.Tensor) -> np.ndarray:
 
 def _apply(threads: int, fn, block, payload: bytes, extra):
     args = pickle.loads(payload)  # tensors in memory that torch allocates (see fresh_tensor)
-    with TASK_LOCK, _num_threads(threads):
+    with TASK_LOCK, num_threads(threads):
         return _on_cpu(fn(block, *args, *extra))
 
 
@@ -178,9 +179,9 @@ def _featurize_block(threads: int, shared, X, y, start: int) -> FeatureBlock:
     # a private copy of the members: the engine hooks their modules while it runs
     members, assignments, config = copy.deepcopy(shared)
     X = materialize(X)
-    with TASK_LOCK, _num_threads(threads):
+    with TASK_LOCK, num_threads(threads):
         parts = [
-            _featurize_rows(
+            featurize_rows(
                 m, X, y, assignment=assignments[i], config=config, out_file=None, member_index=i, start=start
             )
             for i, m in enumerate(members)

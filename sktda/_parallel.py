@@ -57,7 +57,7 @@ def _invoke(function, args, kwargs):
 
 
 @contextmanager
-def _num_threads(n: int):
+def num_threads(n: int):
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -76,7 +76,7 @@ def _call(threads: int, function, args, kwargs):
     # a dask array is read before the lock is taken: reading it waits on other tasks,
     # which may need this worker's threads (and sktda's would wait on the lock)
     args = tuple(materialize(a) for a in args)
-    with TASK_LOCK, _num_threads(threads):
+    with TASK_LOCK, num_threads(threads):
         return function(*args, **kwargs)
 
 

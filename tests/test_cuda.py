@@ -76,7 +76,8 @@ def test_detector_on_cuda(digits):
 
 def _features_on(device, member_factory, X, y, task, proj_dim):
     from sktda._data import map_tensors, take
-    from sktda._gradients import GradientConfig, featurize, make_engine
+    from sktda._featurize import featurize
+    from sktda._gradients import GradientConfig, make_engine
 
     member = member_factory()
     config = GradientConfig(task=task, proj_dim=proj_dim, device=torch.device(device))

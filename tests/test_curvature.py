@@ -13,7 +13,8 @@ from torch import nn
 
 from sktda import EnsembleAttributor
 from sktda._features import FeatureStore, LocalShards
-from sktda._gradients import FactorSums, GradientConfig, featurize, featurize_members, make_engine
+from sktda._featurize import FactorSums, featurize, featurize_members
+from sktda._gradients import GradientConfig, make_engine
 from sktda._layers import assign_routes
 from sktda._methods import EKFAC, KFAC
 from sktda._projection import layer_widths

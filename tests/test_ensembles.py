@@ -4,7 +4,8 @@ import torch
 
 from sktda import EnsembleAttributor
 from sktda._ensembles import DropoutEnsemble, FixedMaskDropout, LoraEnsemble, TrainedModel
-from sktda._gradients import VmapEngine, featurize
+from sktda._featurize import featurize
+from sktda._gradients import VmapEngine
 from sktda._nets import fit_net
 from sktda._projection import IdentityProjector
 from sktda._task import NetTask

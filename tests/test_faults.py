@@ -13,7 +13,7 @@ import pytest
 from skorch.callbacks import Callback, EarlyStopping
 
 import sktda._ensembles as ensembles
-import sktda._gradients as gradients
+import sktda._featurize as featurizing
 import sktda._resources as features_module
 from sktda import EnsembleAttributor, FilteredEstimator, OutlierGradientDetector
 
@@ -163,7 +163,7 @@ def test_a_refit_that_fails_while_featurizing_keeps_the_previous_fit(
     def fail(*args, **kwargs):
         raise interrupt
 
-    monkeypatch.setattr(gradients, "_featurize_rows", fail)
+    monkeypatch.setattr(featurizing, "featurize_rows", fail)
     with pytest.raises(type(interrupt)):
         attr.set_params(random_state=1).fit(X_train, y_train)
     monkeypatch.undo()

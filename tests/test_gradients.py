@@ -7,7 +7,8 @@ from torch import nn
 
 from sktda._data import take
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble, Member, TrainedModel, member_from_module
-from sktda._gradients import GradientConfig, LayerEngine, VmapEngine, featurize, make_engine
+from sktda._featurize import featurize
+from sktda._gradients import GradientConfig, LayerEngine, VmapEngine, make_engine
 from sktda._layers import assign_routes
 from sktda._nets import fit_net
 from sktda._projection import IdentityProjector, KroneckerBlock, LayerProjector, kronecker_factors
@@ -221,7 +222,7 @@ def test_member_is_a_dataclass_with_explicit_tensors():
 
 
 def test_parallel_row_ranges_give_the_same_features(digits):
-    from sktda._gradients import featurize_members
+    from sktda._featurize import featurize_members
 
     X_train, _, y_train, _ = digits
     member = _member(MLP(n_features=64, n_outputs=10, hidden=(16,), dropout=0.0))

@@ -15,7 +15,8 @@ from skorch.helper import SliceDict
 from sktda import EnsembleAttributor, OutlierGradientDetector
 from sktda._data import take
 from sktda._ensembles import member_from_module
-from sktda._gradients import GradientConfig, VmapEngine, featurize, make_engine
+from sktda._featurize import featurize
+from sktda._gradients import GradientConfig, VmapEngine, make_engine
 from sktda._task import NetTask
 
 from .conftest import bert_config

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sktda._ensembles import DropoutEnsemble, LoraEnsemble, TrainedModel
-from sktda._gradients import GradientConfig, featurize, make_engine
+from sktda._featurize import featurize
+from sktda._gradients import GradientConfig, make_engine
 from sktda._nets import fit_net
 from sktda._task import NetTask
 from sktda.models import ConvNet, TokenTransformer
@@ -322,7 +323,7 @@ class ScaledLinearRoute(WeightRoute, module_type=ScaledLinear):
 
 
 def test_a_user_route_is_used_and_travels_to_parallel_jobs():
-    from sktda._gradients import featurize_members
+    from sktda._featurize import featurize_members
 
     torch.manual_seed(0)
     member = _member(nn.Sequential(ScaledLinear(6, 8), nn.Tanh(), nn.Linear(8, 4)))

@@ -167,16 +167,16 @@ def test_float16_features_are_stored_as_float16_on_disk(digits, tmp_path):
 
 
 def test_float16_features_that_would_overflow_or_underflow_are_refused(digits):
-    from sktda._gradients import _stored
+    from sktda._featurize import stored_as
 
     X_train, _, y_train, _ = digits
     rows = slice(0, 2)
     fine = torch.tensor([[1.0, -2.5, 3e-3], [0.0, 0.0, 0.0]])
-    assert _stored(fine, np.dtype(np.float16), rows).dtype == torch.float16
-    assert _stored(fine, np.dtype(np.float32), rows) is fine
+    assert stored_as(fine, np.dtype(np.float16), rows).dtype == torch.float16
+    assert stored_as(fine, np.dtype(np.float32), rows) is fine
     for bad in ([[7e4, 1.0, 0.0]], [[3e-7, -2e-7, 1e-7]]):  # past float16's range, under its normal range
         with pytest.raises(ValueError, match="feature_dtype='float32'"):
-            _stored(torch.tensor(bad), np.dtype(np.float16), rows)
+            stored_as(torch.tensor(bad), np.dtype(np.float16), rows)
     # a trained model on inputs 1e5 times its own: gradients far past 65504
     net = FrozenEstimator(make_classifier_net(max_epochs=1).fit(X_train, y_train))
     huge = EnsembleAttributor(net, proj_dim=32, feature_dtype="float16")
