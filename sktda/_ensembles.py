@@ -355,7 +355,7 @@ class LoraEnsemble(EnsembleStrategy):
 
     name = "lora"
     n_adapters: int = 5
-    lora_rank: int = 4
+    lora_rank: int = 8
     lora_target_modules: list[str] | None = None
     lora_epochs: int = 5
 

@@ -124,9 +124,12 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         takes them from the unmasked model and lets the masks enter only through
         ``-dL/df`` (TRAK's ``1 - p``), averaged over masks, which costs one
         backward pass per model instead of one per mask.
-    lora_rank : int, default=4
+    lora_rank : int, default=8
         Rank of the LoRA adapters, at most the smallest dimension of every
-        adapted layer.
+        adapted layer. Higher ranks attribute better, at more adapter bytes: on
+        held-out fine-tuning splits, LoRA 1x10 went from about 92%% of 10 full
+        fine-tunes' LDS at rank 4 to 95%% at 8 and 96%% at 16 (EK-FAC; see
+        "Ensembles" in the user guide).
     lora_target_modules : list of str or None, default=None
         Modules that get adapters; None means every ``nn.Linear`` but the output.
     lora_epochs : int, default=5
@@ -333,7 +336,7 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         n_adapters=5,
         dropout_rate=None,
         mask_gradients=True,
-        lora_rank=4,
+        lora_rank=8,
         lora_target_modules=None,
         lora_epochs=5,
         n_checkpoints=5,
