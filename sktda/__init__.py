@@ -4,7 +4,8 @@ detection for PyTorch models wrapped by skorch."""
 from ._nets import frozen_net
 from ._resources import MemoryPlan
 from .attribution import EnsembleAttributor, Influence
-from .detection import FilteredEstimator, OutlierGradientDetector
+from .detection import OutlierGradientDetector
+from .filtering import FilteredEstimator
 
 __version__ = "0.1.0"
 

@@ -64,7 +64,7 @@ class Influence(NamedTuple):
     def distinguishable(self, z: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
         """Which proponents and opponents are distinguishable from zero: their
         score is more than ``z`` standard errors across members away from it (the
-        default, 2, is about a 95%% two-sided normal interval; the members are few,
+        default, 2, is about a 95% two-sided normal interval; the members are few,
         so treat it as a screen, not a test).
 
         Returns
@@ -127,8 +127,8 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
     lora_rank : int, default=8
         Rank of the LoRA adapters, at most the smallest dimension of every
         adapted layer. Higher ranks attribute better, at more adapter bytes: on
-        held-out fine-tuning splits, LoRA 1x10 went from about 92%% of 10 full
-        fine-tunes' LDS at rank 4 to 95%% at 8 and 96%% at 16 (EK-FAC; see
+        held-out fine-tuning splits, LoRA 1x10 went from about 92% of 10 full
+        fine-tunes' LDS at rank 4 to 94% at 8 and 96% at 16 (EK-FAC; see
         "Ensembles" in the user guide).
     lora_target_modules : list of str or None, default=None
         Modules that get adapters; None means every ``nn.Linear`` but the output.

@@ -1,4 +1,6 @@
-"""Detrimental-sample detection from per-sample gradient outliers."""
+"""OutlierGradientDetector: detrimental-sample detection from per-sample gradient
+outliers, a scikit-learn outlier detector and an imbalanced-learn sampler
+(``fit_resample``). How members' gradients are scored and cut is ``_scoring``'s."""
 
 from __future__ import annotations
 
@@ -8,9 +10,8 @@ import warnings
 from collections import OrderedDict
 
 import numpy as np
-from sklearn.base import BaseEstimator, MetaEstimatorMixin, OneToOneFeatureMixin, OutlierMixin, clone
+from sklearn.base import OneToOneFeatureMixin, OutlierMixin
 from sklearn.utils import check_random_state, indexable
-from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import GradientEstimator, fill_doc
@@ -18,37 +19,12 @@ from ._compat import (
     HasMethods,
     Interval,
     StrOptions,
-    check_method_params,
-    estimator_has,
-    fit_context,
-    num_samples,
     safe_indexing,
 )
 from ._data import group_codes, is_dask, is_dataset, is_dict, n_samples, take, targets_of
+from ._scoring import otsu_offset, scoring_rule
 
-__all__ = ["FilteredEstimator", "OutlierGradientDetector"]
-
-_NORMS = {"l1": 1, "l2": 2}
-
-
-class _NormScore:
-    """A fitted 'detector' whose score is minus the gradient's L_p norm."""
-
-    def __init__(self, p: int):
-        self.p = p
-
-    def score_samples(self, G: np.ndarray) -> np.ndarray:
-        return -np.linalg.norm(G, ord=self.p, axis=1)
-
-
-def _loss_gradients(block, member: int) -> np.ndarray:
-    """A shard's projected training-loss gradients of one member, ``-residual phi``."""
-    return -block.residuals[member][:, None] * block.features[member]
-
-
-def _norm_scores(block, member: int, p: int) -> np.ndarray:
-    """Minus the L_p norm of each of a shard's loss gradients (see :class:`_NormScore`)."""
-    return _NormScore(p).score_samples(_loss_gradients(block, member))
+__all__ = ["OutlierGradientDetector"]
 
 
 def _strategy_classes(result, strategy) -> list:
@@ -63,23 +39,6 @@ def _strategy_classes(result, strategy) -> list:
         f"({result!r}); a callable must return the classes to clean, as a list of labels of y or a "
         "dict keyed by them."
     )
-
-
-def _otsu_offset(scores: np.ndarray) -> float:
-    """Otsu's threshold (1979): the cut that splits the scores into the two groups
-    with the largest between-group variance, ``w_low w_high (m_low - m_high)^2``,
-    so the low group is the most separated set of outliers the scores hold."""
-    s = np.sort(scores)
-    n = len(s)
-    if n < 2 or s[0] == s[-1]:
-        return float(s[0])  # nothing to split: nothing flagged
-    low = np.arange(1, n)  # the lowest ``low`` scores on one side
-    sums = np.cumsum(s)[:-1]
-    mean_low, mean_high = sums / low, (sums[-1] + s[-1] - sums) / (n - low)
-    between = low * (n - low) * (mean_low - mean_high) ** 2
-    between[s[1:] == s[:-1]] = -1  # a cut must fall between distinct scores
-    k = int(np.argmax(between))
-    return float((s[k] + s[k + 1]) / 2)
 
 
 _STRATEGIES = ("auto", "all", "majority", "not minority", "not majority")
@@ -293,14 +252,10 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
 
         start = time.perf_counter()
         seeds = check_random_state(self.random_state).randint(0, 2**31 - 1, size=shards.shape[0])
-        groups = self._groups(y)
-        # a norm reads nothing to fit; any other detector fits on each member's gradients
-        gradients = [None if self._is_norm() else self._gradients(shards, m) for m in range(len(seeds))]
-        self.detectors_ = [
-            {g: self._fit_detector(None if G is None else G[rows], seed) for g, rows in groups.items()}
-            for G, seed in zip(gradients, seeds)
-        ]
-        self.train_scores_ = self._score(shards, groups, gradients)
+        groups, rule = self._groups(y), scoring_rule(self.detector)
+        fitted = [rule.fit_score(shards, m, groups, seed) for m, seed in enumerate(seeds)]
+        self.detectors_ = [detectors for detectors, _ in fitted]
+        self.train_scores_ = _checked_mean([scores for _, scores in fitted])
         self.offset_ = self._offset(self.train_scores_)
         self.labels_ = np.where(self.train_scores_ < self.offset_, -1, 1)
         keep = self.labels_ == 1
@@ -538,265 +493,33 @@ class OutlierGradientDetector(OneToOneFeatureMixin, OutlierMixin, GradientEstima
         members = self.ensemble_.members(checkpoints=checkpoints)
         return self._training_features(members, X, y, task=task, device=device, local=local)[0]
 
-    def _is_norm(self) -> bool:
-        return isinstance(self.detector, str) and self.detector in _NORMS
-
     def _groups(self, y: np.ndarray) -> dict:
         if not self.per_class:
             return {None: np.arange(len(y))}
         y = np.asarray(y).reshape(-1)
         return {int(c): np.flatnonzero(y == c) for c in np.unique(y)}
 
-    def _fit_detector(self, G: np.ndarray | None, seed: int):
-        if self._is_norm():
-            return _NormScore(_NORMS[self.detector])
-        if isinstance(self.detector, str):
-            from sklearn.ensemble import IsolationForest
-
-            detector = IsolationForest(random_state=seed)
-        else:
-            detector = clone(self.detector)
-            if "random_state" in detector.get_params():
-                detector.set_params(random_state=seed)
-        return detector.fit(G)
-
-    @staticmethod
-    def _gradients(shards, member: int) -> np.ndarray:
-        """A member's loss gradients, gathered here from its shards."""
-        return np.concatenate(shards.map(_loss_gradients, member))
-
-    def _score(self, shards, groups: dict, gradients=None) -> np.ndarray:
-        """The mean over members of the detectors' scores of the loss gradients in
-        ``shards``: a norm computed shard by shard (where the shards live), any
-        other detector on the member's gradients gathered here (or ``gradients``,
-        gathered already)."""
-        scores = np.zeros(sum(len(rows) for rows in groups.values()))
-        for m, detectors in enumerate(self.detectors_):
-            if self._is_norm():
-                scores += np.concatenate(shards.map(_norm_scores, m, _NORMS[self.detector]))
-                continue
-            G = gradients[m] if gradients is not None else self._gradients(shards, m)
-            for g, rows in groups.items():
-                scores[rows] += detectors[g].score_samples(G[rows])
-        if not np.all(np.isfinite(scores)):
-            raise ValueError(
-                "The outlier scores are not finite: the detector returned NaN or inf on the "
-                "gradients. Use detector='l2' or 'iforest', or a projection (proj_dim)."
-            )
-        return scores / len(self.detectors_)
+    def _score(self, shards, groups: dict) -> np.ndarray:
+        """The mean over members of their detectors' scores of the loss gradients in
+        ``shards``."""
+        rule = scoring_rule(self.detector)
+        return _checked_mean([rule.score(shards, m, det, groups) for m, det in enumerate(self.detectors_)])
 
     def _offset(self, scores: np.ndarray) -> float:
         if self.contamination == "auto":  # outliers are the minority: at most half, as with a fraction
-            return min(_otsu_offset(scores), float(np.percentile(scores, 50)))
+            return min(otsu_offset(scores), float(np.percentile(scores, 50)))
         return float(np.percentile(scores, 100 * self.contamination))
 
 
-class FilteredEstimator(MetaEstimatorMixin, BaseEstimator):
-    """Fit ``estimator`` on the training samples that ``detector`` keeps.
-
-    The filtering step as a plain scikit-learn meta-estimator, so it works inside
-    ``Pipeline``, ``GridSearchCV`` and ``cross_validate`` (scikit-learn pipelines
-    have no samplers). Prediction and scoring are the fitted estimator's, on
-    unfiltered data.
-
-    Parameters
-    ----------
-    estimator : estimator
-        The downstream model, cloned and fitted on the kept samples.
-    detector : object with ``fit_resample``, default=None
-        The filter, cloned; None means ``OutlierGradientDetector`` on
-        ``estimator`` itself (which must then be a skorch net).
-
-    Attributes
-    ----------
-    estimator_ : estimator
-        Fitted on the kept samples.
-    detector_ : object
-        The fitted filter.
-    n_removed_ : int
-        Training samples removed.
-    classes_ : ndarray
-        The estimator's classes (classifiers).
-
-    Examples
-    --------
-    >>> import torch
-    >>> from skorch import NeuralNetClassifier
-    >>> from sklearn.linear_model import LogisticRegression
-    >>> from sktda import FilteredEstimator, OutlierGradientDetector
-    >>> from sktda.datasets import flip_labels, load_digits_split
-    >>> from sktda.models import MLP
-    >>> X, X_test, y, y_test = load_digits_split(n_train=300, n_test=100)
-    >>> y_noisy, _ = flip_labels(y, 0.2, random_state=0)
-    >>> net = NeuralNetClassifier(MLP, module__n_features=64, module__n_outputs=10,
-    ...                           criterion=torch.nn.CrossEntropyLoss, max_epochs=20,
-    ...                           lr=0.1, train_split=None, verbose=0)
-    >>> detector = OutlierGradientDetector(net, contamination=0.2, sampling_strategy="all",
-    ...                                    random_state=0)
-    >>> model = FilteredEstimator(LogisticRegression(max_iter=500), detector)
-    >>> model.fit(X, y_noisy).n_removed_
-    60
-    """
-
-    _parameter_constraints: dict = {
-        "estimator": [HasMethods(["fit"])],
-        "detector": [HasMethods(["fit_resample"]), None],
-    }
-
-    def __init__(self, estimator, detector=None):
-        self.estimator = estimator
-        self.detector = detector
-
-    @fit_context(prefer_skip_nested_validation=False)  # the inner estimators are validated
-    def fit(self, X, y, **fit_params):
-        """Filter ``(X, y)`` with the detector, then fit the estimator on the rest.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-            Training inputs.
-        y : array-like of shape (n_samples,)
-            Training targets (possibly noisy).
-        **fit_params : dict
-            Passed to the estimator's ``fit``; per-sample ones (``sample_weight``,
-            any array of length ``n_samples``) are restricted to the kept samples.
-
-        Returns
-        -------
-        self : FilteredEstimator
-        """
-        sample_weight = fit_params.get("sample_weight")
-        if sample_weight is not None and num_samples(sample_weight) != num_samples(y):
-            raise ValueError(
-                f"sample_weight has {num_samples(sample_weight)} entries but y has {num_samples(y)} "
-                "samples: pass one weight per training sample (they are filtered with the samples)."
-            )
-        detector = OutlierGradientDetector(self.estimator) if self.detector is None else clone(self.detector)
-        X_kept, y_kept = detector.fit_resample(X, y)
-        if fit_params:
-            # y, not X, counts the samples: X may be a dict of arrays
-            fit_params = check_method_params(y, fit_params, indices=_kept_indices(detector, fit_params))
-        estimator = clone(self.estimator).fit(X_kept, y_kept, **fit_params)
-        # assigned together once both fits are done: an error leaves the previous fit as it was
-        self.detector_, self.estimator_ = detector, estimator
-        self.n_removed_ = int(num_samples(y) - num_samples(y_kept))
-        if hasattr(estimator, "n_features_in_"):
-            self.n_features_in_ = estimator.n_features_in_
-        return self
-
-    @property
-    def classes_(self):
-        """The fitted estimator's class labels."""
-        check_is_fitted(self)
-        return self.estimator_.classes_
-
-    @available_if(estimator_has("predict"))
-    def predict(self, X):
-        """The fitted estimator's ``predict`` on ``X`` (unfiltered).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        y_pred : ndarray of shape (n_samples,)
-        """
-        check_is_fitted(self)
-        return self.estimator_.predict(X)
-
-    @available_if(estimator_has("predict_proba"))
-    def predict_proba(self, X):
-        """The fitted estimator's ``predict_proba`` on ``X``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        proba : ndarray of shape (n_samples, n_classes)
-        """
-        check_is_fitted(self)
-        return self.estimator_.predict_proba(X)
-
-    @available_if(estimator_has("predict_log_proba"))
-    def predict_log_proba(self, X):
-        """The fitted estimator's ``predict_log_proba`` on ``X``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        log_proba : ndarray of shape (n_samples, n_classes)
-        """
-        check_is_fitted(self)
-        return self.estimator_.predict_log_proba(X)
-
-    @available_if(estimator_has("decision_function"))
-    def decision_function(self, X):
-        """The fitted estimator's ``decision_function`` on ``X``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        scores : ndarray
-        """
-        check_is_fitted(self)
-        return self.estimator_.decision_function(X)
-
-    @available_if(estimator_has("transform"))
-    def transform(self, X):
-        """The fitted estimator's ``transform`` of ``X``.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        X_new : ndarray
-        """
-        check_is_fitted(self)
-        return self.estimator_.transform(X)
-
-    @available_if(estimator_has("score"))
-    def score(self, X, y, **kwargs):
-        """The fitted estimator's ``score`` on ``(X, y)`` (unfiltered).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,)
-        **kwargs : dict
-            Passed to the estimator's ``score`` (``sample_weight``, say).
-
-        Returns
-        -------
-        score : float
-        """
-        check_is_fitted(self)
-        return self.estimator_.score(X, y, **kwargs)
-
-    def __sklearn_tags__(self):
-        from sklearn.utils import get_tags
-
-        tags = super().__sklearn_tags__()
-        inner = get_tags(self.estimator)
-        tags.estimator_type = inner.estimator_type
-        tags.classifier_tags = inner.classifier_tags
-        tags.regressor_tags = inner.regressor_tags
-        tags.input_tags.pairwise = inner.input_tags.pairwise
-        tags.input_tags.sparse = False  # the gradient detector needs dense inputs
-        tags.input_tags.allow_nan = False
-        tags.target_tags = inner.target_tags
-        tags.target_tags.required = True
-        return tags
+def _checked_mean(scores: list[np.ndarray]) -> np.ndarray:
+    """The mean of the members' outlier ``scores``, refused unless finite."""
+    mean = np.mean(scores, axis=0)
+    if not np.all(np.isfinite(mean)):
+        raise ValueError(
+            "The outlier scores are not finite: the detector returned NaN or inf on the "
+            "gradients. Use detector='l2' or 'iforest', or a projection (proj_dim)."
+        )
+    return mean
 
 
 def _with_sampler_tags(tags):
@@ -833,14 +556,3 @@ def _one_vs_all_labels(y):
             "indicator with a single 1 per row."
         )
     return values.argmax(1)
-
-
-def _kept_indices(detector, fit_params: dict) -> np.ndarray:
-    """Indices of the samples a fitted filter kept, to route per-sample fit params."""
-    if hasattr(detector, "sample_indices_"):  # as imbalanced-learn's samplers record it
-        return np.asarray(detector.sample_indices_)
-    raise ValueError(
-        f"fit params {sorted(fit_params)} cannot be routed to the kept samples: the detector "
-        f"{type(detector).__name__} does not say which samples it kept (no sample_indices_). "
-        "Fit without them, or use a detector that records its selection."
-    )

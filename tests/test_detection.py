@@ -118,7 +118,7 @@ def _otsu_reference(scores):
 def test_auto_contamination_is_otsus_threshold(noisy_digits):
     """contamination="auto" cuts the scores where the two groups are most separated:
     exactly a planted group of outliers, and on mislabeled digits about the noise."""
-    from sktda.detection import _otsu_offset
+    from sktda._scoring import otsu_offset as _otsu_offset
 
     rng = np.random.default_rng(0)
     planted = np.concatenate([rng.normal(0, 1, 900), rng.normal(-12, 1, 100)])

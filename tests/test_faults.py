@@ -16,6 +16,7 @@ import sktda._ensembles as ensembles
 import sktda._featurize as featurizing
 import sktda._resources as features_module
 from sktda import EnsembleAttributor, FilteredEstimator, OutlierGradientDetector
+from sktda._scoring import DetectorRule
 
 from .conftest import make_classifier_net
 
@@ -180,7 +181,7 @@ def test_a_detector_refit_that_fails_keeps_the_previous_fit(digits, monkeypatch)
     def fail(self, G, seed):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(OutlierGradientDetector, "_fit_detector", fail)
+    monkeypatch.setattr(DetectorRule, "_fitted", fail)
     with pytest.raises(KeyboardInterrupt):
         detector.set_params(random_state=1).fit(X_train, y_train)
     assert detector.ensemble_ is state[0] and detector.detectors_ is state[1] and detector.offset_ == state[2]
