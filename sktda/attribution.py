@@ -43,7 +43,7 @@ from ._resources import (
 )
 from ._task import TARGETS
 from .metrics import linear_datamodeling_score, units_calibration
-from .model_selection import subset_retraining
+from .model_selection import Retraining
 
 __all__ = ["EnsembleAttributor", "Influence"]
 
@@ -838,31 +838,30 @@ class EnsembleAttributor(ClassNamePrefixFeaturesOutMixin, TransformerMixin, Grad
         if y is None:
             raise ValueError(f"{caller} needs the test targets y: it measures how y's prediction moves.")
         X_valid, _ = validate_predict_data(self, X, y, self._task)
-        return subset_retraining(
-            self._retraining_estimator(),
-            self._X_fit,
-            self._decode(self._y_fit),
-            X_valid,
-            y,
-            n_subsets=self.score_n_subsets,
-            subset_fraction=self.score_subset_fraction,
-            pretrained=self.pretrained,
-            random_state=self._seed(),
-            n_jobs=self.n_jobs,
-            device=self.device,
-            target=self.target,
-            classes=getattr(self, "classes_", None),
+        return self.retraining_.subsets(
+            X_valid, y, n_subsets=self.score_n_subsets, subset_fraction=self.score_subset_fraction
         )
 
-    def _retraining_estimator(self):
-        """What ``score``, ``calibrate_units`` and ``removal_effect`` retrain: the
-        net (a frozen one's recipe, see :func:`sktda.model_selection.subset_retraining`),
-        or ``retrain_estimator``."""
-        return self.estimator if self.retrain_estimator is None else self.retrain_estimator
-
-    def _seed(self) -> int:
-        """The seed of the retrained models (``random_state``, or 0)."""
-        return self.random_state if isinstance(self.random_state, numbers.Integral) else 0
+    @property
+    def retraining_(self) -> Retraining:
+        """How this fit's models are retrained (see
+        :class:`sktda.model_selection.Retraining`): the net (a frozen net's recipe,
+        or ``retrain_estimator``), the training data as given, the target,
+        ``pretrained``, the device, ``n_jobs`` and the seed (``random_state``, or
+        0). What ``score``, ``calibrate_units`` and ``removal_effect`` retrain."""
+        check_is_fitted(self)
+        seed = self.random_state if isinstance(self.random_state, numbers.Integral) else 0
+        return Retraining(
+            estimator=self.estimator if self.retrain_estimator is None else self.retrain_estimator,
+            X=self._X_fit,
+            y=self._decode(self._y_fit),
+            target=self.target,
+            pretrained=self.pretrained,
+            classes=getattr(self, "classes_", None),
+            device=self.device,
+            n_jobs=self.n_jobs,
+            random_state=int(seed),
+        )
 
     # -------------------------------------------------------------- helpers
     def _discard(self):

@@ -21,6 +21,7 @@ from ._data import (
     check_inputs,
     check_y,
     encode_y,
+    group_codes,
     input_spec,
     n_samples,
     output_classes,
@@ -43,6 +44,7 @@ from ._task import TARGETS
 from .metrics import units_calibration
 
 __all__ = [
+    "Retraining",
     "SubsetRetraining",
     "best_under_budget",
     "cost_scorer",
@@ -61,6 +63,45 @@ class SubsetRetraining(NamedTuple):
 
     subsets: np.ndarray
     outputs: np.ndarray
+
+
+class Retraining(NamedTuple):
+    """How a fitted attributor's models are retrained, as
+    ``EnsembleAttributor.retraining_`` describes them: what ``score``,
+    ``calibrate_units``, :func:`subset_retraining` and :func:`removal_effect`
+    retrain. ``estimator``: the net (a frozen net's recipe, or
+    ``retrain_estimator``); ``X``, ``y``: the training data, as given (sktda's
+    copy); ``target``, ``pretrained``, ``classes`` (the classes' order, or None),
+    ``device`` and ``n_jobs``: as the attributor was fitted; ``random_state``: the
+    seed of the retrained models."""
+
+    estimator: object
+    X: object
+    y: np.ndarray
+    target: str
+    pretrained: bool
+    classes: np.ndarray | None
+    device: object
+    n_jobs: int | None
+    random_state: int
+
+    def subsets(self, X_test, y_test, *, n_subsets: int = 50, subset_fraction: float = 0.5) -> SubsetRetraining:
+        """:func:`subset_retraining` of this recipe, measured on ``(X_test, y_test)``."""
+        return subset_retraining(
+            self.estimator,
+            self.X,
+            self.y,
+            X_test,
+            y_test,
+            n_subsets=n_subsets,
+            subset_fraction=subset_fraction,
+            pretrained=self.pretrained,
+            random_state=self.random_state,
+            n_jobs=self.n_jobs,
+            device=self.device,
+            target=self.target,
+            classes=self.classes,
+        )
 
 
 def _target_outputs(net, task, X, y) -> np.ndarray:
@@ -379,21 +420,13 @@ def removal_effect(
     check_is_fitted(attributor)
     if y is None:
         raise ValueError("removal_effect needs the test targets y: it measures how y's prediction moves.")
+    recipe = attributor.retraining_
     estimator, task, X_train, y_train, X_test, y_test = _prepare(
-        attributor._retraining_estimator(),
-        attributor._X_fit,
-        attributor._decode(attributor._y_fit),
-        X,
-        y,
-        attributor.target,
-        attributor.pretrained,
-        getattr(attributor, "classes_", None),
+        recipe.estimator, recipe.X, recipe.y, X, y, recipe.target, recipe.pretrained, recipe.classes
     )
     n_train, n_test = len(y_train), len(y_test)
-    if groups is None:  # the removal sizes checked before any scoring or retraining
-        units, n_units = np.arange(n_train), n_train
-    else:
-        units, n_units = attributor._group_codes(groups)
+    # the removal sizes checked before any scoring or retraining
+    units, n_units = (np.arange(n_train), n_train) if groups is None else group_codes(groups, n_train)
     if k >= n_units:
         raise ValueError(
             f"k={k} would remove every one of the {n_units} training {'groups' if groups is not None else 'samples'}; "
@@ -403,69 +436,34 @@ def removal_effect(
         flip_sizes if remove == "proponents" else None, k, n_units, grouped=groups is not None
     )
     scores = attributor.attribute(X, y, groups=groups)
-    if hasattr(attributor, "units_scale_"):
-        scale = attributor.units_scale_
-    else:  # calibrated on the per-sample scores, the group sums' terms
-        truth = attributor._subset_truth(X, y, "removal_effect")
-        samples = scores if groups is None else attributor.attribute(X, y)
-        scale = units_calibration(samples, truth.subsets, truth.outputs)[0]
-    rng = check_random_state(attributor._seed() if random_state is None else random_state)
+    scale = _units_scale(attributor, recipe, X, y, scores, groups)
+    rng = check_random_state(recipe.random_state if random_state is None else random_state)
     seeds = rng.randint(0, 2**31 - 1, size=n_retrains)
 
     # each test sample's removal order: its proponents (or opponents), strongest first
-    most = max([k, *sizes])
-    order = np.argsort(scores if remove == "opponents" else -scores, axis=1, kind="stable")[:, :most]
+    order = np.argsort(scores if remove == "opponents" else -scores, axis=1, kind="stable")[:, : max([k, *sizes])]
     random_removed = np.stack([rng.choice(n_units, k, replace=False) for _ in range(n_test)])
+    retrain = _Removals(
+        (estimator, task, X_train, y_train, X_test, y_test),
+        units,
+        seeds,
+        resolve_device(recipe.device),
+        recipe.n_jobs if n_jobs is None else n_jobs,
+        memory,
+    )
+    everyone = np.arange(n_test)
+    full = retrain.run(np.ones((n_retrains, n_train), dtype=bool), seeds).mean(0)  # one model per seed
+    attributed = retrain.outputs(order[:, :k], everyone) - full
+    brittleness = None
+    if sizes and task.is_classifier and not task.is_sequence and task.target == "auto":
+        brittleness = _brittleness(retrain, order, full, attributed, sizes, k)
 
     def predicted(removed):
         return -scale * np.take_along_axis(scores, removed, 1).sum(1)
 
-    def run(masks, mask_seeds):
-        return _retrained_outputs(
-            estimator,
-            task,
-            X_train,
-            y_train,
-            X_test,
-            y_test,
-            masks,
-            mask_seeds,
-            resolve_device(attributor.device),
-            attributor.n_jobs if n_jobs is None else n_jobs,
-            memory,
-        )
-
-    def outputs(removed_rows, tests):
-        """The mean over seeds of each test sample's retrained target, its own row
-        of ``removed_rows`` left out of the training set."""
-        masks = np.repeat(np.stack([~np.isin(units, removed) for removed in removed_rows]), n_retrains, 0)
-        mask_seeds = np.tile(seeds, len(tests))
-        # the same removal with the same seed is one model (test samples often share
-        # their top groups)
-        keys = np.column_stack(
-            [np.packbits(masks, axis=1), mask_seeds.astype(">u4").view(np.uint8).reshape(-1, 4)]
-        )
-        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-        out = run(masks[first], mask_seeds[first])[inverse.ravel()]
-        return out[np.arange(len(out)), np.repeat(tests, n_retrains)].reshape(len(tests), n_retrains).mean(1)
-
-    everyone = np.arange(n_test)
-    full = run(np.ones((n_retrains, n_train), dtype=bool), seeds).mean(0)  # one model per seed
-    attributed = outputs(order[:, :k], everyone) - full
-    random = outputs(random_removed, everyone) - full
-
-    brittleness = None
-    if sizes and task.is_classifier and not task.is_sequence and task.target == "auto":
-        brittleness = np.where(full > 0, np.inf, np.nan)
-        for size in sizes:
-            tests = np.flatnonzero(np.isinf(brittleness))
-            if not len(tests):
-                break
-            after = attributed[tests] + full[tests] if size == k else outputs(order[tests, :size], tests)
-            brittleness[tests[after < 0]] = size
     return Bunch(
         attributed=attributed,
-        random=random,
+        random=retrain.outputs(random_removed, everyone) - full,
         predicted=predicted(order[:, :k]),
         random_predicted=predicted(random_removed),
         baseline=full,
@@ -475,6 +473,65 @@ def removal_effect(
         flip_sizes=tuple(sizes),
         units_scale=float(scale),
     )
+
+
+def _units_scale(attributor, recipe: Retraining, X, y, scores, groups) -> float:
+    """The factor from scores to the target's units: the attributor's calibration,
+    else one on the subset models that ``score`` trains, fitted to the per-sample
+    scores (the group sums' terms) of the test samples ``(X, y)``."""
+    if hasattr(attributor, "units_scale_"):
+        return attributor.units_scale_
+    truth = recipe.subsets(
+        X, y, n_subsets=attributor.score_n_subsets, subset_fraction=attributor.score_subset_fraction
+    )
+    samples = scores if groups is None else attributor.attribute(X, y)
+    return units_calibration(samples, truth.subsets, truth.outputs)[0]
+
+
+class _Removals:
+    """Models retrained with some training units removed, each with every seed:
+    ``data`` is ``(estimator, task, X, y, X_test, y_test)``, validated; ``units``
+    each training sample's unit (itself, or its group)."""
+
+    def __init__(self, data, units, seeds, device, n_jobs, memory):
+        self.data, self.units, self.seeds = data, units, seeds
+        self.device, self.n_jobs, self.memory = device, n_jobs, memory
+
+    def run(self, masks, mask_seeds) -> np.ndarray:
+        """The test targets ``(n_masks, n_test)`` of the models trained on each mask."""
+        estimator, task, X, y, X_test, y_test = self.data
+        return _retrained_outputs(
+            estimator, task, X, y, X_test, y_test, masks, mask_seeds, self.device, self.n_jobs, self.memory
+        )
+
+    def outputs(self, removed_rows, tests) -> np.ndarray:
+        """The mean over seeds of each test sample's retrained target, its own row
+        of ``removed_rows`` left out of the training set."""
+        n_seeds = len(self.seeds)
+        masks = np.repeat(np.stack([~np.isin(self.units, removed) for removed in removed_rows]), n_seeds, 0)
+        mask_seeds = np.tile(self.seeds, len(tests))
+        # the same removal with the same seed is one model (test samples often share
+        # their top groups)
+        keys = np.column_stack(
+            [np.packbits(masks, axis=1), mask_seeds.astype(">u4").view(np.uint8).reshape(-1, 4)]
+        )
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        out = self.run(masks[first], mask_seeds[first])[inverse.ravel()]
+        return out[np.arange(len(out)), np.repeat(tests, n_seeds)].reshape(len(tests), n_seeds).mean(1)
+
+
+def _brittleness(retrain: _Removals, order, full, attributed, sizes, k: int) -> np.ndarray:
+    """The smallest of ``sizes`` whose top proponents' removal makes each test
+    sample's mean retrained margin negative (inf: none does; NaN: the whole-set
+    margin is not positive)."""
+    brittleness = np.where(full > 0, np.inf, np.nan)
+    for size in sizes:
+        tests = np.flatnonzero(np.isinf(brittleness))
+        if not len(tests):
+            break
+        after = attributed[tests] + full[tests] if size == k else retrain.outputs(order[tests, :size], tests)
+        brittleness[tests[after < 0]] = size
+    return brittleness
 
 
 def _flip_sizes(flip_sizes, k: int, n_units: int, grouped: bool) -> list[int]:

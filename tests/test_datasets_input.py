@@ -41,7 +41,7 @@ def test_a_dataset_gives_the_results_of_its_arrays_and_is_never_copied(numpy_fit
     read = []
     dataset = Rows(X_train, y_train, read)
     attr = clone(numpy_fit).fit(dataset)
-    assert attr._X_fit is dataset and attr.plan_memory(dataset).inputs == 0  # a reference
+    assert attr.retraining_.X is dataset and attr.plan_memory(dataset).inputs == 0  # a reference
     assert set(read) == set(range(len(X_train)))  # its targets, read from its items
     np.testing.assert_array_equal(attr.classes_, numpy_fit.classes_)
     np.testing.assert_array_equal(attr.attribute(X_test, y_test), expected)

@@ -157,7 +157,7 @@ def test_a_dask_array_is_read_by_the_workers_and_never_copied(client, digits, ma
     local = clone(attr).fit(X_train, y_train)
     with parallel_config(backend="dask"):
         remote = clone(attr).fit(X_dask, y_train)
-    assert remote._X_fit.name == X_dask.astype(np.float32).name  # a reference, not a copy
+    assert remote.retraining_.X.name == X_dask.astype(np.float32).name  # a reference, not a copy
     assert remote.n_features_in_ == X_train.shape[1]
     np.testing.assert_array_equal(remote.attribute(X_test, y_test), local.attribute(X_test, y_test))
     np.testing.assert_array_equal(

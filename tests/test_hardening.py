@@ -15,7 +15,7 @@ from torch import nn
 
 import sktda._ensembles as ensembles
 from sktda import EnsembleAttributor, OutlierGradientDetector
-from sktda.model_selection import removal_effect
+from sktda.model_selection import Retraining, removal_effect
 
 from .conftest import make_classifier_net
 
@@ -64,9 +64,7 @@ def test_removal_effect_sizes_are_whole_numbers_checked_before_any_retraining(
     fitted_trak, digits, monkeypatch
 ):
     _, X_test, _, y_test = digits
-    monkeypatch.setattr(
-        type(fitted_trak), "_subset_truth", lambda *a, **k: pytest.fail("retrained before the check")
-    )
+    monkeypatch.setattr(Retraining, "subsets", lambda *a, **k: pytest.fail("retrained before the check"))
     with pytest.raises(TypeError, match="flip_sizes"):
         removal_effect(fitted_trak, X_test, y_test, k=2, flip_sizes=[2.5])
     with pytest.raises(TypeError, match="flip_sizes"):
