@@ -372,40 +372,13 @@ class LayerEngine(GradientEngine):
                 "module. gradient_path='vmap' avoids the hooks."
             )
 
-        def differs(got, expected) -> bool:
-            # a broken route is off by its whole size; float32 cancellation (a
-            # target summed over many tokens) by far less than 1%
-            tolerance = 1e-2 * float(max(expected.norm(), got.norm())) + 1e-6 * scale
-            return got.shape != expected.shape or float((got - expected).norm()) > tolerance
-
+        differs = partial(_differs, scale=scale)
         failed_routes = []
         with torch.no_grad():
             for component, own, is_projected in zip(components, owns, projected):
                 calls = [(rt, c, d) for rt, c, d in routed if rt in component and d is not None]
-                expected = next(projections) if is_projected else None
-                try:
-                    parts = [self._route_part(rt, c, d) for rt, c, d in calls]
-                except Exception:  # any failure of a route demotes it
-                    failed_routes.extend(component)
-                    continue
-                if is_projected:
-                    got = {}
-                    for (rt, c, _), part in zip(calls, parts):
-                        accumulate(got, {rt.block_of(c): part})
-                    n = len(f_batch)
-                    # a call whose output has no sample dimension gives a product of another batch
-                    bad = any(t.shape[0] not in (1, n) for t in got.values()) or differs(
-                        self.projector.flatten(got, n, self.device),
-                        self.projector.flatten(expected, n, self.device),
-                    )
-                else:
-                    grads = {}
-                    for part in parts:
-                        accumulate(grads, part)
-                    bad = any(
-                        differs(grads.get(k, torch.zeros_like(reference[k])), reference[k]) for k in own
-                    )
-                if bad:
+                expected = next(projections) if is_projected else reference
+                if self._route_differs(calls, own, is_projected, expected, len(f_batch), differs):
                     failed_routes.extend(component)
         failed_traced, grads = set(), {}
         for use, ds in traced:
@@ -417,6 +390,34 @@ class LayerEngine(GradientEngine):
             if differs(grads.get(k, torch.zeros_like(reference[k])), reference[k]):
                 failed_traced.add(k)
         return failed_routes, failed_traced
+
+    def _route_differs(self, calls, own, is_projected, expected, n, differs) -> bool:
+        """Whether a component's routes, from their ``calls``, fail or disagree with
+        autograd's ``expected`` gradients (projected products when
+        ``is_projected``, else exact gradients of the parameters ``own``)."""
+        try:
+            parts = [self._route_part(rt, c, d) for rt, c, d in calls]
+        except Exception:  # any failure of a route demotes it
+            return True
+        got = {}
+        if is_projected:
+            for (rt, c, _), part in zip(calls, parts):
+                accumulate(got, {rt.block_of(c): part})
+            # a call whose output has no sample dimension gives a product of another batch
+            return any(t.shape[0] not in (1, n) for t in got.values()) or differs(
+                self.projector.flatten(got, n, self.device), self.projector.flatten(expected, n, self.device)
+            )
+        for part in parts:
+            accumulate(got, part)
+        return any(differs(got.get(k, torch.zeros_like(expected[k])), expected[k]) for k in own)
+
+
+def _differs(got: torch.Tensor, expected: torch.Tensor, scale: float) -> bool:
+    """Whether a route's gradients disagree with autograd's: a broken route is off
+    by its whole size, float32 cancellation (a target summed over many tokens) by
+    far less than 1%."""
+    tolerance = 1e-2 * float(max(expected.norm(), got.norm())) + 1e-6 * scale
+    return got.shape != expected.shape or float((got - expected).norm()) > tolerance
 
 
 def _record(route, calls, n, tap, module, args, kwargs, output):
